@@ -1,0 +1,28 @@
+"""Installs vit_jax: Vision Transformers in JAX/Flax NNX."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="vit_jax",
+    version="0.1.0",
+    description="Vision Transformers in JAX/Flax NNX: pre-training, fine-tuning, model zoo.",
+    packages=find_packages(include=["vit_jax", "vit_jax.*", "configs"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.6,<0.3",
+        "tensorflow-cpu>=2.20,<2.22",
+        "tensorflow-datasets>=4.9.9,<5",
+        "ml_collections>=1.0,<2",
+        "orbax-checkpoint>=0.12,<0.13",
+        "clu>=0.0.12,<0.1",
+        "tensorboard>=2.20,<2.22",
+        "scikit-learn>=1.5,<2",
+        "numpy>=1.26,<3",
+        "pillow>=10",
+    ],
+    extras_require={
+        "test": ["pytest>=8,<10", "hypothesis>=6.100,<7", "pytest-xdist>=3.5,<4", "ruff>=0.6"],
+    },
+)
