@@ -1,0 +1,99 @@
+"""Model registry: `create_model('ViT-B/16', num_classes=10)` and `list_models()`.
+
+Names are written as in the papers: `ViT-{Ti,S,B,L,H,g,G}/{8,14,16,32}`, hybrids such as
+`R50+ViT-B/16`, and `Mixer-B/16`. Overrides are checked against the builder's arguments.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from flax import nnx
+
+_REGISTRY: dict[str, tuple[Callable[..., nnx.Module], dict[str, Any]]] = {}
+
+VIT_SIZES = {
+    "Ti": dict(width=192, depth=12, mlp_dim=768, num_heads=3),
+    "S": dict(width=384, depth=12, mlp_dim=1536, num_heads=6),
+    "B": dict(width=768, depth=12, mlp_dim=3072, num_heads=12),
+    "L": dict(width=1024, depth=24, mlp_dim=4096, num_heads=16),
+    "H": dict(width=1280, depth=32, mlp_dim=5120, num_heads=16),
+    "g": dict(width=1408, depth=40, mlp_dim=6144, num_heads=16),
+    "G": dict(width=1664, depth=48, mlp_dim=8192, num_heads=16),
+}
+PATCH_SIZES = (8, 14, 16, 32)
+HYBRIDS = {
+    "R50+ViT-B/16": dict(size="B", patch_size=16, stem_layers=(3, 4, 9)),
+    "R26+ViT-S/32": dict(size="S", patch_size=32, stem_layers=(2, 2, 2, 2)),
+    "R26+ViT-B/32": dict(size="B", patch_size=32, stem_layers=(2, 2, 2, 2)),
+    "R50+ViT-L/32": dict(size="L", patch_size=32, stem_layers=(3, 4, 6, 3)),
+}
+
+
+def register_model(name: str, builder: Callable[..., nnx.Module], **defaults: Any) -> None:
+    """Registers `builder(**defaults, **overrides, rngs=...)` under `name`."""
+    if name in _REGISTRY:
+        raise ValueError(f"model {name!r} is already registered")
+    _REGISTRY[name] = (builder, defaults)
+
+
+def list_models(pattern: str = "") -> list[str]:
+    """All registered model names containing `pattern`, sorted."""
+    return sorted(name for name in _REGISTRY if pattern in name)
+
+
+def valid_overrides(name: str) -> list[str]:
+    """The keyword arguments `create_model(name, ...)` accepts."""
+    builder, _ = _lookup(name)
+    target = builder.__init__ if inspect.isclass(builder) else builder
+    params = inspect.signature(target).parameters
+    return sorted(p for p in params if p not in ("self", "rngs"))
+
+
+def create_model(name: str, *, rngs: nnx.Rngs | None = None, seed: int = 0, **overrides: Any):
+    """Builds a registered model; parameters initialised from `rngs` (or `seed`)."""
+    builder, defaults = _lookup(name)
+    valid = valid_overrides(name)
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
+        hints = {k: difflib.get_close_matches(k, valid, n=2) for k in unknown}
+        hint_text = "; ".join(f"{k!r}: did you mean {v}?" for k, v in hints.items() if v)
+        raise TypeError(
+            f"unknown override(s) {unknown} for model {name!r}. "
+            f"{hint_text + '. ' if hint_text else ''}Valid overrides: {valid}"
+        )
+    kwargs = {**defaults, **overrides}
+    return builder(**kwargs, rngs=rngs if rngs is not None else nnx.Rngs(seed))
+
+
+def _lookup(name: str):
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=5)
+        raise ValueError(
+            f"unknown model {name!r}"
+            + (f"; did you mean {close}?" if close else "")
+            + f" Known models: {list_models()}"
+        )
+    return _REGISTRY[name]
+
+
+def _register_builtin() -> None:
+    from vit_jax.models.vit import VisionTransformer
+
+    for size, dims in VIT_SIZES.items():
+        for patch in PATCH_SIZES:
+            register_model(f"ViT-{size}/{patch}", VisionTransformer, patch_size=patch, **dims)
+    for name, spec in HYBRIDS.items():
+        register_model(
+            name,
+            VisionTransformer,
+            patch_size=spec["patch_size"],
+            stem_layers=spec["stem_layers"],
+            **VIT_SIZES[spec["size"]],
+        )
+
+
+_register_builtin()

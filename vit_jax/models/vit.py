@@ -1,0 +1,484 @@
+"""The Vision Transformer ("An Image is Worth 16x16 Words"), in Flax NNX.
+
+Patch embedding (a strided conv, optionally after a ResNet stem for hybrids), class token,
+position embedding, pre-LayerNorm encoder blocks (optionally one stacked block scanned over
+depth), final LayerNorm, pooling (`tok`, `gap` or `map`), optional `pre_logits` layer and
+head. Parameter shapes follow the public `.npz` layout so that weights convert by renaming.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vit_jax.models import layers
+from vit_jax.models.layers import ActivationSharding, Dense, LayerNorm, constrain
+
+POOL_TYPES = ("tok", "gap", "map")
+POSEMB_TYPES = ("learn", "sincos2d")
+TOKENS = ("batch", "tokens", "embed")
+
+
+def as_dtype(value: Any) -> Any:
+    """Turns 'bfloat16' / jnp.bfloat16 / None into a dtype (None stays None)."""
+    return None if value is None else jnp.dtype(value)
+
+
+def posemb_sincos_2d(grid_h: int, grid_w: int, width: int, temperature: float = 10_000.0):
+    """Fixed 2-D sine-cosine position embedding of shape (1, grid_h * grid_w, width)."""
+    if width % 4:
+        raise ValueError(f"sincos2d position embedding needs a width divisible by 4, got {width}")
+    y, x = np.mgrid[:grid_h, :grid_w]
+    omega = 1.0 / temperature ** (np.arange(width // 4) / (width // 4 - 1))
+    y = y.reshape(-1)[:, None] * omega[None]
+    x = x.reshape(-1)[:, None] * omega[None]
+    table = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+    return jnp.asarray(table[None], jnp.float32)
+
+
+class MlpBlock(nnx.Module):
+    """Dense -> GELU -> dropout -> Dense -> dropout."""
+
+    def __init__(self, width, mlp_dim, *, dropout, rngs, dtype=None, param_dtype=jnp.float32):
+        self.dropout = dropout
+        bias_init = nnx.initializers.normal(stddev=1e-6)
+        common = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, bias_init=bias_init)
+        self.fc1 = Dense((width,), (mlp_dim,), axes=("embed", "mlp"), **common)
+        self.fc2 = Dense((mlp_dim,), (width,), axes=("mlp", "embed"), **common)
+
+    def __call__(self, x, *, train: bool, rngs: nnx.Rngs | None):
+        h = layers.gelu(self.fc1(x))
+        h = layers.dropout(h, self.dropout, train=train, rngs=rngs)
+        return layers.dropout(self.fc2(h), self.dropout, train=train, rngs=rngs)
+
+
+class Attention(nnx.Module):
+    """Multi-head dot-product attention with the public (D, heads, head_dim) kernels.
+
+    Uses `jax.nn.dot_product_attention` (fused kernels where the backend has them) unless
+    attention weights are requested or attention dropout is active.
+    """
+
+    def __init__(
+        self,
+        width: int,
+        num_heads: int,
+        *,
+        rngs: nnx.Rngs,
+        attention_dropout: float = 0.0,
+        implementation: str | None = None,
+        dtype=None,
+        param_dtype=jnp.float32,
+    ):
+        if width % num_heads:
+            raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
+        head_dim = width // num_heads
+        self.attention_dropout = attention_dropout
+        self.implementation = implementation
+        common = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        in_axes = ("embed", "heads", "head_dim")
+        self.query = Dense((width,), (num_heads, head_dim), axes=in_axes, **common)
+        self.key = Dense((width,), (num_heads, head_dim), axes=in_axes, **common)
+        self.value = Dense((width,), (num_heads, head_dim), axes=in_axes, **common)
+        self.out = Dense(
+            (num_heads, head_dim), (width,), axes=("heads", "head_dim", "embed"), **common
+        )
+
+    def __call__(
+        self,
+        inputs_q: jax.Array,
+        inputs_kv: jax.Array | None = None,
+        *,
+        train: bool = False,
+        rngs: nnx.Rngs | None = None,
+        return_weights: bool = False,
+    ) -> tuple[jax.Array, jax.Array | None]:
+        inputs_kv = inputs_q if inputs_kv is None else inputs_kv
+        q, k, v = self.query(inputs_q), self.key(inputs_kv), self.value(inputs_kv)
+        use_dropout = train and self.attention_dropout > 0.0 and rngs is not None
+        weights = None
+        if return_weights or use_dropout:
+            scale = 1.0 / math.sqrt(q.shape[-1])
+            logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
+            weights = jax.nn.softmax(logits * scale, axis=-1).astype(q.dtype)
+            mixed = layers.dropout(weights, self.attention_dropout, train=train, rngs=rngs)
+            out = jnp.einsum("bnts,bsnh->btnh", mixed, v)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        return self.out(out), weights
+
+
+class EncoderBlock(nnx.Module):
+    """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x)), with stochastic depth."""
+
+    def __init__(
+        self,
+        width: int,
+        mlp_dim: int,
+        num_heads: int,
+        *,
+        rngs: nnx.Rngs,
+        dropout: float = 0.0,
+        attention_dropout: float = 0.0,
+        attention_impl: str | None = None,
+        activation_sharding: ActivationSharding | None = None,
+        dtype=None,
+        param_dtype=jnp.float32,
+    ):
+        self.dropout = dropout
+        self.activation_sharding = activation_sharding
+        common = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.norm1 = LayerNorm(width, **common)
+        self.attn = Attention(
+            width,
+            num_heads,
+            attention_dropout=attention_dropout,
+            implementation=attention_impl,
+            **common,
+        )
+        self.norm2 = LayerNorm(width, **common)
+        self.mlp = MlpBlock(width, mlp_dim, dropout=dropout, **common)
+
+    def __call__(self, x, drop_path_rate, *, train, rngs, return_weights=False):
+        x = constrain(x, TOKENS, self.activation_sharding)
+        y, weights = self.attn(self.norm1(x), train=train, rngs=rngs, return_weights=return_weights)
+        y = layers.dropout(y, self.dropout, train=train, rngs=rngs)
+        x = x + layers.drop_path(y, drop_path_rate, train=train, rngs=rngs)
+        y = self.mlp(self.norm2(x), train=train, rngs=rngs)
+        x = x + layers.drop_path(y, drop_path_rate, train=train, rngs=rngs)
+        return constrain(x, TOKENS, self.activation_sharding), weights
+
+
+class MAPHead(nnx.Module):
+    """Multihead attention pooling: a learned probe attends over the tokens, then an MLP."""
+
+    def __init__(self, width, mlp_dim, num_heads, *, rngs, dtype=None, param_dtype=jnp.float32):
+        common = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.probe = layers.make_param(
+            rngs,
+            nnx.initializers.xavier_uniform(),
+            (1, 1, width),
+            (None, None, "embed"),
+            param_dtype,
+        )
+        self.attn = Attention(width, num_heads, **common)
+        self.norm = LayerNorm(width, **common)
+        self.mlp = MlpBlock(width, mlp_dim, dropout=0.0, **common)
+
+    def __call__(self, x):
+        probe = jnp.broadcast_to(self.probe[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
+        pooled, _ = self.attn(probe, x)
+        pooled = pooled + self.mlp(self.norm(pooled), train=False, rngs=None)
+        return pooled[:, 0]
+
+
+class VisionTransformer(nnx.Module):
+    """ViT classifier. `model(images)` gives logits (features when num_classes=0)."""
+
+    def __init__(
+        self,
+        *,
+        patch_size: int,
+        width: int,
+        depth: int,
+        mlp_dim: int,
+        num_heads: int,
+        num_classes: int = 1000,
+        img_size: int | tuple[int, int] = 224,
+        in_channels: int = 3,
+        pool_type: str = "tok",
+        posemb: str = "learn",
+        representation_size: int | None = None,
+        dropout: float = 0.0,
+        attention_dropout: float = 0.0,
+        drop_path: float = 0.0,
+        dtype: Any = None,
+        param_dtype: Any = "float32",
+        scan: bool = False,
+        remat: str = "none",
+        head_zero_init: bool = True,
+        head_bias_init: float = 0.0,
+        attention_impl: str | None = None,
+        stem_layers: tuple[int, ...] | None = None,
+        stem_width: int = 1,
+        activation_sharding: ActivationSharding | None = None,
+        rngs: nnx.Rngs,
+    ):
+        if pool_type not in POOL_TYPES:
+            raise ValueError(f"unknown pool_type {pool_type!r}; valid: {list(POOL_TYPES)}")
+        if posemb not in POSEMB_TYPES:
+            raise ValueError(f"unknown posemb {posemb!r}; valid: {list(POSEMB_TYPES)}")
+        layers.remat_policy(remat)  # validates the name early
+        dtype, param_dtype = as_dtype(dtype), as_dtype(param_dtype)
+        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.patch_size = patch_size
+        self.width, self.depth, self.num_classes = width, depth, num_classes
+        self.pool_type, self.posemb_type = pool_type, posemb
+        self.dropout, self.drop_path_rate = dropout, drop_path
+        self.scan, self.remat = scan, remat
+        self.dtype = dtype
+        self.activation_sharding = activation_sharding
+        common = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+        self.stem = None
+        stride = 1
+        if stem_layers:
+            from vit_jax.models.resnet import ResNetStem
+
+            self.stem = ResNetStem(tuple(stem_layers), stem_width, **common)
+            in_channels, stride = self.stem.out_channels, self.stem.stride
+        if patch_size % stride:
+            raise ValueError(f"patch_size {patch_size} is not a multiple of stem stride {stride}")
+        kernel = patch_size // stride
+        for size in self.img_size:
+            if size % patch_size:
+                raise ValueError(f"img_size {self.img_size} is not divisible by patch {patch_size}")
+        self.grid = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
+        self.patch_embed = layers.Conv(
+            in_channels,
+            width,
+            kernel,
+            strides=kernel,
+            axes=("conv_height", "conv_width", "conv_in", "embed"),
+            **common,
+        )
+        self.cls_token = (
+            layers.make_param(rngs, layers.zeros, (1, 1, width), (None, None, "embed"), param_dtype)
+            if pool_type == "tok"
+            else None
+        )
+        num_tokens = self.grid[0] * self.grid[1] + (pool_type == "tok")
+        self.posemb = (
+            layers.make_param(
+                rngs,
+                nnx.initializers.normal(stddev=0.02),
+                (1, num_tokens, width),
+                (None, "tokens", "embed"),
+                param_dtype,
+            )
+            if posemb == "learn"
+            else None
+        )
+
+        block_args = dict(
+            width=width,
+            mlp_dim=mlp_dim,
+            num_heads=num_heads,
+            dropout=dropout,
+            attention_dropout=attention_dropout,
+            attention_impl=attention_impl,
+            activation_sharding=activation_sharding,
+            dtype=dtype,
+            param_dtype=param_dtype,
+        )
+        if scan:
+
+            @nnx.split_rngs(splits=depth)
+            @nnx.vmap(
+                in_axes=(0,),
+                out_axes=0,
+                transform_metadata={nnx.PARTITION_NAME: None, "logical_axes": "layers"},
+            )
+            def make_blocks(rngs):
+                return EncoderBlock(rngs=rngs, **block_args)
+
+            self.blocks = make_blocks(rngs)
+        else:
+            self.blocks = nnx.List([EncoderBlock(rngs=rngs, **block_args) for _ in range(depth)])
+        self.encoder_norm = LayerNorm(width, **common)
+        self.map_head = MAPHead(width, mlp_dim, num_heads, **common) if pool_type == "map" else None
+        self.pre_logits = (
+            Dense((width,), (representation_size,), axes=("embed", "representation"), **common)
+            if representation_size
+            else None
+        )
+        features = representation_size or width
+        self.head = (
+            Dense(
+                (features,),
+                (num_classes,),
+                axes=("representation" if representation_size else "embed", "classes"),
+                kernel_init=layers.zeros if head_zero_init else layers.lecun_normal(),
+                bias_init=layers.constant(head_bias_init),
+                **common,
+            )
+            if num_classes
+            else None
+        )
+
+    # --- forward -------------------------------------------------------------------------
+
+    def embed(self, images: jax.Array) -> jax.Array:
+        """Images (B, H, W, C) -> tokens (B, N, D) with class token and position embedding."""
+        x = images if self.dtype is None else images.astype(self.dtype)
+        if self.stem is not None:
+            x = self.stem(x)
+        x = self.patch_embed(x)
+        batch, grid_h, grid_w, width = x.shape
+        if (grid_h, grid_w) != self.grid:
+            raise ValueError(
+                f"images of {images.shape[1:3]} give a {grid_h}x{grid_w} patch grid; the model "
+                f"was built for img_size={self.img_size} ({self.grid[0]}x{self.grid[1]})"
+            )
+        x = x.reshape(batch, grid_h * grid_w, width)
+        if self.posemb_type == "sincos2d":
+            x = x + posemb_sincos_2d(grid_h, grid_w, width).astype(x.dtype)
+        if self.cls_token is not None:
+            cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (batch, 1, width))
+            x = jnp.concatenate([cls, x], axis=1)
+        if self.posemb is not None:
+            x = x + self.posemb[...].astype(x.dtype)
+        return constrain(x, TOKENS, self.activation_sharding)
+
+    def _block_step(self, train: bool, return_weights: bool):
+        """One block application as a function of (block, x, rate, rngs), remat applied."""
+
+        def step(block, x, rate, rngs):
+            return block(x, rate, train=train, rngs=rngs, return_weights=return_weights)
+
+        policy_name = self.remat
+        if policy_name == "none":
+            return step
+        return nnx.remat(step, policy=layers.remat_policy(policy_name), prevent_cse=not self.scan)
+
+    def encode(self, x, *, train, rngs, return_intermediates=False, return_attention=False):
+        """Runs all blocks; returns final tokens and stacked per-block outputs on request."""
+        rates = (
+            jnp.linspace(0.0, self.drop_path_rate, self.depth)
+            if self.depth > 1
+            else (jnp.full((self.depth,), self.drop_path_rate))
+        )
+        use_rngs = rngs if train else None
+        step = self._block_step(train, return_attention)
+        if self.scan:
+
+            def body(x, block, rate, rngs):
+                y, weights = step(block, x, rate, rngs)
+                return y, (y if return_intermediates else None, weights)
+
+            if use_rngs is None:
+                scanned = nnx.scan(body, in_axes=(nnx.Carry, 0, 0, None), out_axes=(nnx.Carry, 0))
+            else:
+                scanned = nnx.split_rngs(splits=self.depth)(
+                    nnx.scan(body, in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0))
+                )
+            x, (intermediates, attention) = scanned(x, self.blocks, rates, use_rngs)
+        else:
+            outputs, weights_list = [], []
+            for i, block in enumerate(self.blocks):
+                x, weights = step(block, x, rates[i], use_rngs)
+                outputs.append(x)
+                weights_list.append(weights)
+            intermediates = jnp.stack(outputs) if return_intermediates else None
+            attention = jnp.stack(weights_list) if return_attention else None
+        return x, intermediates, attention
+
+    def forward_features(
+        self,
+        images: jax.Array,
+        *,
+        train: bool = False,
+        rngs: nnx.Rngs | None = None,
+        return_intermediates: bool = False,
+        return_attention: bool = False,
+    ) -> dict[str, jax.Array]:
+        """All representations: `tokens` (after the final norm), `pooled`, `pre_logits`,
+        and on request `intermediates` (depth, B, N, D) and `attention` (depth, B, H, N, N)."""
+        x = self.embed(images)
+        x = layers.dropout(x, self.dropout, train=train, rngs=rngs)
+        x, intermediates, attention = self.encode(
+            x,
+            train=train,
+            rngs=rngs,
+            return_intermediates=return_intermediates,
+            return_attention=return_attention,
+        )
+        tokens = self.encoder_norm(x)
+        if self.pool_type == "tok":
+            pooled = tokens[:, 0]
+        elif self.pool_type == "gap":
+            pooled = jnp.mean(tokens, axis=1)
+        else:
+            pooled = self.map_head(tokens)
+        pre_logits = pooled if self.pre_logits is None else jnp.tanh(self.pre_logits(pooled))
+        out = {"tokens": tokens, "pooled": pooled, "pre_logits": pre_logits}
+        if return_intermediates:
+            out["intermediates"] = intermediates
+        if return_attention:
+            out["attention"] = attention
+        return out
+
+    def __call__(
+        self, images: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None
+    ) -> jax.Array:
+        features = self.forward_features(images, train=train, rngs=rngs)["pre_logits"]
+        if self.head is None:
+            return features
+        return self.head(features)
+
+    # --- public checkpoint layout --------------------------------------------------------
+
+    def npz_names(self, layout: str = "original") -> dict[str, str]:
+        """Maps each parameter path ('/'-joined) to its key in the public `.npz` layouts.
+
+        `layout` is 'original' (the ViT release) or 'big_vision'. For a scanned model the
+        block keys contain `{i}`: the parameter stacks layer i's array along its first axis.
+        """
+        if layout not in ("original", "big_vision"):
+            raise ValueError(f"unknown npz layout {layout!r}; valid: ['original', 'big_vision']")
+        original = layout == "original"
+        attention = "MultiHeadDotProductAttention_" + ("1" if original else "0")
+        block_parts = {
+            "norm1": "LayerNorm_0",
+            "attn": attention,
+            "norm2": "LayerNorm_2" if original else "LayerNorm_1",
+            "mlp/fc1": "MlpBlock_3/Dense_0" if original else "MlpBlock_0/Dense_0",
+            "mlp/fc2": "MlpBlock_3/Dense_1" if original else "MlpBlock_0/Dense_1",
+        }
+        top_parts = {
+            "patch_embed": "embedding",
+            "cls_token": "cls",
+            "posemb": "Transformer/posembed_input/pos_embedding" if original else "pos_embedding",
+            "encoder_norm": "Transformer/encoder_norm",
+            "pre_logits": "pre_logits",
+            "head": "head",
+            "map_head/probe": "MAPHead_0/probe",
+            "map_head/attn": "MAPHead_0/MultiHeadDotProductAttention_0",
+            "map_head/norm": "MAPHead_0/LayerNorm_0",
+            "map_head/mlp/fc1": "MAPHead_0/MlpBlock_0/Dense_0",
+            "map_head/mlp/fc2": "MAPHead_0/MlpBlock_0/Dense_1",
+        }
+        names = {}
+        for path in param_paths(self):
+            parts = path.split("/")
+            if parts[0] == "blocks":
+                if self.scan:
+                    index, rest = "{i}", parts[1:]
+                else:
+                    index, rest = parts[1], parts[2:]
+                names[path] = f"Transformer/encoderblock_{index}/" + _rename(rest, block_parts)
+            elif parts[0] == "stem":
+                names[path] = self.stem.npz_name(parts[1:])
+            else:
+                names[path] = _rename(parts, top_parts)
+        return names
+
+
+def _rename(parts: list[str], table: dict[str, str]) -> str:
+    """Replaces the longest leading run of `parts` found in `table`."""
+    for cut in range(len(parts), 0, -1):
+        prefix = "/".join(parts[:cut])
+        if prefix in table:
+            return "/".join([table[prefix], *parts[cut:]])
+    raise KeyError(f"no public name for parameter {'/'.join(parts)}")
+
+
+def param_paths(model: nnx.Module) -> list[str]:
+    """'/'-joined paths of all `nnx.Param`s of a model, in a stable order."""
+    state = nnx.state(model, nnx.Param)
+    return ["/".join(str(k) for k in path) for path, _ in nnx.to_flat_state(state)]
