@@ -25,12 +25,19 @@ VIT_SIZES = {
     "G": dict(width=1664, depth=48, mlp_dim=8192, num_heads=16),
 }
 PATCH_SIZES = (8, 14, 16, 32)
+# Small patches for small images (CIFAR-sized, the embedded 8x8 digits upsampled).
+SMALL_IMAGE_VARIANTS = ("ViT-Ti/2", "ViT-Ti/4", "ViT-S/2", "ViT-S/4")
 HYBRIDS = {
     "R50+ViT-B/16": dict(size="B", patch_size=16, stem_layers=(3, 4, 9)),
     "R26+ViT-S/32": dict(size="S", patch_size=32, stem_layers=(2, 2, 2, 2)),
     "R26+ViT-B/32": dict(size="B", patch_size=32, stem_layers=(2, 2, 2, 2)),
     "R50+ViT-L/32": dict(size="L", patch_size=32, stem_layers=(3, 4, 6, 3)),
 }
+MIXER_SIZES = {
+    "B": dict(width=768, depth=12, tokens_mlp_dim=384, channels_mlp_dim=3072),
+    "L": dict(width=1024, depth=24, tokens_mlp_dim=512, channels_mlp_dim=4096),
+}
+MIXERS = {"Mixer-B/16": ("B", 16), "Mixer-B/32": ("B", 32), "Mixer-L/16": ("L", 16)}
 
 
 def register_model(name: str, builder: Callable[..., nnx.Module], **defaults: Any) -> None:
@@ -86,6 +93,9 @@ def _register_builtin() -> None:
     for size, dims in VIT_SIZES.items():
         for patch in PATCH_SIZES:
             register_model(f"ViT-{size}/{patch}", VisionTransformer, patch_size=patch, **dims)
+    for name in SMALL_IMAGE_VARIANTS:
+        size, patch = name[4:].split("/")
+        register_model(name, VisionTransformer, patch_size=int(patch), **VIT_SIZES[size])
     for name, spec in HYBRIDS.items():
         register_model(
             name,
@@ -94,6 +104,10 @@ def _register_builtin() -> None:
             stem_layers=spec["stem_layers"],
             **VIT_SIZES[spec["size"]],
         )
+    from vit_jax.models.mixer import MlpMixer
+
+    for name, (size, patch) in MIXERS.items():
+        register_model(name, MlpMixer, patch_size=patch, **MIXER_SIZES[size])
 
 
 _register_builtin()

@@ -225,13 +225,13 @@ class VisionTransformer(nnx.Module):
         self.activation_sharding = activation_sharding
         common = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
-        self.stem = None
-        stride = 1
+        stem, stride = None, 1
         if stem_layers:
             from vit_jax.models.resnet import ResNetStem
 
-            self.stem = ResNetStem(tuple(stem_layers), stem_width, **common)
-            in_channels, stride = self.stem.out_channels, self.stem.stride
+            stem = ResNetStem(tuple(stem_layers), stem_width, in_channels=in_channels, **common)
+            in_channels, stride = stem.out_channels, stem.stride
+        self.stem = stem  # assigned once: nnx marks an attribute first set to None as static
         if patch_size % stride:
             raise ValueError(f"patch_size {patch_size} is not a multiple of stem stride {stride}")
         kernel = patch_size // stride

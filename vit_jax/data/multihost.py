@@ -1,0 +1,81 @@
+"""Turns process-local numpy batches into global ``jax.Array``s and prefetches them.
+
+Each process holds its share of the global batch; ``to_global_batch`` assembles the global
+arrays sharded over the mesh's batch axes (the first entry of the sharding's spec), all other
+dimensions replicated. ``prefetch_to_device`` does that in a background thread, ``size``
+batches ahead, so host-to-device copies overlap with the running step.
+"""
+
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+
+def batch_sharding(sharding: NamedSharding) -> NamedSharding:
+    """The sharding with only the batch (first) dimension partitioned."""
+    spec = tuple(sharding.spec)
+    return NamedSharding(sharding.mesh, PartitionSpec(spec[0] if spec else None))
+
+
+def to_global_batch(batch: dict[str, np.ndarray],
+                    sharding: NamedSharding) -> dict[str, jax.Array]:
+    """``jax.make_array_from_process_local_data`` for every entry of a process-local batch."""
+    only_batch = batch_sharding(sharding)
+    return {k: jax.make_array_from_process_local_data(only_batch, np.asarray(v))
+            for k, v in batch.items()}
+
+
+_DONE = object()
+
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def prefetch_to_device(iterator: Iterable[dict[str, np.ndarray]], sharding: NamedSharding,
+                       size: int = 2) -> Iterator[dict[str, jax.Array]]:
+    """Yields global batches, transferring up to ``size`` batches ahead in a thread.
+
+    Errors from the input iterator are re-raised in the consumer; closing the generator
+    stops the thread.
+    """
+    if size < 1:
+        raise ValueError(f"prefetch size must be >= 1, got {size}")
+    q: queue.Queue = queue.Queue(maxsize=size)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def worker():
+        try:
+            for batch in iterator:
+                if not put(to_global_batch(batch, sharding)):
+                    return
+            put(_DONE)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer.
+            put(_Failure(e))
+
+    thread = threading.Thread(target=worker, name="prefetch_to_device", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+    finally:
+        stop.set()

@@ -1,0 +1,35 @@
+"""What every source returns: a dataset of encoded records for one process plus its sizes."""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from vit_jax.data._tf import tf
+
+
+class DataError(ValueError):
+    """A data source is misconfigured or its files are missing or broken."""
+
+
+@dataclasses.dataclass
+class Records:
+    """Encoded (undecoded) examples of one split for one process.
+
+    Attributes:
+      dataset: elements are cheap records (file paths, offsets, serialized bytes or small
+        arrays) in a fixed order, so shuffling and skipping them is cheap.
+      parse: per-record function (pure TF) that turns a record into a feature dict with at
+        least ``image`` (encoded bytes or uint8 pixels) and ``label``; runs after shuffling,
+        fused into the preprocessing map. None if records are already feature dicts.
+      prepare: optional dataset transform applied after shuffling and before ``parse`` to
+        elements ``(index, record)``, for reads that need a dataset op (tar members).
+      num_examples: examples in this process's part, or None if unknown.
+      max_examples: examples in the largest process part (what every process must pad its
+        evaluation to), or None if unknown.
+    """
+
+    dataset: tf.data.Dataset
+    parse: Callable[[Any], dict[str, Any]] | None = None
+    prepare: Callable[[tf.data.Dataset], tf.data.Dataset] | None = None
+    num_examples: int | None = None
+    max_examples: int | None = None

@@ -1,0 +1,166 @@
+"""Image folders: ``root/<split>/<class>/*.{jpg,jpeg,png}`` with any split names.
+
+Class indices follow the sorted union of class folder names over all splits, so every split
+agrees on them. Files are listed once, checked cheaply (size, header magic and end marker,
+no decoding) so that truncated, empty or non-image files can be skipped with one warning or
+reported as an error, and put in a fixed pseudo-random order so that sliced splits
+(``train[:90%]``) mix all classes. Reading and decoding is pure tf.data.
+"""
+
+import dataclasses
+import functools
+import os
+import warnings
+
+import numpy as np
+
+from vit_jax.data import splits
+from vit_jax.data._tf import tf
+from vit_jax.data.sources.base import DataError, Records
+
+EXTENSIONS = (".jpg", ".jpeg", ".png")
+_MAX_LISTED = 20
+
+
+class BadImageWarning(UserWarning):
+    """Some files of an image folder were skipped because they are not readable images."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderSplit:
+    """The readable files of one split (in a fixed order) and the skipped ones."""
+
+    paths: tuple[str, ...]
+    labels: tuple[int, ...]
+    bad: tuple[tuple[str, str], ...]  # (path, reason)
+
+
+def _root(cfg) -> str:
+    root = cfg.data_dir or cfg.name
+    if not root or not os.path.isdir(root):
+        raise DataError(
+            f"image folder {root!r} does not exist; set data_dir to a folder laid out as "
+            "root/<split>/<class>/*.jpg"
+        )
+    return root
+
+
+@functools.lru_cache(maxsize=16)
+def class_names(root: str) -> tuple[str, ...]:
+    """Sorted union of the class folder names of all splits under ``root``."""
+    names: set[str] = set()
+    for split in os.listdir(root):
+        split_dir = os.path.join(root, split)
+        if os.path.isdir(split_dir):
+            names.update(d for d in os.listdir(split_dir)
+                         if os.path.isdir(os.path.join(split_dir, d)))
+    if not names:
+        raise DataError(f"no class folders found under {root!r}; expected root/<split>/<class>/")
+    return tuple(sorted(names))
+
+
+def split_names(root: str) -> list[str]:
+    """The split folders under ``root``, sorted."""
+    return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+
+
+def check_image_file(path: str) -> str | None:
+    """Returns why ``path`` is not a complete JPEG/PNG (None if it looks fine).
+
+    Reads only the first and last bytes: empty files, unknown formats and files cut short
+    (no JPEG end marker / PNG IEND chunk) are caught without decoding.
+    """
+    try:
+        size = os.path.getsize(path)
+        if size == 0:
+            return "empty file"
+        with open(path, "rb") as f:
+            head = f.read(16)
+            f.seek(max(0, size - 1024))
+            tail = f.read()
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+    if head.startswith(b"\xff\xd8\xff"):
+        return None if b"\xff\xd9" in tail else "truncated JPEG (no end marker)"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return None if b"IEND" in tail[-64:] else "truncated PNG (no IEND chunk)"
+    return "not a JPEG or PNG image"
+
+
+@functools.lru_cache(maxsize=32)
+def scan_split(root: str, split: str) -> FolderSplit:
+    """Lists and checks the files of split folder ``root/split``."""
+    split_dir = os.path.join(root, split)
+    if not os.path.isdir(split_dir):
+        raise DataError(
+            f"split folder {split_dir!r} does not exist; splits under {root!r}: "
+            f"{split_names(root)}"
+        )
+    index = {c: i for i, c in enumerate(class_names(root))}
+    paths, labels, bad = [], [], []
+    for cls in sorted(os.listdir(split_dir)):
+        cls_dir = os.path.join(split_dir, cls)
+        if not os.path.isdir(cls_dir):
+            continue
+        for fname in sorted(os.listdir(cls_dir)):
+            if not fname.lower().endswith(EXTENSIONS):
+                continue
+            path = os.path.join(cls_dir, fname)
+            reason = check_image_file(path)
+            if reason is None:
+                paths.append(path)
+                labels.append(index[cls])
+            else:
+                bad.append((path, reason))
+    order = splits.deterministic_order(len(paths))
+    return FolderSplit(tuple(paths[i] for i in order), tuple(labels[i] for i in order),
+                       tuple(bad))
+
+
+def _report_bad(found: FolderSplit, on_bad_image: str, where: str) -> None:
+    if not found.bad:
+        return
+    listed = "; ".join(f"{p} ({r})" for p, r in found.bad[:_MAX_LISTED])
+    more = f"; and {len(found.bad) - _MAX_LISTED} more" if len(found.bad) > _MAX_LISTED else ""
+    msg = f"{len(found.bad)} bad image file(s) in {where}: {listed}{more}"
+    if on_bad_image == "error":
+        raise DataError(msg + " (set on_bad_image='skip' to skip them)")
+    if on_bad_image != "skip":
+        raise DataError(f"on_bad_image must be 'skip' or 'error', got {on_bad_image!r}")
+    warnings.warn(f"skipped {msg}", BadImageWarning, stacklevel=3)
+
+
+def _select(cfg) -> tuple[np.ndarray, np.ndarray, FolderSplit]:
+    root = _root(cfg)
+    name, _, _ = splits.parse_split(cfg.split)
+    found = scan_split(root, name)
+    _, idx = splits.slice_indices(cfg.split, len(found.paths))
+    paths = np.asarray(found.paths, dtype=object)[idx]
+    return paths, np.asarray(found.labels, np.int64)[idx], found
+
+
+def _read(record: dict) -> dict:
+    return {"image": tf.io.read_file(record["path"]), "label": record["label"]}
+
+
+def open_split(cfg, process_index: int, process_count: int) -> Records:
+    """Records (path, label) of ``cfg.split`` for one process; files are read after shuffling."""
+    paths, labels, found = _select(cfg)
+    _report_bad(found, cfg.on_bad_image or "skip", os.path.join(_root(cfg), cfg.split))
+    if len(paths) == 0:
+        raise DataError(f"no readable images in split {cfg.split!r} of {_root(cfg)!r}")
+    idx = splits.shard(np.arange(len(paths)), process_index, process_count)
+    ds = tf.data.Dataset.from_tensor_slices(
+        {"path": paths[idx].astype(str), "label": labels[idx]})
+    return Records(ds, parse=_read, num_examples=len(idx),
+                   max_examples=splits.max_shard_size(len(paths), process_count))
+
+
+def num_examples(cfg) -> int:
+    """Readable images in ``cfg.split`` (all processes)."""
+    return len(_select(cfg)[0])
+
+
+def num_classes(cfg) -> int:
+    """Number of class folders over all splits."""
+    return len(class_names(_root(cfg)))

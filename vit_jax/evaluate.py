@@ -1,0 +1,102 @@
+"""Evaluators run during training: classification on every eval set, and few-shot linear probes.
+
+Classification sums counts over padded, masked batches, so every example counts exactly
+once. The few-shot evaluator fits closed-form ridge regressions on frozen pre-logit features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from vit_jax import data, fewshot, metrics
+
+
+def classification(
+    eval_step: Callable,
+    params: dict,
+    data_config: ml_collections.ConfigDict,
+    eval_name: str,
+    *,
+    batch_size: int,
+    batch_sharding: dict,
+) -> dict[str, float]:
+    """Loss, top-1 and top-5 (precision@1 for multi-label data) over one eval set."""
+    totals: dict[str, float] = {}
+    for batch in data.eval_batches(data_config, eval_name, global_batch_size=batch_size):
+        counts = eval_step(params, data.to_global_batch(batch, batch_sharding))
+        for key, value in jax.device_get(counts).items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+    if not totals:
+        raise ValueError(f"eval set {eval_name!r} yielded no examples")
+    return metrics.finalize(totals)
+
+
+def features_and_labels(
+    feature_step: Callable,
+    params: dict,
+    data_config: ml_collections.ConfigDict,
+    eval_name: str,
+    *,
+    batch_size: int,
+    image_sharding,
+    max_examples: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pre-logit features and integer labels of the real (unpadded) examples of a set."""
+    features, labels = [], []
+    seen = 0
+    for batch in data.eval_batches(data_config, eval_name, global_batch_size=batch_size):
+        image = data.to_global_batch({"image": batch["image"]}, {"image": image_sharding})
+        out = np.asarray(jax.device_get(feature_step(params, image["image"])))
+        keep = batch["mask"] > 0
+        features.append(out[keep])
+        labels.append(np.argmax(batch["labels"][keep], axis=-1))
+        seen += int(keep.sum())
+        if max_examples and seen >= max_examples:
+            break
+    return np.concatenate(features), np.concatenate(labels)
+
+
+def fewshot_config(dataset: str, image_size: int) -> ml_collections.ConfigDict:
+    """A data config whose `fewshot_train` eval set walks the train split without augmentation."""
+    config = data.get_data_config(dataset, image_size=image_size)
+    first_eval = next(iter(config.evals.values()))
+    with config.unlocked():
+        config.evals.fewshot_train = ml_collections.ConfigDict(
+            dict(first_eval.to_dict(), split=config.train.split, name=config.train.name,
+                 source=config.train.source, data_dir=config.train.data_dir)
+        )
+        config.evals.fewshot_test = first_eval
+    return config
+
+
+def fewshot_accuracies(
+    feature_step: Callable,
+    params: dict,
+    fewshot_settings: ml_collections.ConfigDict,
+    *,
+    image_size: int,
+    batch_size: int,
+    image_sharding,
+) -> dict[str, float]:
+    """`{dataset}_{k}shot` accuracies for every configured dataset and shot count."""
+    results = {}
+    for dataset in fewshot_settings.datasets:
+        config = fewshot_config(dataset, image_size)
+        common = dict(batch_size=batch_size, image_sharding=image_sharding)
+        train_x, train_y = features_and_labels(
+            feature_step, params, config, "fewshot_train",
+            max_examples=fewshot_settings.max_train_examples, **common,
+        )
+        test_x, test_y = features_and_labels(
+            feature_step, params, config, "fewshot_test", **common
+        )
+        accuracies = fewshot.fewshot_accuracy(
+            train_x, train_y, test_x, test_y, tuple(fewshot_settings.shots)
+        )
+        for shots, accuracy in accuracies.items():
+            results[f"{dataset.replace('/', '_')}_{shots}shot"] = accuracy
+    return results

@@ -1,0 +1,94 @@
+"""CLI: `python -m vit_jax.main --config=configs/vit.py:<args> --workdir=<dir>`.
+
+Flags -> locked ml_collections config -> `train.run`. Any field is overridden with
+`--config.<field>=<value>`; an unknown field is refused with the closest existing names.
+Multi-process runs pass --coordinator_address/--num_processes/--process_id (or rely on the
+cluster's environment, e.g. on TPU pods, with --distributed).
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", "configs/vit.py", "Config file[:args].", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (cluster env).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-process).")
+flags.DEFINE_integer("local_device_count", None, "Simulated CPU devices in this process.")
+
+
+def check_overrides(config, argv: list[str]) -> None:
+    """Fails with the closest valid names for every unknown `--config.<field>`."""
+    valid = sorted(_paths(config.to_dict()))
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        field = arg[len("--config."):].split("=", 1)[0]
+        if field not in valid and not any(v.startswith(field + ".") for v in valid):
+            close = difflib.get_close_matches(field, valid, n=3, cutoff=0.5)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise SystemExit(f"error: unknown config field {field!r}.{hint}")
+
+
+def _paths(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        yield prefix + key
+        if isinstance(value, dict):
+            yield from _paths(value, f"{prefix}{key}.")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    import jax
+
+    if FLAGS.local_device_count:
+        jax.config.update("jax_num_cpu_devices", FLAGS.local_device_count)
+    if FLAGS.coordinator_address or FLAGS.distributed:
+        if jax.default_backend() == "cpu" or FLAGS.coordinator_address:
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=FLAGS.coordinator_address,
+            num_processes=FLAGS.num_processes,
+            process_id=FLAGS.process_id,
+        )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    from vit_jax import train
+
+    if FLAGS.workdir is None:
+        raise SystemExit("error: --workdir is required")
+    results = train.run(FLAGS.config, FLAGS.workdir)
+    if jax.process_index() == 0:
+        print("final evaluation: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+
+
+def entry() -> None:
+    """Console entry point: validate overrides early, then hand over to absl."""
+    try:
+        from configs.vit import get_config  # noqa: F401  (config module importable)
+    except ImportError:
+        pass
+    argv = sys.argv
+    config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if config_arg is not None:
+        path, _, arg = config_arg.partition(":")
+        if os.path.basename(path) == "vit.py" and os.path.exists(path):
+            sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(path))))
+            from configs.vit import get_config
+
+            check_overrides(get_config(arg), argv[1:])
+    app.run(main)
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,125 @@
+"""Metrics out: TensorBoard (through clu), a JSON-lines file, and readable progress lines.
+
+Only process 0 writes files; every process may print. Progress lines carry steps/s,
+images/s, the ETA and an MFU estimate from the compiled step's FLOP count.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from clu import metric_writers
+
+log = logging.getLogger("vit_jax")
+
+# Dense peak FLOP/s per device for MFU estimates (bf16 for accelerators, measured f32 for CPU).
+PEAK_FLOPS = {
+    "TPU v2": 45e12,
+    "TPU v3": 123e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+    "cpu": 177e9,  # this 2-core machine's f32 matrix-product peak (355 GFLOP/s) per device of 2
+}
+
+
+def peak_flops(device: jax.Device, override: float | None = None) -> float | None:
+    """Best-known peak FLOP/s of one device, or the configured override."""
+    if override:
+        return override
+    kind = getattr(device, "device_kind", "") or device.platform
+    for name, flops in PEAK_FLOPS.items():
+        if kind.lower().startswith(name.lower()):
+            return flops
+    return PEAK_FLOPS.get(device.platform)
+
+
+class MetricLogger:
+    """Writes scalars to TensorBoard and `metrics.jsonl`, and prints progress lines."""
+
+    def __init__(self, workdir: str, *, is_main: bool):
+        self.is_main = is_main
+        self.writer = metric_writers.create_default_writer(
+            os.path.join(workdir, "tensorboard"), just_logging=not is_main, asynchronous=True
+        )
+        self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+        self._jsonl = open(self.jsonl_path, "a") if is_main else None  # noqa: SIM115
+
+    def hparams(self, flat_config: Mapping[str, Any]) -> None:
+        clean = {k: v if isinstance(v, int | float | str | bool) else str(v)
+                 for k, v in flat_config.items()}
+        self.writer.write_hparams(clean)
+
+    def scalars(self, step: int, values: Mapping[str, Any], *, prefix: str = "") -> None:
+        floats = {prefix + k: float(np.asarray(v)) for k, v in values.items()}
+        self.writer.write_scalars(step, floats)
+        if self._jsonl is not None:
+            record = {"step": step, **{k: _json_float(v) for k, v in floats.items()}}
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+
+
+def _json_float(value: float) -> float | str:
+    return value if math.isfinite(value) else str(value)
+
+
+class Progress:
+    """Throughput, ETA and MFU between two log points."""
+
+    def __init__(self, *, total_steps: int, start_step: int, batch_size: int,
+                 flops_per_step: float | None, peak_flops_total: float | None):
+        self.total_steps = total_steps
+        self.batch_size = batch_size
+        self.flops_per_step = flops_per_step
+        self.peak = peak_flops_total
+        self._last_step = start_step
+        self._last_time = time.perf_counter()
+
+    def update(self, step: int) -> dict[str, float]:
+        now = time.perf_counter()
+        elapsed = max(now - self._last_time, 1e-9)
+        steps_per_sec = (step - self._last_step) / elapsed
+        self._last_step, self._last_time = step, now
+        stats = {
+            "steps_per_sec": steps_per_sec,
+            "images_per_sec": steps_per_sec * self.batch_size,
+            "eta_seconds": (self.total_steps - step) / max(steps_per_sec, 1e-9),
+        }
+        if self.flops_per_step and self.peak:
+            stats["mfu"] = steps_per_sec * self.flops_per_step / self.peak
+        return stats
+
+
+def format_line(step: int, total: int, values: Mapping[str, float]) -> str:
+    """A readable one-line summary, e.g. `step 500/1500 | loss 0.412 | 210 img/s | eta 1m20s`."""
+    parts = [f"step {step}/{total}"]
+    for key, value in values.items():
+        if key == "eta_seconds":
+            minutes, seconds = divmod(int(value), 60)
+            parts.append(f"eta {minutes}m{seconds:02d}s")
+        elif key == "images_per_sec":
+            parts.append(f"{value:.0f} img/s")
+        elif key == "mfu":
+            parts.append(f"mfu {100 * value:.1f}%")
+        else:
+            parts.append(f"{key} {value:.4g}")
+    return " | ".join(parts)

@@ -1,0 +1,126 @@
+"""Device mesh and logical-axis rules -> shardings for parameters, optimizer state and batches.
+
+The mesh always has the axes `data`, `fsdp` and `model` (size 1 where unused). Models label
+every parameter dimension with a logical name; a rule table maps those names to mesh axes.
+A dimension whose size the mesh axes do not divide stays replicated, so any model fits any
+mesh (e.g. 10 classes on a model axis of 4).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from vit_jax.models.layers import ActivationSharding
+
+MESH_AXES = ("data", "fsdp", "model")
+BATCH_AXES = ("data", "fsdp")
+
+_ACTIVATIONS = (("batch", BATCH_AXES), ("tokens", None))
+RULE_PRESETS: dict[str, tuple[tuple[str, Any], ...]] = {
+    # Parameters replicated; the batch split over every data-like axis.
+    "dp": _ACTIVATIONS,
+    # Parameters and optimizer state sharded along their `embed` dimension over `fsdp`.
+    "fsdp": _ACTIVATIONS + (("embed", "fsdp"),),
+    # Attention heads and MLP hidden units split over `model` (Megatron-style).
+    "tp": _ACTIVATIONS + (("heads", "model"), ("mlp", "model")),
+    "fsdp_tp": _ACTIVATIONS + (("embed", "fsdp"), ("heads", "model"), ("mlp", "model")),
+}
+
+
+def make_mesh(shape: Mapping[str, int], devices: list | None = None) -> jax.sharding.Mesh:
+    """A mesh over all devices with axes (data, fsdp, model); one size may be -1 (the rest)."""
+    devices = devices if devices is not None else jax.devices()
+    unknown = sorted(set(shape) - set(MESH_AXES))
+    if unknown:
+        raise ValueError(f"config.mesh has unknown axes {unknown}; valid axes: {list(MESH_AXES)}")
+    sizes = [int(shape.get(name, 1)) for name in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"config.mesh: at most one axis may be -1, got {dict(shape)}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(
+                f"config.mesh {dict(shape)}: {len(devices)} devices are not divisible by {known}"
+            )
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(
+            f"config.mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {math.prod(sizes)} "
+            f"devices but {len(devices)} are available; set one axis to -1 to use the rest"
+        )
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    if devices is jax.devices() or list(devices) == list(jax.devices()):
+        return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto)
+    grid = np.asarray(devices).reshape(sizes)
+    return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)
+
+
+def get_rules(name: str) -> tuple[tuple[str, Any], ...]:
+    """The rule table preset `name` ('dp', 'fsdp', 'tp', 'fsdp_tp')."""
+    if name not in RULE_PRESETS:
+        raise ValueError(f"unknown sharding rules {name!r}; valid: {sorted(RULE_PRESETS)}")
+    return RULE_PRESETS[name]
+
+
+def logical_to_spec(
+    logical_axes: tuple[str | None, ...] | None,
+    shape: tuple[int, ...],
+    mesh: jax.sharding.Mesh,
+    rules: tuple[tuple[str, Any], ...],
+) -> jax.sharding.PartitionSpec:
+    """PartitionSpec for an array with these logical axes; indivisible dims stay replicated."""
+    if not logical_axes:
+        return jax.sharding.PartitionSpec()
+    spec = ActivationSharding(mesh, rules).spec(tuple(logical_axes))
+    fitted = []
+    for size, entry in zip(shape, spec, strict=True):
+        names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        split = math.prod(mesh.shape[n] for n in names)
+        fitted.append(entry if names and size % split == 0 else None)
+    return jax.sharding.PartitionSpec(*fitted)
+
+
+def param_shardings(abstract_params: nnx.State, mesh, rules) -> dict:
+    """NamedShardings (as a pure dict) for a Param state carrying `logical_axes` metadata."""
+
+    def one(variable):
+        axes = variable.get_metadata().get("logical_axes")
+        spec = logical_to_spec(axes, variable.shape, mesh, rules)
+        return jax.sharding.NamedSharding(mesh, spec)
+
+    shardings = jax.tree.map(one, abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.to_pure_dict(shardings)
+
+
+def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def optimizer_shardings(tx: optax.GradientTransformation, abstract_opt_state, params_sharding, mesh):
+    """Optimizer-state shardings: moments follow their parameter, everything else replicated."""
+    return optax.tree_map_params(
+        tx,
+        lambda _, sharding: sharding,
+        abstract_opt_state,
+        params_sharding,
+        transform_non_params=lambda _: replicated(mesh),
+        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
+    )
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 1) -> jax.sharding.NamedSharding:
+    """Leading (batch) dim split over the data-like axes, the rest replicated."""
+    spec = jax.sharding.PartitionSpec(BATCH_AXES, *([None] * (ndim - 1)))
+    return jax.sharding.NamedSharding(mesh, spec)
+
+
+def data_parallel_size(mesh: jax.sharding.Mesh) -> int:
+    """How many ways the batch is split."""
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)

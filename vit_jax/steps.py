@@ -1,0 +1,241 @@
+"""The pure, jit-compiled pieces of training: state init, train step and eval step.
+
+Everything here is a function of abstract shapes plus config, so it compiles ahead of time
+(`jax.jit(...).lower(abstract...).compile()`) for any mesh. The train state is a plain dict
+`{'params', 'opt_state', 'step'}`; randomness comes from `fold_in(seed, step)`, so the state
+and the step alone fix every later update (bit-identical resume).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from vit_jax import losses, metrics, mixup, optim, sharding
+from vit_jax.models import ActivationSharding, create_model
+
+TrainState = dict[str, Any]
+
+
+class Trainer:
+    """Everything needed to build, shard and compile the steps of one run."""
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        mesh: jax.sharding.Mesh,
+        *,
+        num_classes: int,
+        total_steps: int,
+    ):
+        self.config = config
+        self.mesh = mesh
+        self.num_classes = num_classes
+        self.total_steps = total_steps
+
+    # --- model and optimizer -------------------------------------------------------------
+
+    def model_overrides(self) -> dict[str, Any]:
+        overrides = {k: v for k, v in self.config.model.to_dict().items() if v is not None}
+        rules = sharding.get_rules(self.config.sharding_rules)
+        return dict(
+            overrides,
+            num_classes=self.num_classes,
+            activation_sharding=ActivationSharding(self.mesh, rules),
+        )
+
+    def build_model(self, seed: int) -> nnx.Module:
+        return create_model(self.config.model_name, seed=seed, **self.model_overrides())
+
+    @functools.cached_property
+    def abstract_model(self) -> nnx.Module:
+        """The model with ShapeDtypeStructs instead of arrays: no memory is allocated."""
+        return nnx.eval_shape(lambda: self.build_model(0))
+
+    @functools.cached_property
+    def graphdef(self) -> nnx.GraphDef:
+        return nnx.split(self.abstract_model, nnx.Param)[0]
+
+    @functools.cached_property
+    def tx(self) -> optax.GradientTransformation:
+        abstract_params = nnx.to_pure_dict(nnx.state(self.abstract_model, nnx.Param))
+        return optim.make_optimizer(
+            self.config.optim, self.config.schedule, abstract_params, self.total_steps
+        )
+
+    def schedule(self) -> optax.Schedule:
+        return optim.make_schedule(self.config.schedule, self.total_steps)
+
+    # --- state ---------------------------------------------------------------------------
+
+    @functools.cached_property
+    def state_shardings(self) -> tuple[TrainState, TrainState]:
+        """(abstract state with shardings, shardings) for the train state on this mesh."""
+        rules = sharding.get_rules(self.config.sharding_rules)
+        param_state = nnx.state(self.abstract_model, nnx.Param)
+        params_sharding = sharding.param_shardings(param_state, self.mesh, rules)
+        abstract_params = nnx.to_pure_dict(param_state)
+        tx = self.tx
+        abstract_opt = jax.eval_shape(tx.init, abstract_params)
+        shardings = {
+            "params": params_sharding,
+            "opt_state": sharding.optimizer_shardings(
+                tx, abstract_opt, params_sharding, self.mesh
+            ),
+            "step": sharding.replicated(self.mesh),
+        }
+        abstract = {
+            "params": abstract_params,
+            "opt_state": abstract_opt,
+            "step": jax.ShapeDtypeStruct((), jnp.int32),
+        }
+        abstract = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
+        )
+        return abstract, shardings
+
+    def init_state(self, params: dict | None = None) -> TrainState:
+        """A fresh sharded state; `params` (a pure dict) replaces the random init if given."""
+        _, shardings = self.state_shardings
+        tx = self.tx
+        seed = self.config.seed
+
+        def init(params):
+            if params is None:
+                params = nnx.to_pure_dict(nnx.state(self.build_model(seed), nnx.Param))
+            return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+        if params is None:
+            return jax.jit(lambda: init(None), out_shardings=shardings)()
+        return jax.jit(init, out_shardings=shardings)(params)
+
+    # --- steps ---------------------------------------------------------------------------
+
+    def batch_shardings(self) -> dict[str, jax.sharding.NamedSharding]:
+        return {
+            "image": sharding.batch_sharding(self.mesh, 4),
+            "labels": sharding.batch_sharding(self.mesh, 2),
+            "mask": sharding.batch_sharding(self.mesh, 1),
+        }
+
+    def make_train_step(self) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+        """The jitted train step: state donated, explicit in/out shardings."""
+        config = self.config
+        graphdef = self.graphdef
+        _, state_sharding = self.state_shardings
+        tx = self.tx
+        schedule = self.schedule()
+        loss_fn = losses.get_loss_fn(config.loss)
+        accum = int(config.optim.grad_accum_steps)
+        seed = int(config.seed)
+        mix = config.mixup
+
+        def loss_of(params, images, labels, rng):
+            model = nnx.merge(graphdef, params)
+            logits = model(images, train=True, rngs=nnx.Rngs(dropout=rng))
+            return loss_fn(logits, labels, **self._loss_kwargs())
+
+        def train_step(state, batch):
+            step_rng = jax.random.fold_in(jax.random.key(seed), state["step"])
+            mix_rng, dropout_rng = jax.random.split(step_rng)
+            images, labels = batch["image"], batch["labels"]
+            if mix.mixup_alpha or mix.cutmix_alpha:
+                images, labels = mixup.mix_batch(
+                    mix_rng, images, labels, mixup_alpha=mix.mixup_alpha,
+                    cutmix_alpha=mix.cutmix_alpha, switch_prob=mix.switch_prob,
+                )
+            grad_fn = jax.value_and_grad(loss_of)
+            if accum == 1:
+                loss, grads = grad_fn(state["params"], images, labels, dropout_rng)
+            else:
+                loss, grads = self._accumulate(grad_fn, state["params"], images, labels, dropout_rng, accum)
+            updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+            params = optax.apply_updates(state["params"], updates)
+            new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
+            stats = {
+                "loss": loss,
+                "grad_norm": optax.global_norm(grads),
+                "param_norm": optax.global_norm(params),
+                "learning_rate": schedule(state["step"]),
+            }
+            return new_state, stats
+
+        return jax.jit(
+            train_step,
+            in_shardings=(state_sharding, self.batch_shardings_without_mask()),
+            out_shardings=(state_sharding, sharding.replicated(self.mesh)),
+            donate_argnums=(0,),
+        )
+
+    def batch_shardings_without_mask(self):
+        shardings = self.batch_shardings()
+        return {"image": shardings["image"], "labels": shardings["labels"]}
+
+    def _loss_kwargs(self) -> dict[str, Any]:
+        if self.config.loss == "softmax_xent" and self.config.label_smoothing:
+            return {"label_smoothing": self.config.label_smoothing}
+        return {}
+
+    def _accumulate(self, grad_fn, params, images, labels, rng, accum):
+        """Mean loss and gradient over `accum` micro-batches, scanned to bound memory."""
+        batch = images.shape[0]
+        if batch % accum:
+            raise ValueError(
+                f"batch size {batch} is not divisible by config.optim.grad_accum_steps={accum}"
+            )
+
+        def split(x):
+            # (B, ...) -> (accum, B // accum, ...): micro-batch i takes rows i, i+accum, ...,
+            # so every device keeps its own rows and no data moves between devices.
+            x = x.reshape(batch // accum, accum, *x.shape[1:])
+            return jnp.swapaxes(x, 0, 1)
+
+        def body(carry, inputs):
+            loss_sum, grad_sum = carry
+            micro_images, micro_labels, index = inputs
+            loss, grads = grad_fn(params, micro_images, micro_labels, jax.random.fold_in(rng, index))
+            return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        inputs = (split(images), split(labels), jnp.arange(accum))
+        (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), inputs)
+        return loss_sum / accum, jax.tree.map(lambda g: g / accum, grad_sum)
+
+    def make_eval_step(self) -> Callable[[dict, dict], dict]:
+        """Jitted eval step: summed counts (correct top-1/top-5, loss, examples) for a batch."""
+        graphdef = self.graphdef
+        _, state_sharding = self.state_shardings
+        loss_name = self.config.loss
+
+        def eval_step(params, batch):
+            model = nnx.merge(graphdef, params)
+            logits = model(batch["image"], train=False)
+            return metrics.classification_counts(logits, batch["labels"], batch["mask"], loss_name)
+
+        return jax.jit(
+            eval_step,
+            in_shardings=(state_sharding["params"], self.batch_shardings()),
+            out_shardings=sharding.replicated(self.mesh),
+        )
+
+    def make_feature_step(self) -> Callable[[dict, jax.Array], jax.Array]:
+        """Jitted pre-logit features (for the few-shot evaluator)."""
+        graphdef = self.graphdef
+        _, state_sharding = self.state_shardings
+
+        def features(params, images):
+            model = nnx.merge(graphdef, params)
+            return model.forward_features(images, train=False)["pre_logits"]
+
+        return jax.jit(
+            features,
+            in_shardings=(state_sharding["params"], self.batch_shardings()["image"]),
+            out_shardings=sharding.replicated(self.mesh),
+        )

@@ -1,0 +1,213 @@
+"""The training loop: state, steps, evaluation, checkpoints and metrics for one run.
+
+`run(config, workdir)` resumes from the newest complete checkpoint in `workdir`, otherwise
+starts from `config.init_from` (a released `.npz` or another run's checkpoint directory) or
+from scratch. The checkpoint holds the step, which is also the data position.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from vit_jax import data, evaluate, sharding
+from vit_jax.checkpoint import Checkpointer, load_npz
+from vit_jax.metric_logging import MetricLogger, Progress, format_line, peak_flops
+from vit_jax.steps import Trainer
+
+log = logging.getLogger("vit_jax")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+def total_steps(config: ml_collections.ConfigDict) -> int:
+    """config.total_steps, or num_epochs over the train split's size."""
+    if config.total_steps:
+        return int(config.total_steps)
+    if config.num_epochs:
+        examples = data.num_examples(config.data, "train")
+        if not examples:
+            raise ValueError(
+                "config.num_epochs is set but the train split's size is unknown; "
+                "set config.total_steps instead"
+            )
+        return max(1, math.ceil(config.num_epochs * examples / config.batch_size))
+    raise ValueError("set config.total_steps or config.num_epochs")
+
+
+def initial_params(trainer: Trainer, config: ml_collections.ConfigDict) -> dict | None:
+    """Parameters from config.init_from.path (.npz or checkpoint dir), or None for scratch."""
+    path = config.init_from.path
+    if not path:
+        return None
+    if path.endswith(".npz"):
+        model = trainer.build_model(config.seed)
+        report = load_npz(
+            model, path, head=config.init_from.head,
+            posemb_interpolation=config.init_from.posemb_interpolation,
+        )
+        log.info("initialised from %s: %s", path, report)
+        return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"config.init_from.path={path!r} is neither an .npz file nor a checkpoint directory"
+        )
+    abstract, _ = trainer.state_shardings
+    source = Checkpointer(path, every_steps=1, async_save=False)
+    state, _ = source.restore(abstract)
+    source.close()
+    return state["params"]
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains and evaluates; returns the final evaluation metrics."""
+    os.makedirs(workdir, exist_ok=True)
+    is_main = jax.process_index() == 0
+    mesh = sharding.make_mesh(config.mesh.to_dict())
+    if config.batch_size % sharding.data_parallel_size(mesh):
+        raise ValueError(
+            f"config.batch_size={config.batch_size} is not divisible by the "
+            f"{sharding.data_parallel_size(mesh)} data-parallel devices of the mesh"
+        )
+    steps = total_steps(config)
+    trainer = Trainer(config, mesh, num_classes=data.num_classes(config.data), total_steps=steps)
+    logger = MetricLogger(workdir, is_main=is_main)
+    logger.hparams(_flatten(config.to_dict()))
+    checkpointer = Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        every_steps=config.checkpoint.every_steps,
+        keep=config.checkpoint.keep,
+        keep_every=config.checkpoint.keep_every,
+        async_save=config.checkpoint.async_save,
+    )
+
+    abstract_state, _ = trainer.state_shardings
+    if checkpointer.latest_step() is not None:
+        state, record = checkpointer.restore(abstract_state)
+        log.info("resumed from step %d in %s", record["step"], checkpointer.directory)
+    else:
+        state = trainer.init_state(initial_params(trainer, config))
+    start_step = int(jax.device_get(state["step"]))
+
+    batch_sharding = trainer.batch_shardings()
+    train_sharding = trainer.batch_shardings_without_mask()
+    train_step = trainer.make_train_step()
+    eval_step = trainer.make_eval_step()
+    compiled = train_step.lower(abstract_state, _abstract_batch(config, train_sharding)).compile()
+    flops = _flops(compiled)
+    peak = peak_flops(jax.devices()[0], config.peak_flops_per_device)
+    progress = Progress(
+        total_steps=steps, start_step=start_step, batch_size=config.batch_size,
+        flops_per_step=flops, peak_flops_total=peak * jax.device_count() if peak else None,
+    )
+    batches = data.prefetch_to_device(
+        data.train_batches(
+            config.data, global_batch_size=config.batch_size, seed=config.seed,
+            start_step=start_step,
+        ),
+        train_sharding,
+    )
+
+    def run_evals(step: int) -> dict[str, float]:
+        results = {}
+        for name in config.data.evals:
+            values = evaluate.classification(
+                eval_step, state["params"], config.data, name,
+                batch_size=config.eval_batch_size, batch_sharding=batch_sharding,
+            )
+            logger.scalars(step, values, prefix=f"{name}/")
+            results.update({f"{name}/{k}": v for k, v in values.items()})
+            if is_main:
+                print(format_line(step, steps, {f"{name}/{k}": v for k, v in values.items()}))
+        if config.fewshot.datasets:
+            shots = evaluate.fewshot_accuracies(
+                trainer.make_feature_step(), state["params"], config.fewshot,
+                image_size=config.data.image_size, batch_size=config.eval_batch_size,
+                image_sharding=batch_sharding["image"],
+            )
+            logger.scalars(step, shots, prefix="fewshot/")
+            results.update({f"fewshot/{k}": v for k, v in shots.items()})
+        return results
+
+    finite = jnp.array(True)
+    good_step = start_step
+    profiling = False
+    results: dict[str, float] = {}
+    for step in range(start_step + 1, steps + 1):
+        if step == config.profile.start_step and is_main:
+            jax.profiler.start_trace(os.path.join(workdir, "profile"))
+            profiling = True
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+            state, stats = compiled(state, next(batches))
+        finite = finite & jnp.isfinite(stats["loss"])
+        if profiling and step >= config.profile.start_step + config.profile.num_steps:
+            jax.profiler.stop_trace()
+            profiling = False
+        due_checkpoint = step % config.checkpoint.every_steps == 0 or step == steps
+        if step % config.log_every_steps == 0 or due_checkpoint or step == steps:
+            if not bool(finite):
+                checkpointer.close()
+                raise NonFiniteLossError(
+                    f"the loss became NaN or Inf between steps {good_step} and {step}; the last "
+                    f"good checkpoint ({checkpointer.latest_step()}) in {checkpointer.directory} "
+                    "is kept. Lower the learning rate or check the input data."
+                )
+            good_step = step
+        if step % config.log_every_steps == 0 or step == steps:
+            values = {k: float(v) for k, v in jax.device_get(stats).items()}
+            values.update(progress.update(step))
+            logger.scalars(step, values, prefix="train/")
+            if is_main:
+                print(format_line(step, steps, values), flush=True)
+        if due_checkpoint:
+            checkpointer.save(step, state, {"step": step, "data_position": step},
+                              force=step == steps)
+        if step % config.eval_every_steps == 0 or step == steps:
+            results = run_evals(step)
+    if steps == start_step:
+        results = run_evals(steps)
+    checkpointer.close()
+    logger.close()
+    return results
+
+
+def _abstract_batch(config, shardings) -> dict[str, jax.ShapeDtypeStruct]:
+    size = config.data.image_size
+    shapes = {
+        "image": (config.batch_size, size, size, 3),
+        "labels": (config.batch_size, data.num_classes(config.data)),
+    }
+    return {
+        k: jax.ShapeDtypeStruct(shapes[k], jnp.float32, sharding=shardings[k]) for k in shapes
+    }
+
+
+def _flops(compiled) -> float | None:
+    """FLOPs of one compiled step from XLA's cost analysis, if it reports them."""
+    try:
+        analysis = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - some backends do not implement it
+        return None
+    if isinstance(analysis, list):
+        analysis = analysis[0] if analysis else {}
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
