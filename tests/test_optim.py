@@ -310,10 +310,14 @@ def test_mu_dtype_and_adafactor_and_nnx_state():
                    zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(target),
                        strict=True))
 
+    @jax.jit
+    def step(p, state):
+        updates, state = tx.update(jax.grad(loss)(p), state, p)
+        return optax.apply_updates(p, updates), state
+
     state, p = tx.init(params), params
     for _ in range(30):
-        updates, state = tx.update(jax.grad(loss)(p), state, p)
-        p = optax.apply_updates(p, updates)
+        p, state = step(p, state)
     assert float(loss(p)) < 0.5 * float(loss(params))
 
     # nnx.State works as the params pytree, freezing included.

@@ -34,7 +34,8 @@ def onehot(num_classes: int, multi: bool = False, smoothing: float = 0.0, key: s
             raise KeyError(f"onehot: feature '{key}' not found; have {sorted(data)}")
         labels = _checked(data[key], num_classes, key)
         if multi:
-            hot = tf.reduce_max(tf.one_hot(tf.reshape(labels, [-1]), num_classes), axis=0)
+            hot = tf.reduce_sum(tf.one_hot(tf.reshape(labels, [-1]), num_classes), axis=0)
+            hot = tf.minimum(hot, 1.0)
             hot = tf.ensure_shape(hot, [num_classes])
         else:
             hot = tf.one_hot(labels, num_classes)

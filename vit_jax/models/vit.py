@@ -220,6 +220,7 @@ class VisionTransformer(nnx.Module):
         self.width, self.depth, self.num_classes = width, depth, num_classes
         self.pool_type, self.posemb_type = pool_type, posemb
         self.dropout, self.drop_path_rate = dropout, drop_path
+        self.head_bias_init = head_bias_init  # a replaced head (fine-tuning) starts from it
         self.scan, self.remat = scan, remat
         self.dtype = dtype
         self.activation_sharding = activation_sharding

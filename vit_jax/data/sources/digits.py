@@ -1,7 +1,7 @@
 """scikit-learn's bundled 8x8 digits as a real, offline dataset with fixed splits.
 
-1,797 images of 10 classes. ``test`` holds every fifth example of each class (in file order),
-359 images; ``train`` holds the other 1,438. Pixels (0..16) are scaled to uint8 0..255 and
+1,797 images of 10 classes. ``test`` holds the 5th, 10th, ... example of each class (in file
+order), 355 images; ``train`` holds the other 1,442. Pixels (0..16) are scaled to uint8 0..255 and
 shaped 8x8x1 so the usual pp strings (``decode(3)|resize(...)``) apply.
 """
 

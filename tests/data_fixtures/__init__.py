@@ -1,0 +1,1 @@
+"""Small offline fixtures for the data pipeline tests."""

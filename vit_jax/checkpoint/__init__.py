@@ -1,0 +1,27 @@
+"""Checkpoints: orbax training checkpoints (`Checkpointer`) and public-layout `.npz` weights."""
+
+from vit_jax.checkpoint.manager import Checkpointer, abstract_like
+
+from vit_jax.checkpoint.npz import (
+    CheckpointError,
+    CheckpointMismatchError,
+    LoadReport,
+    load_npz,
+    npz_arrays,
+    read_npz,
+    resize_posemb,
+    save_npz,
+)
+
+__all__ = [
+    "Checkpointer",
+    "abstract_like",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "LoadReport",
+    "load_npz",
+    "npz_arrays",
+    "read_npz",
+    "resize_posemb",
+    "save_npz",
+]

@@ -1,0 +1,671 @@
+"""Model weights in the public `.npz` layouts: load (with conversions) and save.
+
+Reads the original ViT release layout (`Transformer/encoderblock_{i}/...`, position embedding
+under `Transformer/posembed_input`), the big_vision layout (top-level `pos_embedding` without
+the class slot, `_0` numbering, blocks optionally stacked under `Transformer/encoderblock/...`
+with a leading layer axis) and files whose keys carry a `params/` or `opt/target/` prefix.
+Either layout loads into a scanned or an unrolled model: per-layer arrays are stacked or
+unstacked as needed. The loader only relies on `model.npz_names(layout)`, so any model that
+names its parameters that way (ViT, hybrids, Mixer) loads through it.
+
+Pickles are always refused: an `.npz` member holding an object array would run code from the
+file when unpickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import re
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+LAYOUTS = ("original", "big_vision")
+HEAD_POLICIES = ("auto", "keep", "replace", "drop")
+PRE_LOGITS_POLICIES = ("auto", "keep", "drop")
+INTERPOLATIONS = ("bilinear", "bicubic")
+WEIGHT_PREFIXES = ("opt/target/", "params/")
+POSEMB_LEAF = "pos_embedding"
+# Where older big_vision files kept the position embedding (an accepted alias when loading).
+LEGACY_POSEMB_KEYS = ("Transformer/pos_embedding",)
+
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+_NPY_MAGIC = b"\x93NUMPY"
+_PICKLE_REFUSAL = (
+    "holds pickled objects; refusing to load it because loading would run code from the file"
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read (not an `.npz`, pickled content, bad dtype)."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint's arrays do not fit the model; lists every problem at once."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        missing: list[str],
+        unexpected: list[str],
+        mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]],
+    ):
+        super().__init__(message)
+        self.missing = missing
+        self.unexpected = unexpected
+        self.mismatched = mismatched
+
+
+@dataclasses.dataclass
+class LoadReport:
+    """What `load_npz` did.
+
+    `missing`, `unexpected` and `mismatched` (key, file shape, model shape) are only
+    non-empty with `strict=False`. `dropped` lists file keys deliberately not loaded (head /
+    pre_logits policies), `ignored` keys outside the weights prefix (e.g. optimizer state).
+    `head` / `pre_logits` is one of 'loaded', 'replaced', 'dropped' (the file's ignored, the
+    model's own initialisation kept) or 'absent'.
+    """
+
+    path: str
+    layout: str
+    prefix: str
+    loaded: list[str] = dataclasses.field(default_factory=list)
+    missing: list[str] = dataclasses.field(default_factory=list)
+    unexpected: list[str] = dataclasses.field(default_factory=list)
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = dataclasses.field(
+        default_factory=list
+    )
+    dropped: list[str] = dataclasses.field(default_factory=list)
+    ignored: list[str] = dataclasses.field(default_factory=list)
+    head: str = "absent"
+    pre_logits: str = "absent"
+    posemb: str | None = None
+
+    def __str__(self) -> str:
+        lines = [
+            f"loaded {len(self.loaded)} parameters from {self.path} ({self.layout} layout"
+            + (f", prefix {self.prefix!r}" if self.prefix else "")
+            + f"); head {self.head}, pre_logits {self.pre_logits}"
+        ]
+        if self.posemb:
+            lines.append(f"position embedding {self.posemb}")
+        for name in ("missing", "unexpected", "mismatched", "dropped", "ignored"):
+            values = getattr(self, name)
+            if values:
+                lines.append(f"{name}: {values}")
+        return "\n".join(lines)
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Reads every array of an `.npz` file with pickles refused; clear errors otherwise."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint file {path!r} does not exist")
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint path {path!r} is a directory, not an .npz file")
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic.startswith(_NPY_MAGIC):
+        raise CheckpointError(
+            f"{path!r} is a single-array .npy file, not an .npz archive of named arrays"
+        )
+    if not magic.startswith(_ZIP_MAGIC):
+        if magic[:1] == b"\x80":
+            raise CheckpointError(f"{path!r} {_PICKLE_REFUSAL}")
+        raise CheckpointError(f"{path!r} is not an .npz file (no zip archive header)")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path!r} is not a readable .npz file: {e}") from None
+    arrays: dict[str, np.ndarray] = {}
+    with archive:
+        for key in archive.files:
+            try:
+                value = archive[key]
+            except ValueError as e:
+                if "pickle" in str(e).lower() or "object" in str(e).lower():
+                    raise CheckpointError(f"{path!r}: array {key!r} {_PICKLE_REFUSAL}") from None
+                raise CheckpointError(f"{path!r}: array {key!r} cannot be read: {e}") from None
+            except (OSError, EOFError, zipfile.BadZipFile) as e:
+                raise CheckpointError(f"{path!r}: array {key!r} cannot be read: {e}") from None
+            if not isinstance(value, np.ndarray):
+                raise CheckpointError(f"{path!r}: member {key!r} is not a .npy array")
+            if value.dtype.kind not in "fiub":
+                raise CheckpointError(
+                    f"{path!r}: array {key!r} has dtype {value.dtype}; expected numbers"
+                )
+            arrays[key] = value
+    return arrays
+
+
+def _strip_prefix(arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], str, list[str]]:
+    """Finds the weights under a `params/` or `opt/target/` prefix; the rest is ignored."""
+    for prefix in WEIGHT_PREFIXES:
+        inner = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+        if inner:
+            return inner, prefix, sorted(k for k in arrays if not k.startswith(prefix))
+    return dict(arrays), "", []
+
+
+# --- position embedding ----------------------------------------------------------------------
+
+
+def _linear_weights(n_in: int, n_out: int) -> np.ndarray:
+    """Corner-aligned linear interpolation, as `scipy.ndimage.zoom(order=1)` (the release)."""
+    coords = np.linspace(0.0, n_in - 1.0, n_out)
+    weights = np.zeros((n_out, n_in))
+    if n_in == 1:
+        weights[:, 0] = 1.0
+        return weights
+    low = np.minimum(np.floor(coords).astype(int), n_in - 2)
+    frac = coords - low
+    rows = np.arange(n_out)
+    weights[rows, low] = 1.0 - frac
+    weights[rows, low + 1] += frac
+    return weights
+
+
+def _cubic_kernel(x: np.ndarray, a: float = -0.5) -> np.ndarray:
+    x = np.abs(x)
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return np.where(x <= 1, near, np.where(x < 2, far, 0.0))
+
+
+def _cubic_weights(n_in: int, n_out: int) -> np.ndarray:
+    """Keys bicubic (a=-0.5), half-pixel centres, antialiased when shrinking, renormalised
+    at the borders: the same as `jax.image.resize(..., 'bicubic')` and PIL/timm."""
+    scale = n_out / n_in
+    kernel_scale = max(1.0 / scale, 1.0)
+    centres = (np.arange(n_out) + 0.5) / scale - 0.5
+    weights = _cubic_kernel((np.arange(n_in)[None, :] - centres[:, None]) / kernel_scale)
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def resize_posemb(
+    posemb: np.ndarray,
+    new_grid: tuple[int, int],
+    *,
+    num_prefix_tokens: int = 1,
+    old_grid: tuple[int, int] | None = None,
+    method: str = "bilinear",
+) -> np.ndarray:
+    """Resizes a (1, prefix + gh*gw, D) position embedding to `new_grid`, prefix kept as is.
+
+    `method='bilinear'` is what the ViT release and big_vision did (`scipy.ndimage.zoom`,
+    order 1, corner-aligned); `'bicubic'` is timm's choice (half-pixel, antialiased). The old
+    grid defaults to a square. Resizing to the same grid returns the input unchanged.
+    """
+    if method not in INTERPOLATIONS:
+        raise ValueError(f"unknown posemb interpolation {method!r}; valid: {list(INTERPOLATIONS)}")
+    posemb = np.asarray(posemb)
+    if posemb.ndim != 3 or posemb.shape[0] != 1:
+        raise ValueError(f"expected a position embedding of shape (1, N, D), got {posemb.shape}")
+    prefix, grid = posemb[:, :num_prefix_tokens], posemb[0, num_prefix_tokens:]
+    if old_grid is None:
+        side = math.isqrt(grid.shape[0])
+        if side * side != grid.shape[0]:
+            raise ValueError(
+                f"cannot infer the grid of a position embedding with {grid.shape[0]} patch "
+                f"tokens (not a square); pass old_grid"
+            )
+        old_grid = (side, side)
+    old_grid, new_grid = tuple(old_grid), tuple(new_grid)
+    if old_grid[0] * old_grid[1] != grid.shape[0]:
+        raise ValueError(f"old_grid {old_grid} does not match {grid.shape[0]} patch tokens")
+    if old_grid == new_grid:
+        return posemb
+    weights = _linear_weights if method == "bilinear" else _cubic_weights
+    rows = weights(old_grid[0], new_grid[0])
+    cols = weights(old_grid[1], new_grid[1])
+    grid = grid.reshape(*old_grid, -1).astype(np.float64)
+    resized = np.einsum("ph,qw,hwd->pqd", rows, cols, grid).astype(posemb.dtype)
+    return np.concatenate([prefix, resized.reshape(1, new_grid[0] * new_grid[1], -1)], axis=1)
+
+
+def _model_grid(model: Any, num_tokens: int) -> tuple[tuple[int, int], int]:
+    """The model's patch grid and its number of prefix (class) tokens in the posemb."""
+    grid = getattr(model, "grid", None)
+    if grid is None:
+        side = math.isqrt(num_tokens)
+        prefix = num_tokens - side * side
+        if prefix not in (0, 1):
+            side = math.isqrt(num_tokens - 1)
+            prefix = 1
+        grid = (side, side)
+    grid = (int(grid[0]), int(grid[1]))
+    return grid, num_tokens - grid[0] * grid[1]
+
+
+def _adapt_posemb(
+    value: np.ndarray,
+    model_shape: tuple[int, ...],
+    model: Any,
+    *,
+    big_vision_key: bool,
+    method: str,
+) -> tuple[np.ndarray, str | None] | None:
+    """Converts a file position embedding to the model's shape; None when it cannot."""
+    if value.ndim != 3 or len(model_shape) != 3 or value.shape[::2] != model_shape[::2]:
+        return None
+    grid, model_prefix = _model_grid(model, model_shape[1])
+    grid_tokens = grid[0] * grid[1]
+    n_file = value.shape[1]
+    # big_vision keeps no class slot (its posemb is added before the class token is joined).
+    order = (0, 1) if big_vision_key else (model_prefix, 1 - model_prefix)
+    file_prefix, old_grid = None, None
+    for prefix in order:
+        if n_file - prefix == grid_tokens:
+            file_prefix, old_grid = prefix, grid
+            break
+    if file_prefix is None:
+        for prefix in order:
+            side = math.isqrt(max(n_file - prefix, 0))
+            if side > 0 and side * side == n_file - prefix:
+                file_prefix, old_grid = prefix, (side, side)
+                break
+    if file_prefix is None:
+        return None
+    note = None
+    if old_grid != grid:
+        value = resize_posemb(
+            value, grid, num_prefix_tokens=file_prefix, old_grid=old_grid, method=method
+        )
+        note = f"resized {old_grid[0]}x{old_grid[1]} -> {grid[0]}x{grid[1]} ({method})"
+    if file_prefix < model_prefix:
+        # big_vision folded the class slot into `cls`: an all-zero slot keeps the sum.
+        value = np.concatenate([np.zeros_like(value[:, :1]), value], axis=1)
+    elif file_prefix > model_prefix:
+        value = value[:, file_prefix - model_prefix :]
+    return value, note
+
+
+# --- the model's side ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slot:
+    """One file array a parameter needs: the whole parameter, or one layer of a stacked one."""
+
+    path: str
+    layer: int | None
+    shape: tuple[int, ...]
+
+
+def _params(model: nnx.Module) -> dict[str, nnx.Variable]:
+    state = nnx.state(model, nnx.Param)
+    return {"/".join(str(k) for k in path): var for path, var in nnx.to_flat_state(state)}
+
+
+def _layout_names(model: nnx.Module) -> dict[str, dict[str, str]]:
+    """`model.npz_names(layout)` for every layout the model supports."""
+    names = {}
+    for layout in LAYOUTS:
+        try:
+            names[layout] = model.npz_names(layout)
+        except ValueError:
+            continue
+    if not names:
+        raise ValueError(f"{type(model).__name__} supports none of the npz layouts {LAYOUTS}")
+    return names
+
+
+def _slots(names: Mapping[str, str], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, _Slot]:
+    """File key -> slot, with scanned parameters (`{i}` in the name) split into layers."""
+    slots = {}
+    for path, template in names.items():
+        shape = shapes[path]
+        if "{i}" in template:
+            for layer in range(shape[0]):
+                slots[template.replace("{i}", str(layer))] = _Slot(path, layer, shape[1:])
+        else:
+            slots[template] = _Slot(path, None, shape)
+    return slots
+
+
+def _unstack(
+    weights: dict[str, np.ndarray], known: set[str]
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Splits stacked file arrays (`.../encoderblock/...`, leading layer axis) into per-layer
+    keys (`.../encoderblock_3/...`) when the model knows such per-layer names."""
+    out: dict[str, np.ndarray] = {}
+    sources: dict[str, str] = {}
+    for key, value in weights.items():
+        if key in known or value.ndim == 0:
+            out[key] = value
+            continue
+        parts = key.split("/")
+        for j in range(len(parts)):
+            template = parts[:j] + [parts[j] + "_{n}"] + parts[j + 1 :]
+            if "/".join(template).replace("{n}", "0") in known:
+                for n in range(value.shape[0]):
+                    layer_key = "/".join(template).replace("{n}", str(n))
+                    out[layer_key] = value[n]
+                    sources[layer_key] = f"{key}[{n}]"
+                break
+        else:
+            out[key] = value
+    return out, sources
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def load_npz(
+    model: nnx.Module,
+    path: str | os.PathLike,
+    *,
+    head: str = "auto",
+    pre_logits: str = "auto",
+    posemb_interpolation: str = "bilinear",
+    strict: bool = True,
+) -> LoadReport:
+    """Loads a public-layout `.npz` into `model` in place and returns a `LoadReport`.
+
+    head: 'auto' keeps the file's head when its shape fits and otherwise starts a new one
+      (zero kernel, bias = the model's `head_bias_init`); 'keep' demands the file's head;
+      'replace' always starts a new one; 'drop' ignores the file's head.
+    pre_logits: 'auto' drops the file's layer when the model has none and loads it otherwise;
+      'keep' demands it; 'drop' ignores it (a model that has one keeps its initialisation).
+    posemb_interpolation: how a position embedding of another grid is resized.
+    strict: raise one `CheckpointMismatchError` listing every missing, unexpected and
+      mismatched key (the model is left untouched); False loads what fits and reports the rest.
+    """
+    if head not in HEAD_POLICIES:
+        raise ValueError(f"unknown head policy {head!r}; valid: {list(HEAD_POLICIES)}")
+    if pre_logits not in PRE_LOGITS_POLICIES:
+        raise ValueError(f"unknown pre_logits policy {pre_logits!r}; valid: {PRE_LOGITS_POLICIES}")
+    if posemb_interpolation not in INTERPOLATIONS:
+        raise ValueError(
+            f"unknown posemb_interpolation {posemb_interpolation!r}; valid: {list(INTERPOLATIONS)}"
+        )
+    path = os.fspath(path)
+    weights, prefix, ignored = _strip_prefix(read_npz(path))
+
+    params = _params(model)
+    shapes = {p: tuple(v[...].shape) for p, v in params.items()}
+    slots_by_layout = {
+        layout: _slots(names, shapes) for layout, names in _layout_names(model).items()
+    }
+    known = set().union(*slots_by_layout.values())
+    weights, sources = _unstack(weights, known)
+    layout = max(slots_by_layout, key=lambda name: len(slots_by_layout[name].keys() & weights))
+    # Each parameter slot may come under any layout's name; the detected layout's wins.
+    aliases: dict[_Slot, list[str]] = {}
+    for name in [layout, *(n for n in slots_by_layout if n != layout)]:
+        for key, slot in slots_by_layout[name].items():
+            aliases.setdefault(slot, [])
+            if key not in aliases[slot]:
+                aliases[slot].append(key)
+    for keys in aliases.values():
+        if any(k.rsplit("/", 1)[-1] == POSEMB_LEAF for k in keys):
+            keys.extend(k for k in LEGACY_POSEMB_KEYS if k not in keys)
+
+    report = LoadReport(path=path, layout=layout, prefix=prefix, ignored=ignored)
+    primary = {slot: keys[0] for slot, keys in aliases.items()}
+    actions = {
+        "head/": _head_action(head, primary, aliases, weights),
+        "pre_logits/": _pre_logits_action(pre_logits, primary),
+    }
+    report.head = _describe("head/", actions["head/"], primary, weights)
+    report.pre_logits = _describe("pre_logits/", actions["pre_logits/"], primary, weights)
+
+    consumed: set[str] = set()
+    values: dict[_Slot, np.ndarray] = {}
+    for slot, keys in aliases.items():
+        group = next((g for g in actions if keys[0].startswith(g)), None)
+        if group is not None and actions[group] != "load":
+            continue
+        key = next((k for k in keys if k in weights), None)
+        if key is None:
+            report.missing.append(primary[slot])
+            continue
+        consumed.add(key)
+        value = weights[key]
+        if key.rsplit("/", 1)[-1] == POSEMB_LEAF and value.shape != slot.shape:
+            adapted = _adapt_posemb(
+                value,
+                slot.shape,
+                model,
+                big_vision_key=key == POSEMB_LEAF,
+                method=posemb_interpolation,
+            )
+            if adapted is not None:
+                value, report.posemb = adapted
+        if value.shape != slot.shape:
+            report.mismatched.append((sources.get(key, key), value.shape, slot.shape))
+            continue
+        values[slot] = value
+
+    file_shapes = {}
+    for key in sorted(set(weights) - consumed):
+        group = next((g for g in actions if key.startswith(g)), None)
+        if group is not None and actions[group] != "load":
+            report.dropped.append(key)
+        else:
+            report.unexpected.append(sources.get(key, key))
+            file_shapes[sources.get(key, key)] = weights[key].shape
+
+    if strict and (report.missing or report.unexpected or report.mismatched):
+        message = _mismatch_message(
+            report, slots_by_layout[layout], file_shapes, set(weights), head
+        )
+        raise CheckpointMismatchError(
+            message,
+            missing=report.missing,
+            unexpected=report.unexpected,
+            mismatched=report.mismatched,
+        )
+
+    by_path: dict[str, dict[int | None, np.ndarray]] = {}
+    for slot, value in values.items():
+        by_path.setdefault(slot.path, {})[slot.layer] = value
+    for param_path, layers in by_path.items():
+        shape = shapes[param_path]
+        if None in layers:
+            full = layers[None]
+        elif len(layers) == shape[0]:
+            full = np.stack([layers[n] for n in range(shape[0])])
+        else:
+            continue  # some layers missing (strict=False): keep the model's own values
+        _assign(params[param_path], full)
+        report.loaded.append(param_path)
+    if actions["head/"] == "replace":
+        _reset_head(model, params, primary)
+    return report
+
+
+def _head_action(
+    policy: str,
+    primary: Mapping[_Slot, str],
+    aliases: Mapping[_Slot, list[str]],
+    weights: Mapping[str, np.ndarray],
+) -> str:
+    model_has = any(k.startswith("head/") for k in primary.values())
+    if not model_has:
+        return "load" if policy == "keep" else "drop"  # 'keep': the file's head is unexpected
+    if policy == "auto":
+        fits = all(
+            any(k in weights and weights[k].shape == slot.shape for k in aliases[slot])
+            for slot, key in primary.items()
+            if key.startswith("head/")
+        )
+        return "load" if fits else "replace"
+    return {"keep": "load", "replace": "replace", "drop": "drop"}[policy]
+
+
+def _pre_logits_action(policy: str, primary: Mapping[_Slot, str]) -> str:
+    if policy == "auto":
+        return "load" if any(k.startswith("pre_logits/") for k in primary.values()) else "drop"
+    return "load" if policy == "keep" else "drop"
+
+
+def _describe(group: str, action: str, primary: Mapping[_Slot, str], weights) -> str:
+    model_has = any(k.startswith(group) for k in primary.values())
+    file_has = any(k.startswith(group) for k in weights)
+    if action == "load":
+        return "loaded" if model_has else "absent"
+    if action == "replace":
+        return "replaced"
+    return "dropped" if file_has or model_has else "absent"
+
+
+def _assign(var: nnx.Variable, value: np.ndarray) -> None:
+    old = var[...]
+    new = jnp.asarray(value, dtype=old.dtype)
+    if isinstance(old, jax.Array):
+        new = jax.device_put(new, old.sharding)
+    var.set_value(new)
+
+
+def _reset_head(model: nnx.Module, params: Mapping[str, nnx.Variable], primary) -> None:
+    """A fresh head: zero kernel, bias filled with the model's `head_bias_init`."""
+    bias_init = float(getattr(model, "head_bias_init", 0.0))
+    for slot, key in primary.items():
+        if key.startswith("head/"):
+            var = params[slot.path]
+            fill = bias_init if key.endswith("/bias") else 0.0
+            _assign(var, np.full(var[...].shape, fill, np.float32))
+
+
+def _block_counts(keys) -> dict[str, int]:
+    counts: dict[str, set[int]] = {}
+    for key in keys:
+        match = re.match(r"^(.*?)_(\d+)/", key)
+        if match and ("block" in match.group(1).lower()):
+            counts.setdefault(match.group(1), set()).add(int(match.group(2)))
+    return {name: len(indices) for name, indices in counts.items()}
+
+
+def _mismatch_message(
+    report: LoadReport,
+    slots: Mapping[str, _Slot],
+    file_shapes: Mapping[str, tuple[int, ...]],
+    file_keys: set[str],
+    head: str,
+) -> str:
+    lines = [f"checkpoint {report.path!r} ({report.layout} layout) does not fit the model:"]
+    if report.missing:
+        lines.append(f"  {len(report.missing)} missing (the model has them, the file does not):")
+        lines += [f"    {k}  model {slots[k].shape if k in slots else '?'}" for k in report.missing]
+    if report.unexpected:
+        lines.append(f"  {len(report.unexpected)} unexpected (in the file, not in the model):")
+        lines += [f"    {k}  file {file_shapes[k]}" for k in report.unexpected]
+    if report.mismatched:
+        lines.append(f"  {len(report.mismatched)} with mismatched shapes:")
+        lines += [f"    {k}  file {a} vs model {b}" for k, a, b in report.mismatched]
+    hints = []
+    problem_keys = report.missing + report.unexpected + [k for k, _, _ in report.mismatched]
+    if any(k.startswith("head/") for k in problem_keys):
+        if head == "keep":
+            hints.append(
+                "head: the file's head does not fit the model's; head='replace' (or 'auto') "
+                "starts a new zero-initialised head, head='drop' ignores the file's"
+            )
+    if any(k.startswith("pre_logits/") for k in problem_keys):
+        hints.append(
+            "pre_logits: pre_logits='drop' ignores the file's layer (a model with one keeps its "
+            "own initialisation); build the model with representation_size matching the file "
+            "to load it"
+        )
+    if any(k.rsplit("/", 1)[-1] == POSEMB_LEAF for k, _, _ in report.mismatched):
+        hints.append(
+            "position embedding: its grid could not be mapped onto the model's (only square "
+            "file grids are resized; widths must agree)"
+        )
+    file_blocks = _block_counts(file_keys)
+    model_blocks = _block_counts(slots)
+    for name, count in model_blocks.items():
+        if file_blocks.get(name, count) != count:
+            hints.append(f"depth: the file has {file_blocks[name]} {name}s, the model {count}")
+    hints.append("strict=False loads whatever fits and reports the rest")
+    lines.append("hints:")
+    lines += [f"  - {h}" for h in hints]
+    return "\n".join(lines)
+
+
+# --- saving ----------------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> np.ndarray:
+    value = np.asarray(jax.device_get(value))
+    if value.dtype.kind == "f" and value.dtype not in (np.float16, np.float32, np.float64):
+        value = value.astype(np.float32)  # bfloat16 and friends are not plain numpy dtypes
+    return value
+
+
+def npz_arrays(model: nnx.Module, *, layout: str = "original") -> dict[str, np.ndarray]:
+    """The model's parameters as `{npz key: array}` in the given public layout.
+
+    The original layout always has one key per layer. The big_vision layout stacks the
+    blocks of a scanned model under `.../encoderblock/...` (as big_vision's scanned models
+    do), keeps the position embedding without the class slot and folds that slot into `cls`.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown npz layout {layout!r}; valid: {list(LAYOUTS)}")
+    params = _params(model)
+    arrays: dict[str, np.ndarray] = {}
+    for path, template in model.npz_names(layout).items():
+        value = _plain(params[path][...])
+        if "{i}" not in template:
+            arrays[template] = value
+        elif layout == "big_vision" and "_{i}" in template:
+            arrays[template.replace("_{i}", "")] = value
+        else:
+            for layer in range(value.shape[0]):
+                arrays[template.replace("{i}", str(layer))] = value[layer]
+    posemb = arrays.get(POSEMB_LEAF)
+    if layout == "big_vision" and posemb is not None and "cls" in arrays:
+        _, prefix = _model_grid(model, posemb.shape[1])
+        if prefix == 1:
+            arrays["cls"] = arrays["cls"] + posemb[:, :1]
+            arrays[POSEMB_LEAF] = posemb[:, 1:]
+    return arrays
+
+
+def save_npz(model: nnx.Module, path: str | os.PathLike, *, layout: str = "original") -> None:
+    """Writes the model's parameters as a public-layout `.npz` (plain float arrays).
+
+    The file is written to a temporary file in the same directory and renamed into place, so
+    a crash never leaves a half-written checkpoint at `path`.
+    """
+    write_npz(path, npz_arrays(model, layout=layout))
+
+
+def write_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
+    """Atomically writes `{key: array}` as an uncompressed `.npz` (no pickles)."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED) as archive:
+                for key, value in arrays.items():
+                    with archive.open(f"{key}.npy", mode="w", force_zip64=True) as member:
+                        np.lib.format.write_array(
+                            member, np.ascontiguousarray(value), allow_pickle=False
+                        )
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

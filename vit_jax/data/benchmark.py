@@ -1,0 +1,117 @@
+"""Measures train-pipeline throughput in images/s and prints it as JSON.
+
+    python -m vit_jax.data.benchmark --config PRESET_OR_FILE [--batch_size 256]
+        [--num_batches 40] [--compare_bare]
+
+``--config`` is a preset name (``digits``, ``folder:/data/x``, ...), a ``.py`` file whose
+``get_config()`` returns a data config (or a config with a ``data`` field), or
+``sample_photos``: a temporary folder of natural 500x375 JPEGs (see ``sample_photos.py``)
+read with ``decode_jpeg_and_inception_crop(224)|flip_lr|value_range(-1, 1)|onehot(...)``.
+``--compare_bare`` also times the same chain written as bare TensorFlow ops in one plain
+tf.data map over the same files (folder sources only) and reports the ratio.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+
+import ml_collections
+
+from vit_jax.data import pipeline, presets
+from vit_jax.data._tf import tf
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """A data config from a preset name or a Python config file."""
+    if spec.endswith(".py") and os.path.exists(spec):
+        module_spec = importlib.util.spec_from_file_location("benchmark_config", spec)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        cfg = module.get_config()
+        return cfg.data if "data" in cfg else cfg
+    return presets.get_data_config(spec)
+
+
+def _time(batches: Iterator, batch_size: int, num_batches: int, warmup: int) -> float:
+    for _ in range(warmup):
+        next(batches)
+    start = time.perf_counter()
+    for _ in range(num_batches):
+        next(batches)
+    return batch_size * num_batches / (time.perf_counter() - start)
+
+
+def bare_dataset(paths: Sequence[str], batch_size: int, size: int = 224) -> tf.data.Dataset:
+    """decode + inception crop + flip + value range as bare TF ops in one tf.data map."""
+
+    def fn(path):
+        data = tf.io.read_file(path)
+        begin, crop, _ = tf.image.sample_distorted_bounding_box(
+            tf.io.extract_jpeg_shape(data), tf.zeros([1, 0, 4]), min_object_covered=0.0,
+            aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.05, 1.0),
+            use_image_if_no_bounding_boxes=True)
+        window = tf.concat([begin[:2], crop[:2]], 0)
+        image = tf.image.decode_and_crop_jpeg(data, window, channels=3)
+        image = tf.image.resize(image, (size, size))
+        image = tf.image.random_flip_left_right(image)
+        return image * (2.0 / 255.0) - 1.0
+
+    ds = tf.data.Dataset.from_tensor_slices(list(paths)).shuffle(len(paths)).repeat()
+    ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def run(cfg: ml_collections.ConfigDict, *, batch_size: int, num_batches: int, warmup: int,
+        compare_bare: bool) -> dict:
+    """Times the train pipeline (and optionally the bare chain); returns the figures."""
+    batches = pipeline.train_batches(cfg, global_batch_size=batch_size, seed=0,
+                                     process_index=0, process_count=1)
+    result = {"config": cfg.name, "pp": pipeline.format_pp(cfg.train.pp, cfg),
+              "batch_size": batch_size, "num_batches": num_batches,
+              "images_per_s": round(_time(batches, batch_size, num_batches, warmup), 1)}
+    del batches
+    if compare_bare:
+        if cfg.train.source != "folder":
+            raise SystemExit("--compare_bare needs a folder source (e.g. --config sample_photos)")
+        from vit_jax.data.sources import folder
+
+        paths = folder.scan_split(cfg.train.data_dir or cfg.train.name, cfg.train.split).paths
+        bare = bare_dataset(paths, batch_size, cfg.image_size).as_numpy_iterator()
+        result["bare_images_per_s"] = round(_time(bare, batch_size, num_batches, warmup), 1)
+        result["ratio"] = round(result["images_per_s"] / result["bare_images_per_s"], 3)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--num_batches", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--num_photos", type=int, default=512,
+                        help="images written for --config sample_photos")
+    parser.add_argument("--compare_bare", action="store_true")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.config == "sample_photos":
+            from vit_jax.data.sample_photos import write_photo_folder
+
+            write_photo_folder(tmp, num_images=args.num_photos)
+            cfg = presets.get_data_config(f"folder:{tmp}")
+            cfg.name = "sample_photos"
+        else:
+            cfg = load_config(args.config)
+        result = run(cfg, batch_size=args.batch_size, num_batches=args.num_batches,
+                     warmup=args.warmup, compare_bare=args.compare_bare)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Writes JFT-like multi-label TFRecord shards plus their JSON metadata.
+
+    python -m vit_jax.data.write_shards --input DIR_OR_CSV --output OUT --num_shards N \
+        [--split train] [--num_classes C] [--seed 0]
+
+Input is either a folder ``<class>/*.{jpg,jpeg,png}`` (one label per image, classes in
+sorted order) or a CSV of ``path,labels`` rows with space-separated label ids
+(``img/1.jpg,3 17 42``; relative paths are relative to the CSV; a header row is skipped).
+Examples are shuffled with ``--seed`` before sharding so every shard mixes all classes.
+The record schema and metadata layout are documented in ``vit_jax.data.sources.jft``.
+"""
+
+import argparse
+import csv
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+from vit_jax.data.sources.folder import EXTENSIONS
+
+Example = tuple[str, list[int]]
+
+
+def read_folder(root: str) -> tuple[list[Example], list[str]]:
+    """(path, [label]) for every image of a ``<class>/*`` folder, and the class names."""
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not classes:
+        raise ValueError(f"no class folders in {root!r}; expected {root}/<class>/*.jpg")
+    examples = []
+    for i, cls in enumerate(classes):
+        for fname in sorted(os.listdir(os.path.join(root, cls))):
+            if fname.lower().endswith(EXTENSIONS):
+                examples.append((os.path.join(root, cls, fname), [i]))
+    return examples, classes
+
+
+def read_csv(path: str) -> list[Example]:
+    """(path, labels) rows of a CSV ``path,labels`` file (labels space-separated ints)."""
+    base = os.path.dirname(os.path.abspath(path))
+    examples = []
+    with open(path, newline="") as f:
+        for row_no, row in enumerate(csv.reader(f)):
+            if not row or not row[0].strip():
+                continue
+            if len(row) < 2:
+                raise ValueError(f"{path}:{row_no + 1}: expected 'path,labels', got {row!r}")
+            try:
+                labels = [int(x) for x in row[1].split()]
+            except ValueError:
+                if row_no == 0:
+                    continue  # Header.
+                raise ValueError(f"{path}:{row_no + 1}: labels must be ints: {row[1]!r}") from None
+            image = row[0].strip()
+            examples.append((image if os.path.isabs(image) else os.path.join(base, image), labels))
+    return examples
+
+
+def _example(image: bytes, labels: list[int], image_id: str) -> bytes:
+    from vit_jax.data._tf import tf
+
+    feature = {
+        "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
+        "image/labels": tf.train.Feature(int64_list=tf.train.Int64List(value=labels)),
+        "image/id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image_id.encode()])),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def write_shards(examples: Sequence[Example], output: str, num_shards: int, *,
+                 split: str = "train", num_classes: int | None = None,
+                 class_names: Sequence[str] | None = None, seed: int = 0) -> dict:
+    """Writes ``output/<split>-XXXXX-of-YYYYY.tfrecord`` files and ``output/<split>.json``."""
+    from vit_jax.data._tf import tf
+
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    if not examples:
+        raise ValueError("no examples to write")
+    top = max((max(labels) for _, labels in examples if labels), default=-1)
+    if num_classes is None:
+        num_classes = top + 1
+    bad = [(p, ls) for p, ls in examples if any(not 0 <= x < num_classes for x in ls)]
+    if bad:
+        raise ValueError(f"{len(bad)} example(s) have labels outside [0, {num_classes}), "
+                         f"e.g. {bad[0]}; pass --num_classes or fix the labels")
+    os.makedirs(output, exist_ok=True)
+    order = np.random.default_rng(seed).permutation(len(examples))
+    shards = []
+    for k, part in enumerate(np.array_split(order, num_shards)):
+        fname = f"{split}-{k:05d}-of-{num_shards:05d}.tfrecord"
+        with tf.io.TFRecordWriter(os.path.join(output, fname)) as writer:
+            for i in part:
+                path, labels = examples[i]
+                with open(path, "rb") as f:
+                    writer.write(_example(f.read(), list(labels), os.path.basename(path)))
+        shards.append({"file": fname, "num_examples": int(len(part))})
+    meta = {"split": split, "num_classes": int(num_classes), "num_examples": len(examples),
+            "shards": shards}
+    if class_names is not None:
+        meta["class_names"] = list(class_names)
+    with open(os.path.join(output, f"{split}.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    return meta
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", required=True, help="folder <class>/*.jpg or CSV path,labels")
+    parser.add_argument("--output", required=True, help="output folder")
+    parser.add_argument("--num_shards", type=int, default=1)
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--num_classes", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    names = None
+    if os.path.isdir(args.input):
+        examples, names = read_folder(args.input)
+    else:
+        examples = read_csv(args.input)
+    meta = write_shards(examples, args.output, args.num_shards, split=args.split,
+                        num_classes=args.num_classes, class_names=names, seed=args.seed)
+    print(json.dumps({k: meta[k] for k in ("split", "num_classes", "num_examples")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
