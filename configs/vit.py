@@ -95,7 +95,7 @@ def demo_config() -> ml_collections.ConfigDict:
     config.data = data.get_data_config("digits", image_size=16)
     config.batch_size = 128
     config.eval_batch_size = 512
-    config.total_steps = 1500
+    config.total_steps = 1000
     config.optim.update(name="adamw", weight_decay=1e-4, clip_global_norm=1.0)
     config.schedule.update(base_lr=2e-3, warmup_steps=100, decay="cosine")
     config.mesh.update(data=-1)

@@ -147,3 +147,19 @@ def test_num_classes_and_examples():
     assert data.num_examples(cfg) == round(0.1 * (1797 - data.num_examples(cfg, "test")))
     with pytest.raises(KeyError, match="unknown split"):
         data.num_examples(cfg, "nope")
+
+
+def test_label_outside_class_range_fails_with_clear_message():
+    import tensorflow as tf
+
+    cfg = data.get_data_config("digits", num_classes=5)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="label out of range.*num_classes"):
+        for _ in data.eval_batches(cfg, "test", global_batch_size=64, process_index=0,
+                                   process_count=1):
+            pass
+
+
+def test_bad_pp_in_config_names_the_op():
+    cfg = data.get_data_config("digits", train={"pp": "decode|sharpen(2)|onehot(10)"})
+    with pytest.raises(data.PPError, match="unknown pp op 'sharpen'.*flip_lr"):
+        data.train_batches(cfg, global_batch_size=8, seed=0, process_index=0, process_count=1)

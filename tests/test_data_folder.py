@@ -91,6 +91,10 @@ def test_bad_files_are_counted_skipped_and_named_once(root):
         batches = data.train_batches(cfg, global_batch_size=12, seed=0, process_index=0,
                                      process_count=1)
         batch = next(batches)
+        list(data.eval_batches(cfg, "holdout_2024", global_batch_size=4, process_index=0,
+                               process_count=1))
+        next(data.train_batches(cfg, global_batch_size=12, seed=1, process_index=0,
+                                process_count=1))
     assert len(record) == 1
     message = str(record[0].message)
     assert message.startswith("skipped 4 bad image file(s)")

@@ -203,3 +203,13 @@ def test_randaug_geometric_ops_move_pixels():
         out = randaug.apply_op(img, randaug.OP_NAMES.index(name), tf.constant(1.0)).numpy()
         assert not np.array_equal(out, img.numpy()), name
         assert (out == 128).any(), name  # Pixels moved in from outside are grey.
+
+
+def test_randaug_equalize_matches_pil():
+    from PIL import Image, ImageOps
+
+    img = pattern(20, 30, 11) // 3 + 40  # Narrow histogram so equalizing changes it.
+    want = np.asarray(ImageOps.equalize(Image.fromarray(img)))
+    got = randaug.apply_op(tf.cast(tf.constant(img), tf.float32),
+                           randaug.OP_NAMES.index("equalize"), tf.constant(1.0)).numpy()
+    np.testing.assert_array_equal(got.astype(np.uint8), want)

@@ -28,6 +28,7 @@ PARAM_COUNTS = {
 GAP_PARAM_COUNTS = {"ViT-S/16": 22_049_896, "ViT-B/16": 86_566_120}
 
 TINY = dict(width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=8, img_size=32, num_classes=5)
+forward = nnx.jit(lambda model, x: model(x))
 
 
 def count_params(name: str, **overrides) -> int:
@@ -40,7 +41,9 @@ def formula_count(width, depth, mlp_dim, patch, *, img=224, classes=1000, cls=Tr
     tokens = (img // patch) ** 2 + cls
     embed = patch * patch * 3 * width + width
     block = 2 * 2 * width + 4 * (width * width + width) + 2 * width * mlp_dim + mlp_dim + width
-    return embed + cls * width + tokens * width + depth * block + 2 * width + width * classes + classes
+    return (
+        embed + cls * width + tokens * width + depth * block + 2 * width + width * classes + classes
+    )
 
 
 def test_parameter_counts_match_the_release_exactly():
@@ -167,14 +170,16 @@ def test_forward_matches_independent_numpy(tmp_path, images, pool_type, represen
     )
     path = tmp_path / "ref.npz"
     np.savez(path, **w)
-    model = create_model(
-        "ViT-Ti/16", pool_type=pool_type, representation_size=representation, scan=scan, **TINY
+    model = nnx.eval_shape(
+        lambda: create_model(
+            "ViT-Ti/16", pool_type=pool_type, representation_size=representation, scan=scan, **TINY
+        )
     )
     report = load_npz(model, path)
     assert report.layout == "original" and report.head == "loaded"
     assert report.pre_logits == ("loaded" if representation else "absent")
     expected = np_vit(w, images, patch=8, depth=2, tok=tok, representation=bool(representation))
-    got = np.asarray(model(jnp.asarray(images)))
+    got = np.asarray(forward(model, jnp.asarray(images)))
     assert np.abs(expected).max() > 0.1  # not trivially small
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -185,19 +190,21 @@ def tiny_pair(tmp_path_factory):
     cfg = dict(width=32, depth=2, mlp_dim=64, num_heads=2, patch=8, grid=4, classes=5)
     path = tmp_path_factory.mktemp("pair") / "w.npz"
     np.savez(path, **random_public_weights(np.random.default_rng(2), **cfg))
-    unrolled = create_model("ViT-Ti/16", seed=1, **TINY)
-    scanned = create_model("ViT-Ti/16", seed=2, scan=True, **TINY)
+    unrolled = nnx.eval_shape(lambda: create_model("ViT-Ti/16", **TINY))
+    scanned = nnx.eval_shape(lambda: create_model("ViT-Ti/16", scan=True, **TINY))
     load_npz(unrolled, path)
     load_npz(scanned, path)
-    return unrolled, scanned
+    return unrolled, scanned, path
 
 
 def test_scan_and_unrolled_agree(tiny_pair, images):
-    unrolled, scanned = tiny_pair
+    unrolled, scanned, _ = tiny_pair
     x = jnp.asarray(images)
-    np.testing.assert_allclose(np.asarray(unrolled(x)), np.asarray(scanned(x)), atol=1e-6)
-    fu = unrolled.forward_features(x, return_intermediates=True, return_attention=True)
-    fs = scanned.forward_features(x, return_intermediates=True, return_attention=True)
+    np.testing.assert_allclose(forward(unrolled, x), forward(scanned, x), atol=1e-6)
+    features = nnx.jit(
+        lambda model, x: model.forward_features(x, return_intermediates=True, return_attention=True)
+    )
+    fu, fs = features(unrolled, x), features(scanned, x)
     b, n, d, depth, heads = 2, 17, 32, 2, 2
     for f in (fu, fs):
         assert f["tokens"].shape == (b, n, d)
@@ -222,17 +229,19 @@ def test_scan_and_unrolled_agree(tiny_pair, images):
 
 
 @pytest.mark.parametrize("scan", [False, True])
-def test_dropout_and_drop_path_only_in_training(images, scan):
-    model = create_model(
-        "ViT-Ti/16", dropout=0.2, drop_path=0.3, head_zero_init=False, scan=scan, **TINY
+def test_dropout_and_drop_path_only_in_training(tiny_pair, images, scan):
+    model = nnx.eval_shape(
+        lambda: create_model("ViT-Ti/16", dropout=0.2, drop_path=0.3, scan=scan, **TINY)
     )
+    load_npz(model, tiny_pair[2])
+    run = nnx.jit(lambda model, x, rngs, train: model(x, train=train, rngs=rngs), static_argnums=3)
     x = jnp.asarray(images)
-    eval_a = np.asarray(model(x))
-    eval_b = np.asarray(model(x, train=False, rngs=nnx.Rngs(dropout=5)))
+    eval_a = np.asarray(forward(model, x))
+    eval_b = np.asarray(run(model, x, nnx.Rngs(dropout=5), False))
     np.testing.assert_array_equal(eval_a, eval_b)
-    train_a = np.asarray(model(x, train=True, rngs=nnx.Rngs(dropout=1)))
-    train_a2 = np.asarray(model(x, train=True, rngs=nnx.Rngs(dropout=1)))
-    train_b = np.asarray(model(x, train=True, rngs=nnx.Rngs(dropout=2)))
+    train_a = np.asarray(run(model, x, nnx.Rngs(dropout=1), True))
+    train_a2 = np.asarray(run(model, x, nnx.Rngs(dropout=1), True))
+    train_b = np.asarray(run(model, x, nnx.Rngs(dropout=2), True))
     np.testing.assert_array_equal(train_a, train_a2)
     assert np.abs(train_a - train_b).max() > 1e-4
     assert np.abs(train_a - eval_a).max() > 1e-4
@@ -259,20 +268,16 @@ def test_list_models_has_every_size_and_patch():
     assert list_models("ViT-B/") == sorted(n for n in names if "ViT-B/" in n)
 
 
-def test_bfloat16_compute_close_to_float32(tiny_pair, images, tmp_path):
-    unrolled, _ = tiny_pair
-    from vit_jax.checkpoint import save_npz
-
-    path = tmp_path / "w.npz"
-    save_npz(unrolled, path)
-    model = create_model("ViT-Ti/16", dtype="bfloat16", **TINY)
+def test_bfloat16_compute_close_to_float32(tiny_pair, images):
+    unrolled, _, path = tiny_pair
+    model = nnx.eval_shape(lambda: create_model("ViT-Ti/16", dtype="bfloat16", **TINY))
     load_npz(model, path)
     params = jax.tree.leaves(nnx.state(model, nnx.Param))
     assert all(p.dtype == jnp.float32 for p in params)
     x = jnp.asarray(images)
-    logits = model(x)
+    logits = forward(model, x)
     assert logits.dtype == jnp.bfloat16
-    reference = np.asarray(unrolled(x))
+    reference = np.asarray(forward(unrolled, x))
     got = np.asarray(logits.astype(jnp.float32))
     assert np.all(np.isfinite(got))
     scale = np.abs(reference).max()

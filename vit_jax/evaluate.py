@@ -22,7 +22,7 @@ def classification(
     eval_name: str,
     *,
     batch_size: int,
-    batch_sharding: dict,
+    batch_sharding: jax.sharding.NamedSharding,
 ) -> dict[str, float]:
     """Loss, top-1 and top-5 (precision@1 for multi-label data) over one eval set."""
     totals: dict[str, float] = {}
@@ -49,7 +49,7 @@ def features_and_labels(
     features, labels = [], []
     seen = 0
     for batch in data.eval_batches(data_config, eval_name, global_batch_size=batch_size):
-        image = data.to_global_batch({"image": batch["image"]}, {"image": image_sharding})
+        image = data.to_global_batch({"image": batch["image"]}, image_sharding)
         out = np.asarray(jax.device_get(feature_step(params, image["image"])))
         keep = batch["mask"] > 0
         features.append(out[keep])

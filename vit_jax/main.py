@@ -9,6 +9,7 @@ cluster's environment, e.g. on TPU pods, with --distributed).
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import logging
 import os
 import sys
@@ -16,6 +17,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -63,6 +65,7 @@ def main(argv: list[str]) -> None:
             process_id=FLAGS.process_id,
         )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes
     from vit_jax import train
 
     if FLAGS.workdir is None:
@@ -72,21 +75,23 @@ def main(argv: list[str]) -> None:
         print("final evaluation: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
 
 
-def entry() -> None:
-    """Console entry point: validate overrides early, then hand over to absl."""
-    try:
-        from configs.vit import get_config  # noqa: F401  (config module importable)
-    except ImportError:
-        pass
-    argv = sys.argv
-    config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if config_arg is not None:
-        path, _, arg = config_arg.partition(":")
-        if os.path.basename(path) == "vit.py" and os.path.exists(path):
-            sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(path))))
-            from configs.vit import get_config
+def load_config_file(spec: str):
+    """The config that `--config=path[:arg]` names, loaded the way config_flags does."""
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_vit_jax_config", path)
+    if module_spec is None or not os.path.exists(path):
+        raise SystemExit(f"error: config file {path!r} does not exist")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
 
-            check_overrides(get_config(arg), argv[1:])
+
+def entry() -> None:
+    """Console entry point: refuse unknown config fields in one line, then run absl."""
+    overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
+    if overrides:
+        spec = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), None)
+        check_overrides(load_config_file(spec or "configs/vit.py"), overrides)
     app.run(main)
 
 

@@ -108,7 +108,7 @@ def make_schedule(schedule_config: Any, total_steps: int) -> optax.Schedule:
     if decay not in VALID_DECAYS:
         raise ValueError(f'Unknown schedule decay {decay!r}; valid: {", ".join(VALID_DECAYS)}.')
     if warmup < 0 or warmup > total_steps:
-        raise ValueError(f'warmup_steps={warmup} must be in [0, total_steps={total_steps}].')
+        raise ValueError(f'config.schedule.warmup_steps={warmup} must be in [0, total_steps={total_steps}].')
     if decay == 'rsqrt' and timescale <= 0:
         raise ValueError(f'rsqrt_timescale must be > 0, got {timescale}.')
     decay_steps = max(total_steps - warmup, 1)

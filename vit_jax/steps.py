@@ -114,6 +114,7 @@ class Trainer:
 
         if params is None:
             return jax.jit(lambda: init(None), out_shardings=shardings)()
+        params = jax.device_put(jax.device_get(params), shardings["params"])
         return jax.jit(init, out_shardings=shardings)(params)
 
     # --- steps ---------------------------------------------------------------------------
@@ -159,10 +160,12 @@ class Trainer:
             updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
             params = optax.apply_updates(state["params"], updates)
             new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
+            param_norm = optax.global_norm(params)
             stats = {
                 "loss": loss,
+                "finite": jnp.isfinite(loss) & jnp.isfinite(param_norm),
                 "grad_norm": optax.global_norm(grads),
-                "param_norm": optax.global_norm(params),
+                "param_norm": param_norm,
                 "learning_rate": schedule(state["step"]),
             }
             return new_state, stats

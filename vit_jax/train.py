@@ -49,7 +49,8 @@ def initial_params(trainer: Trainer, config: ml_collections.ConfigDict) -> dict 
     if not path:
         return None
     if path.endswith(".npz"):
-        model = trainer.build_model(config.seed)
+        # An abstract model: the file provides the values, nothing is randomly initialised.
+        model = nnx.eval_shape(lambda: trainer.build_model(config.seed))
         report = load_npz(
             model, path, head=config.init_from.head,
             posemb_interpolation=config.init_from.posemb_interpolation,
@@ -67,8 +68,14 @@ def initial_params(trainer: Trainer, config: ml_collections.ConfigDict) -> dict 
     return state["params"]
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains and evaluates; returns the final evaluation metrics."""
+def run(
+    config: ml_collections.ConfigDict, workdir: str, *, stop_after_step: int | None = None
+) -> dict[str, float]:
+    """Trains and evaluates; returns the final evaluation metrics.
+
+    `stop_after_step` ends the run early, after saving a checkpoint at that step, as a
+    preemption would; running again resumes from there.
+    """
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
     mesh = sharding.make_mesh(config.mesh.to_dict())
@@ -97,7 +104,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         state = trainer.init_state(initial_params(trainer, config))
     start_step = int(jax.device_get(state["step"]))
 
-    batch_sharding = trainer.batch_shardings()
+    data_sharding = sharding.batch_sharding(mesh)
     train_sharding = trainer.batch_shardings_without_mask()
     train_step = trainer.make_train_step()
     eval_step = trainer.make_eval_step()
@@ -113,7 +120,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             config.data, global_batch_size=config.batch_size, seed=config.seed,
             start_step=start_step,
         ),
-        train_sharding,
+        data_sharding,
     )
 
     def run_evals(step: int) -> dict[str, float]:
@@ -121,7 +128,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         for name in config.data.evals:
             values = evaluate.classification(
                 eval_step, state["params"], config.data, name,
-                batch_size=config.eval_batch_size, batch_sharding=batch_sharding,
+                batch_size=config.eval_batch_size, batch_sharding=data_sharding,
             )
             logger.scalars(step, values, prefix=f"{name}/")
             results.update({f"{name}/{k}": v for k, v in values.items()})
@@ -131,7 +138,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             shots = evaluate.fewshot_accuracies(
                 trainer.make_feature_step(), state["params"], config.fewshot,
                 image_size=config.data.image_size, batch_size=config.eval_batch_size,
-                image_sharding=batch_sharding["image"],
+                image_sharding=data_sharding,
             )
             logger.scalars(step, shots, prefix="fewshot/")
             results.update({f"fewshot/{k}": v for k, v in shots.items()})
@@ -147,11 +154,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             profiling = True
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
             state, stats = compiled(state, next(batches))
-        finite = finite & jnp.isfinite(stats["loss"])
+        finite = finite & stats.pop("finite")
         if profiling and step >= config.profile.start_step + config.profile.num_steps:
             jax.profiler.stop_trace()
             profiling = False
-        due_checkpoint = step % config.checkpoint.every_steps == 0 or step == steps
+        stopping = step == stop_after_step
+        due_checkpoint = step % config.checkpoint.every_steps == 0 or step == steps or stopping
         if step % config.log_every_steps == 0 or due_checkpoint or step == steps:
             if not bool(finite):
                 checkpointer.close()
@@ -169,9 +177,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 print(format_line(step, steps, values), flush=True)
         if due_checkpoint:
             checkpointer.save(step, state, {"step": step, "data_position": step},
-                              force=step == steps)
+                              force=step == steps or stopping)
         if step % config.eval_every_steps == 0 or step == steps:
             results = run_evals(step)
+        if stopping:
+            break
     if steps == start_step:
         results = run_evals(steps)
     checkpointer.close()

@@ -1,7 +1,6 @@
 """Checkpoints: orbax training checkpoints (`Checkpointer`) and public-layout `.npz` weights."""
 
 from vit_jax.checkpoint.manager import Checkpointer, abstract_like
-
 from vit_jax.checkpoint.npz import (
     CheckpointError,
     CheckpointMismatchError,

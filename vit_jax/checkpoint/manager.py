@@ -49,7 +49,9 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, record: dict, *, force: bool = False) -> bool:
         """Starts saving (asynchronously); returns whether a save was due and started."""
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record))
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)
+        )
         return self._manager.save(step, args=args, force=force)
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
@@ -60,7 +62,15 @@ class Checkpointer:
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), record=ocp.args.JsonRestore()
         )
-        restored = self._manager.restore(step, args=args)
+        try:
+            restored = self._manager.restore(step, args=args)
+        except ValueError as error:
+            raise ValueError(
+                f"the checkpoint at step {step} in {self.directory} does not match the train "
+                "state this config builds (a different model, optimizer or clipping?). Resume "
+                "with the config that wrote it, or start in a new workdir with "
+                f"config.init_from.path pointing at it. Details: {error}"
+            ) from error
         return restored.state, dict(restored.record)
 
     def wait(self) -> None:

@@ -21,7 +21,7 @@ import os
 import re
 import tempfile
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -110,8 +110,13 @@ class LoadReport:
 # --- reading ---------------------------------------------------------------------------------
 
 
-def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Reads every array of an `.npz` file with pickles refused; clear errors otherwise."""
+def read_npz(
+    path: str | os.PathLike, select: Callable[[list[str]], list[str]] | None = None
+) -> dict[str, np.ndarray]:
+    """Reads the arrays of an `.npz` file with pickles refused; clear errors otherwise.
+
+    `select`, given the archive's keys, picks the ones to read (default: all).
+    """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint file {path!r} does not exist")
@@ -133,7 +138,7 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise CheckpointError(f"{path!r} is not a readable .npz file: {e}") from None
     arrays: dict[str, np.ndarray] = {}
     with archive:
-        for key in archive.files:
+        for key in archive.files if select is None else select(list(archive.files)):
             try:
                 value = archive[key]
             except ValueError as e:
@@ -152,13 +157,9 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _strip_prefix(arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], str, list[str]]:
-    """Finds the weights under a `params/` or `opt/target/` prefix; the rest is ignored."""
-    for prefix in WEIGHT_PREFIXES:
-        inner = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
-        if inner:
-            return inner, prefix, sorted(k for k in arrays if not k.startswith(prefix))
-    return dict(arrays), "", []
+def _weights_prefix(keys: list[str]) -> str:
+    """The prefix (`params/`, `opt/target/` or none) under which a file keeps the weights."""
+    return next((p for p in WEIGHT_PREFIXES if any(k.startswith(p) for k in keys)), "")
 
 
 # --- position embedding ----------------------------------------------------------------------
@@ -384,6 +385,9 @@ def load_npz(
     posemb_interpolation: how a position embedding of another grid is resized.
     strict: raise one `CheckpointMismatchError` listing every missing, unexpected and
       mismatched key (the model is left untouched); False loads what fits and reports the rest.
+
+    `model` may be abstract (`nnx.eval_shape(lambda: create_model(...))`), which skips the
+    random initialisation of a large model; then every parameter must get a value.
     """
     if head not in HEAD_POLICIES:
         raise ValueError(f"unknown head policy {head!r}; valid: {list(HEAD_POLICIES)}")
@@ -394,10 +398,19 @@ def load_npz(
             f"unknown posemb_interpolation {posemb_interpolation!r}; valid: {list(INTERPOLATIONS)}"
         )
     path = os.fspath(path)
-    weights, prefix, ignored = _strip_prefix(read_npz(path))
+    prefix, ignored = "", []
+
+    def select(keys: list[str]) -> list[str]:
+        # Only the weights are read; optimizer state and the like are listed, never loaded.
+        nonlocal prefix, ignored
+        prefix = _weights_prefix(keys)
+        ignored = sorted(k for k in keys if not k.startswith(prefix))
+        return [k for k in keys if k.startswith(prefix)]
+
+    weights = {k[len(prefix) :]: v for k, v in read_npz(path, select).items()}
 
     params = _params(model)
-    shapes = {p: tuple(v[...].shape) for p, v in params.items()}
+    shapes = {p: tuple(v.get_value().shape) for p, v in params.items()}
     slots_by_layout = {
         layout: _slots(names, shapes) for layout, names in _layout_names(model).items()
     }
@@ -474,14 +487,24 @@ def load_npz(
     by_path: dict[str, dict[int | None, np.ndarray]] = {}
     for slot, value in values.items():
         by_path.setdefault(slot.path, {})[slot.layer] = value
+    complete = {}
     for param_path, layers in by_path.items():
-        shape = shapes[param_path]
         if None in layers:
-            full = layers[None]
-        elif len(layers) == shape[0]:
-            full = np.stack([layers[n] for n in range(shape[0])])
-        else:
-            continue  # some layers missing (strict=False): keep the model's own values
+            complete[param_path] = layers[None]
+        elif len(layers) == shapes[param_path][0]:
+            complete[param_path] = np.stack([layers[n] for n in range(len(layers))])
+        # else some layers are missing (strict=False): the model keeps its own values
+    head_paths = {s.path for s, k in primary.items() if k.startswith("head/")}
+    will_set = set(complete) | (head_paths if actions["head/"] == "replace" else set())
+    abstract = sorted(
+        p for p, v in params.items() if isinstance(v.get_value(), jax.ShapeDtypeStruct)
+    )
+    if unset := [p for p in abstract if p not in will_set]:
+        raise CheckpointError(
+            f"the model was built abstractly (nnx.eval_shape) and {path!r} gives no value for "
+            f"{unset}; initialise the model concretely to keep its own values there"
+        )
+    for param_path, full in complete.items():
         _assign(params[param_path], full)
         report.loaded.append(param_path)
     if actions["head/"] == "replace":
@@ -525,10 +548,12 @@ def _describe(group: str, action: str, primary: Mapping[_Slot, str], weights) ->
 
 
 def _assign(var: nnx.Variable, value: np.ndarray) -> None:
-    old = var[...]
+    """Sets a parameter, keeping its dtype and sharding (also into an abstract model)."""
+    old = var.get_value()
     new = jnp.asarray(value, dtype=old.dtype)
-    if isinstance(old, jax.Array):
-        new = jax.device_put(new, old.sharding)
+    sharding = getattr(old, "sharding", None)
+    if sharding is not None:
+        new = jax.device_put(new, sharding)
     var.set_value(new)
 
 
@@ -539,7 +564,7 @@ def _reset_head(model: nnx.Module, params: Mapping[str, nnx.Variable], primary) 
         if key.startswith("head/"):
             var = params[slot.path]
             fill = bias_init if key.endswith("/bias") else 0.0
-            _assign(var, np.full(var[...].shape, fill, np.float32))
+            _assign(var, np.full(var.get_value().shape, fill, np.float32))
 
 
 def _block_counts(keys) -> dict[str, int]:
@@ -573,8 +598,8 @@ def _mismatch_message(
     if any(k.startswith("head/") for k in problem_keys):
         if head == "keep":
             hints.append(
-                "head: the file's head does not fit the model's; head='replace' (or 'auto') "
-                "starts a new zero-initialised head, head='drop' ignores the file's"
+                "head: with head='keep' the file's head must match the model's; head='replace' "
+                "(or 'auto') starts a new zero-initialised head, head='drop' ignores the file's"
             )
     if any(k.startswith("pre_logits/") for k in problem_keys):
         hints.append(
@@ -603,7 +628,8 @@ def _mismatch_message(
 
 def _plain(value: Any) -> np.ndarray:
     value = np.asarray(jax.device_get(value))
-    if value.dtype.kind == "f" and value.dtype not in (np.float16, np.float32, np.float64):
+    plain = (np.float16, np.float32, np.float64)
+    if jnp.issubdtype(value.dtype, jnp.floating) and value.dtype not in plain:
         value = value.astype(np.float32)  # bfloat16 and friends are not plain numpy dtypes
     return value
 
@@ -620,7 +646,10 @@ def npz_arrays(model: nnx.Module, *, layout: str = "original") -> dict[str, np.n
     params = _params(model)
     arrays: dict[str, np.ndarray] = {}
     for path, template in model.npz_names(layout).items():
-        value = _plain(params[path][...])
+        value = params[path].get_value()
+        if isinstance(value, jax.ShapeDtypeStruct):
+            raise ValueError(f"parameter {path!r} has no value (an abstract model); load it first")
+        value = _plain(value)
         if "{i}" not in template:
             arrays[template] = value
         elif layout == "big_vision" and "_{i}" in template:

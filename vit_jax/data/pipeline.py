@@ -106,7 +106,6 @@ def _finish(data: dict) -> dict:
 def _options() -> tf.data.Options:
     options = tf.data.Options()
     options.deterministic = True
-    options.threading.max_intra_op_parallelism = 1
     options.autotune.enabled = True
     return options
 

@@ -67,7 +67,10 @@ def _instantiate(call: OpCall) -> tuple[OpFn, bool]:
     try:
         fn = entry.factory(*call.args, **call.kwargs)
     except (TypeError, ValueError) as e:
-        raise PPError(f"pp op '{call.name}': bad argument: {e}; expected {call.name}{sig}") from e
+        raise PPError(
+            f"pp op '{call.name}': bad argument: {e}; expected {call.name}{sig}; "
+            f"known ops: {', '.join(known_ops())}"
+        ) from e
     return fn, entry.random
 
 

@@ -20,6 +20,7 @@ from vit_jax.data.sources.base import DataError, Records
 
 EXTENSIONS = (".jpg", ".jpeg", ".png")
 _MAX_LISTED = 20
+_warned: set[str] = set()  # Splits whose bad files were already reported in this process.
 
 
 class BadImageWarning(UserWarning):
@@ -127,7 +128,9 @@ def _report_bad(found: FolderSplit, on_bad_image: str, where: str) -> None:
         raise DataError(msg + " (set on_bad_image='skip' to skip them)")
     if on_bad_image != "skip":
         raise DataError(f"on_bad_image must be 'skip' or 'error', got {on_bad_image!r}")
-    warnings.warn(f"skipped {msg}", BadImageWarning, stacklevel=3)
+    if where not in _warned:
+        _warned.add(where)
+        warnings.warn(f"skipped {msg}", BadImageWarning, stacklevel=3)
 
 
 def _select(cfg) -> tuple[np.ndarray, np.ndarray, FolderSplit]:

@@ -63,7 +63,8 @@ def open_split(cfg, process_index: int, process_count: int) -> Records:
     builder = _builder(cfg.name, cfg.data_dir)
     split = _split_for(cfg.split, process_index, process_count)
     decoders = None
-    if isinstance(builder.info.features.get("image"), tfds.features.Image):
+    features = builder.info.features
+    if "image" in features and isinstance(features["image"], tfds.features.Image):
         decoders = {"image": tfds.decode.SkipDecoding()}
     read_config = tfds.ReadConfig(add_tfds_id=False, try_autocache=False)
     try:
@@ -71,7 +72,7 @@ def open_split(cfg, process_index: int, process_count: int) -> Records:
                                 read_config=read_config)
     except (AssertionError, FileNotFoundError, tf.errors.NotFoundError) as e:
         raise _not_prepared(builder, cfg.name, cfg.data_dir, e) from e
-    except ValueError as e:
+    except (ValueError, KeyError) as e:
         raise DataError(f"TFDS dataset {cfg.name!r}: bad split {cfg.split!r}: {e}") from e
     total = _count(builder, cfg.split)
     local = _count(builder, split) if process_count > 1 else total
@@ -88,7 +89,8 @@ def num_examples(cfg) -> int | None:
 
 def num_classes(cfg, key: str = "label") -> int:
     """Class count from the builder's info: ``info.features['label'].num_classes``."""
-    feature = _builder(cfg.name, cfg.data_dir).info.features.get(key)
+    features = _builder(cfg.name, cfg.data_dir).info.features
+    feature = features[key] if key in features else None
     n = getattr(feature, "num_classes", None)
     if not n:
         raise DataError(

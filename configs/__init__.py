@@ -1,0 +1,1 @@
+"""Training configs (ml_collections), selected with --config=configs/vit.py:<args>."""

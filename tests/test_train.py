@@ -1,0 +1,143 @@
+"""The training loop end to end on digits: resume is exact, bad runs stop clearly, init_from."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs.vit import demo_config
+from vit_jax import data, train
+from vit_jax.checkpoint import Checkpointer, save_npz
+from vit_jax.models import create_model
+from vit_jax.steps import Trainer
+from vit_jax.sharding import make_mesh
+
+TINY_MODEL = dict(img_size=8, width=32, depth=2, mlp_dim=64, num_heads=2)
+
+
+def tiny_run_config(**changes):
+    config = demo_config()
+    with config.unlocked():
+        config.model.update(TINY_MODEL)
+        config.data = data.get_data_config("digits", image_size=8)
+        config.batch_size = 32
+        config.eval_batch_size = 128
+        config.total_steps = 6
+        config.log_every_steps = 2
+        config.eval_every_steps = 3
+        config.checkpoint.update(every_steps=3, keep=5)
+        config.schedule.update(warmup_steps=2, base_lr=1e-3)
+        for key, value in changes.items():
+            target = config
+            *parents, leaf = key.split(".")
+            for parent in parents:
+                target = target[parent]
+            target[leaf] = value
+    return config
+
+
+def restore_state(config, workdir, step):
+    mesh = make_mesh(config.mesh.to_dict())
+    trainer = Trainer(config, mesh, num_classes=10, total_steps=config.total_steps)
+    abstract, _ = trainer.state_shardings
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1)
+    return checkpointer.restore(abstract, step)
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
+    config = tiny_run_config(**{"model.dropout": 0.1, "mixup.mixup_alpha": 0.2})
+    straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
+    train.run(config, straight)
+    train.run(config, interrupted, stop_after_step=2)
+    assert Checkpointer(os.path.join(interrupted, "checkpoints"), every_steps=1).all_steps() == [2]
+    train.run(config, interrupted)
+
+    state_a, record_a = restore_state(config, straight, 6)
+    state_b, record_b = restore_state(config, interrupted, 6)
+    assert record_a == record_b == {"step": 6, "data_position": 6}
+    for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    losses_a = {r["step"]: r["train/loss"] for r in read_jsonl(f"{straight}/metrics.jsonl")
+                if "train/loss" in r}
+    losses_b = {r["step"]: r["train/loss"] for r in read_jsonl(f"{interrupted}/metrics.jsonl")
+                if "train/loss" in r}
+    assert losses_a == losses_b and sorted(losses_a) == [2, 4, 6]
+
+
+def test_run_writes_metrics_tensorboard_and_evaluates(tmp_path):
+    results = train.run(tiny_run_config(), str(tmp_path))
+    assert results["test/count"] == data.num_examples(tiny_run_config().data, "test")
+    assert 0.0 <= results["test/top1"] <= 1.0
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    train_records = [r for r in records if "train/loss" in r]
+    assert {"train/images_per_sec", "train/eta_seconds", "train/learning_rate"} <= set(
+        train_records[-1]
+    )
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tensorboard"))
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    config = tiny_run_config(
+        **{"total_steps": 12, "checkpoint.every_steps": 2, "log_every_steps": 2}
+    )
+    with config.unlocked():
+        config.schedule.base_lr = 1e-3
+    train.run(config, str(tmp_path), stop_after_step=2)
+    with config.unlocked():
+        config.schedule.base_lr = 1e30  # blows the parameters up on the next update
+    with pytest.raises(train.NonFiniteLossError, match="NaN or Inf") as error:
+        train.run(config, str(tmp_path))
+    assert "last good checkpoint (2)" in str(error.value)
+    checkpointer = Checkpointer(os.path.join(tmp_path, "checkpoints"), every_steps=1)
+    assert checkpointer.all_steps() == [2]
+
+
+def test_init_from_npz_replaces_head_and_keeps_body(tmp_path):
+    source = create_model(
+        "ViT-Ti/4", num_classes=7, pool_type="gap", head_zero_init=False, seed=3, **TINY_MODEL
+    )
+    path = str(tmp_path / "pretrained.npz")
+    save_npz(source, path)
+    config = tiny_run_config(
+        **{"total_steps": 1, "init_from.path": path, "schedule.base_lr": 0.0, "schedule.warmup_steps": 0,
+           "checkpoint.every_steps": 1}
+    )
+    train.run(config, str(tmp_path / "run"))
+    state, _ = restore_state(config, str(tmp_path / "run"), 1)
+    source_params = nnx.to_pure_dict(nnx.state(source, nnx.Param))
+    np.testing.assert_array_equal(
+        np.asarray(state["params"]["blocks"][1]["attn"]["query"]["kernel"]),
+        np.asarray(source_params["blocks"][1]["attn"]["query"]["kernel"]),
+    )
+    head = np.asarray(state["params"]["head"]["kernel"])
+    assert head.shape == (32, 10) and not head.any()
+
+
+def test_resume_with_a_different_optimizer_is_refused_clearly(tmp_path):
+    train.run(tiny_run_config(), str(tmp_path), stop_after_step=1)
+    with pytest.raises(ValueError, match="does not match the train state"):
+        train.run(tiny_run_config(**{"optim.clip_global_norm": 0.0}), str(tmp_path))
+
+
+def test_config_errors_are_clear(tmp_path):
+    config = tiny_run_config(batch_size=33)
+    with pytest.raises(ValueError, match="batch_size=33 is not divisible"):
+        train.run(config, str(tmp_path))
+    config = tiny_run_config(total_steps=None)
+    with pytest.raises(ValueError, match="set config.total_steps or config.num_epochs"):
+        train.run(config, str(tmp_path))
+    config = tiny_run_config(**{"init_from.path": str(tmp_path / "missing")})
+    with pytest.raises(FileNotFoundError, match="init_from.path"):
+        train.run(config, str(tmp_path / "w"))
+    config = tiny_run_config(**{"mesh.data": 3})
+    with pytest.raises(ValueError, match="needs 3 devices"):
+        train.run(config, str(tmp_path))
