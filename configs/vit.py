@@ -50,20 +50,35 @@ def base_config() -> ml_collections.ConfigDict:
     config.label_smoothing = 0.0
     config.optim = ml_collections.ConfigDict(
         dict(
-            name="adamw", b1=0.9, b2=0.999, eps=1e-8, momentum=0.9, nesterov=False,
-            weight_decay=0.0, decay_unscaled=True,
+            name="adamw",
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            momentum=0.9,
+            nesterov=False,
+            weight_decay=0.0,
+            decay_unscaled=True,
             weight_decay_exclude=r"(.*bias$)|(.*scale$)|(.*posemb.*)|(.*cls_token.*)|(.*probe.*)",
-            mu_dtype=config_dict.placeholder(str), clip_global_norm=1.0, lr_mults=(),
-            freeze="", grad_accum_steps=1,
+            mu_dtype=config_dict.placeholder(str),
+            clip_global_norm=1.0,
+            lr_mults=(),
+            freeze="",
+            grad_accum_steps=1,
         )
     )
     config.schedule = ml_collections.ConfigDict(
         dict(
-            base_lr=1e-3, warmup_steps=10_000, decay="linear", end_lr=0.0,
-            rsqrt_timescale=10_000, cooldown_steps=0,
+            base_lr=1e-3,
+            warmup_steps=10_000,
+            decay="linear",
+            end_lr=0.0,
+            rsqrt_timescale=10_000,
+            cooldown_steps=0,
         )
     )
-    config.mixup = ml_collections.ConfigDict(dict(mixup_alpha=0.0, cutmix_alpha=0.0, switch_prob=0.5))
+    config.mixup = ml_collections.ConfigDict(
+        dict(mixup_alpha=0.0, cutmix_alpha=0.0, switch_prob=0.5)
+    )
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
     config.sharding_rules = "fsdp_tp"
     config.log_every_steps = 50
@@ -75,8 +90,12 @@ def base_config() -> ml_collections.ConfigDict:
         dict(path="", head="auto", posemb_interpolation="bilinear")
     )
     config.fewshot = ml_collections.ConfigDict(
-        dict(datasets=(), shots=(1, 5, 10, 25), every_steps=config_dict.placeholder(int),
-             max_train_examples=10_000)
+        dict(
+            datasets=(),
+            shots=(1, 5, 10, 25),
+            every_steps=config_dict.placeholder(int),
+            max_train_examples=10_000,
+        )
     )
     config.profile = ml_collections.ConfigDict(dict(start_step=-1, num_steps=5))
     config.peak_flops_per_device = config_dict.placeholder(float)
@@ -88,7 +107,12 @@ def demo_config() -> ml_collections.ConfigDict:
     config = base_config()
     config.model_name = "ViT-Ti/4"
     config.model = model_config(
-        img_size=16, width=96, depth=6, mlp_dim=384, num_heads=3, pool_type="gap",
+        img_size=16,
+        width=96,
+        depth=6,
+        mlp_dim=384,
+        num_heads=3,
+        pool_type="gap",
         posemb="learn",
     )
     config.dataset = "digits"
@@ -111,11 +135,18 @@ def apply_recipe(config: ml_collections.ConfigDict, recipe: str) -> None:
     if recipe == "pretrain":
         multi_label = bool(config.data.multi_label) or config.dataset == "imagenet21k"
         config.batch_size = 4096
-        config.optim.update(name="adamw", b1=0.9, b2=0.999, clip_global_norm=1.0,
-                            decay_unscaled=True, weight_decay=0.03)
+        config.optim.update(
+            name="adamw",
+            b1=0.9,
+            b2=0.999,
+            clip_global_norm=1.0,
+            decay_unscaled=True,
+            weight_decay=0.03,
+        )
         config.schedule.update(
             base_lr=4e-4 if size in ("L", "H", "g", "G") else 1e-3,
-            warmup_steps=10_000, decay="linear",
+            warmup_steps=10_000,
+            decay="linear",
         )
         config.model.update(img_size=224, dropout=0.1 if config.dataset == "imagenet21k" else 0.0)
         config.model.representation_size = _width(config.model_name)

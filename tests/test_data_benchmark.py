@@ -28,8 +28,12 @@ def test_benchmark_reports_both_pipelines(tmp_path):
 
 
 def test_benchmark_cli_on_preset(capsys):
-    assert benchmark.main(["--config", "digits", "--batch_size", "32", "--num_batches", "3",
-                           "--warmup", "1"]) == 0
+    assert (
+        benchmark.main(
+            ["--config", "digits", "--batch_size", "32", "--num_batches", "3", "--warmup", "1"]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["config"] == "digits" and result["images_per_s"] > 0
 

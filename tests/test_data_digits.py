@@ -27,8 +27,9 @@ def test_digits_splits_are_fixed_and_disjoint():
 
 def test_train_batches_shapes_and_ranges():
     cfg = data.get_data_config("digits")
-    batch = next(data.train_batches(cfg, global_batch_size=16, seed=0, process_index=0,
-                                    process_count=1))
+    batch = next(
+        data.train_batches(cfg, global_batch_size=16, seed=0, process_index=0, process_count=1)
+    )
     assert set(batch) == {"image", "labels"}
     assert batch["image"].shape == (16, 16, 16, 3) and batch["image"].dtype == np.float32
     assert batch["labels"].shape == (16, 10) and batch["labels"].dtype == np.float32
@@ -38,12 +39,14 @@ def test_train_batches_shapes_and_ranges():
 
 def test_image_size_override_rebuilds_pp():
     cfg = data.get_data_config("digits", image_size=24)
-    batch = next(data.train_batches(cfg, global_batch_size=8, seed=0, process_index=0,
-                                    process_count=1))
+    batch = next(
+        data.train_batches(cfg, global_batch_size=8, seed=0, process_index=0, process_count=1)
+    )
     assert batch["image"].shape == (8, 24, 24, 3)
     cfg.image_size = 12
-    batch = next(data.eval_batches(cfg, "test", global_batch_size=8, process_index=0,
-                                   process_count=1))
+    batch = next(
+        data.eval_batches(cfg, "test", global_batch_size=8, process_index=0, process_count=1)
+    )
     assert batch["image"].shape == (8, 12, 12, 3)
 
 
@@ -73,8 +76,9 @@ def test_resume_from_step_is_bit_identical(start_step):
 def test_epochs_cover_training_set_and_reshuffle():
     cfg = data.get_data_config("digits", train={"pp": "decode|value_range(0, 255)|onehot(10)"})
     n = data.num_examples(cfg)
-    batches = take(data.train_batches(cfg, global_batch_size=n, seed=0, process_index=0,
-                                      process_count=1), 2)
+    batches = take(
+        data.train_batches(cfg, global_batch_size=n, seed=0, process_index=0, process_count=1), 2
+    )
     train_x, _ = digits.load_split("train")
     want = sorted(x.tobytes() for x in train_x)
     for b in batches:
@@ -84,14 +88,18 @@ def test_epochs_cover_training_set_and_reshuffle():
 
 
 def test_multihost_train_parts_are_disjoint_and_complete():
-    cfg = data.get_data_config("digits", train={"pp": "decode|value_range(0, 255)|onehot(10)",
-                                                "shuffle_buffer": 1})
+    cfg = data.get_data_config(
+        "digits", train={"pp": "decode|value_range(0, 255)|onehot(10)", "shuffle_buffer": 1}
+    )
     n = data.num_examples(cfg)
     seen = []
     for i in range(3):
         local = n // 3
-        batch = next(data.train_batches(cfg, global_batch_size=3 * local, seed=0,
-                                        process_index=i, process_count=3))
+        batch = next(
+            data.train_batches(
+                cfg, global_batch_size=3 * local, seed=0, process_index=i, process_count=3
+            )
+        )
         assert batch["image"].shape[0] == local
         seen.append({x.tobytes() for x in batch["image"]})
     assert not (seen[0] & seen[1]) and not (seen[1] & seen[2]) and not (seen[0] & seen[2])
@@ -100,8 +108,9 @@ def test_multihost_train_parts_are_disjoint_and_complete():
 def test_eval_sees_every_example_once_with_padding():
     cfg = data.get_data_config("digits", evals={"test": {"pp": "decode|onehot(10)"}})
     n = data.num_examples(cfg, "test")
-    batches = list(data.eval_batches(cfg, "test", global_batch_size=64, process_index=0,
-                                     process_count=1))
+    batches = list(
+        data.eval_batches(cfg, "test", global_batch_size=64, process_index=0, process_count=1)
+    )
     assert len(batches) == -(-n // 64)
     assert all(b["image"].shape[0] == 64 and b["mask"].shape == (64,) for b in batches)
     mask = np.concatenate([b["mask"] for b in batches])
@@ -120,12 +129,14 @@ def test_multihost_eval_lockstep_and_complete():
     n = data.num_examples(cfg, "test")
     seen, counts = [], []
     for i in range(4):
-        batches = list(data.eval_batches(cfg, "test", global_batch_size=40, process_index=i,
-                                         process_count=4))
+        batches = list(
+            data.eval_batches(cfg, "test", global_batch_size=40, process_index=i, process_count=4)
+        )
         counts.append(len(batches))
         for b in batches:
-            seen.extend(x[..., 0].tobytes()
-                        for x, m in zip(b["image"], b["mask"], strict=True) if m)
+            seen.extend(
+                x[..., 0].tobytes() for x, m in zip(b["image"], b["mask"], strict=True) if m
+            )
     assert len(set(counts)) == 1  # Every process yields the same number of batches.
     test_x, _ = digits.load_split("test")
     assert len(seen) == n
@@ -135,8 +146,9 @@ def test_multihost_eval_lockstep_and_complete():
 def test_batch_size_must_divide_over_processes():
     cfg = data.get_data_config("digits")
     with pytest.raises(ValueError, match="multiple of process_count"):
-        next(data.train_batches(cfg, global_batch_size=10, seed=0, process_index=0,
-                                process_count=3))
+        next(
+            data.train_batches(cfg, global_batch_size=10, seed=0, process_index=0, process_count=3)
+        )
 
 
 def test_num_classes_and_examples():
@@ -154,8 +166,9 @@ def test_label_outside_class_range_fails_with_clear_message():
 
     cfg = data.get_data_config("digits", num_classes=5)
     with pytest.raises(tf.errors.InvalidArgumentError, match="label out of range.*num_classes"):
-        for _ in data.eval_batches(cfg, "test", global_batch_size=64, process_index=0,
-                                   process_count=1):
+        for _ in data.eval_batches(
+            cfg, "test", global_batch_size=64, process_index=0, process_count=1
+        ):
             pass
 
 

@@ -14,10 +14,14 @@ PP = "decode|resize(8)|value_range(0, 1)|onehot({num_classes})"
 
 def folder_config(root, split="train", on_bad_image="skip"):
     return data.get_data_config(
-        f"folder:{root}", image_size=8,
+        f"folder:{root}",
+        image_size=8,
         train={"split": split, "pp": PP, "on_bad_image": on_bad_image},
-        evals={s: {"pp": PP, "on_bad_image": on_bad_image}
-               for s in sorted(os.listdir(root)) if s != "train"},
+        evals={
+            s: {"pp": PP, "on_bad_image": on_bad_image}
+            for s in sorted(os.listdir(root))
+            if s != "train"
+        },
     )
 
 
@@ -25,8 +29,10 @@ def folder_config(root, split="train", on_bad_image="skip"):
 def root(tmp_path):
     folder.scan_split.cache_clear()
     folder.class_names.cache_clear()
-    write_folder(str(tmp_path), {"train": {"cat": 5, "dog": 4, "eel": 3},
-                                 "holdout_2024": {"cat": 2, "dog": 3}})
+    write_folder(
+        str(tmp_path),
+        {"train": {"cat": 5, "dog": 4, "eel": 3}, "holdout_2024": {"cat": 2, "dog": 3}},
+    )
     return str(tmp_path)
 
 
@@ -40,8 +46,11 @@ def test_preset_finds_splits_and_classes(root):
 
 def test_eval_labels_follow_sorted_class_names(root):
     cfg = folder_config(root)
-    batches = list(data.eval_batches(cfg, "holdout_2024", global_batch_size=4,
-                                     process_index=0, process_count=1))
+    batches = list(
+        data.eval_batches(
+            cfg, "holdout_2024", global_batch_size=4, process_index=0, process_count=1
+        )
+    )
     labels = np.concatenate([b["labels"] for b in batches])
     mask = np.concatenate([b["mask"] for b in batches])
     assert mask.sum() == 5 and len(batches) == 2
@@ -51,8 +60,9 @@ def test_eval_labels_follow_sorted_class_names(root):
 
 def test_train_batches_and_slicing(root):
     cfg = folder_config(root)
-    batch = next(data.train_batches(cfg, global_batch_size=6, seed=0, process_index=0,
-                                    process_count=1))
+    batch = next(
+        data.train_batches(cfg, global_batch_size=6, seed=0, process_index=0, process_count=1)
+    )
     assert batch["image"].shape == (6, 8, 8, 3) and batch["labels"].shape == (6, 3)
     assert 0 <= batch["image"].min() and batch["image"].max() <= 1
     cfg.train.split = "train[:50%]"
@@ -64,20 +74,29 @@ def test_gray_cmyk_alpha_images_become_rgb(tmp_path):
     cls = tmp_path / "train" / "a"
     cls.mkdir(parents=True)
     img = pattern(9, 7, 0)
-    for name, fmt, mode in [("g.png", "PNG", "L"), ("c.jpg", "JPEG", "CMYK"),
-                            ("a.png", "PNG", "RGBA"), ("p.png", "PNG", "P")]:
+    for name, fmt, mode in [
+        ("g.png", "PNG", "L"),
+        ("c.jpg", "JPEG", "CMYK"),
+        ("a.png", "PNG", "RGBA"),
+        ("p.png", "PNG", "P"),
+    ]:
         (cls / name).write_bytes(encode(img, fmt, mode))
     cfg = data.get_data_config(f"folder:{tmp_path}", evals={"train": {"pp": "decode|onehot(1)"}})
-    (batch,) = data.eval_batches(cfg, "train", global_batch_size=4, process_index=0,
-                                 process_count=1)
+    (batch,) = data.eval_batches(
+        cfg, "train", global_batch_size=4, process_index=0, process_count=1
+    )
     assert batch["image"].shape == (4, 9, 7, 3) and batch["mask"].sum() == 4
 
 
 def write_bad_files(root):
     cls = os.path.join(root, "train", "cat")
     good = encode(pattern(10, 10, 1), "JPEG")
-    paths = {"empty.jpg": b"", "text.jpg": b"hello, not an image",
-             "cut.jpg": good[: len(good) // 2], "cut.png": encode(pattern(10, 10, 2))[:40]}
+    paths = {
+        "empty.jpg": b"",
+        "text.jpg": b"hello, not an image",
+        "cut.jpg": good[: len(good) // 2],
+        "cut.png": encode(pattern(10, 10, 2))[:40],
+    }
     for name, payload in paths.items():
         with open(os.path.join(cls, name), "wb") as f:
             f.write(payload)
@@ -88,13 +107,18 @@ def test_bad_files_are_counted_skipped_and_named_once(root):
     bad = write_bad_files(root)
     cfg = folder_config(root)
     with pytest.warns(folder.BadImageWarning) as record:
-        batches = data.train_batches(cfg, global_batch_size=12, seed=0, process_index=0,
-                                     process_count=1)
+        batches = data.train_batches(
+            cfg, global_batch_size=12, seed=0, process_index=0, process_count=1
+        )
         batch = next(batches)
-        list(data.eval_batches(cfg, "holdout_2024", global_batch_size=4, process_index=0,
-                               process_count=1))
-        next(data.train_batches(cfg, global_batch_size=12, seed=1, process_index=0,
-                                process_count=1))
+        list(
+            data.eval_batches(
+                cfg, "holdout_2024", global_batch_size=4, process_index=0, process_count=1
+            )
+        )
+        next(
+            data.train_batches(cfg, global_batch_size=12, seed=1, process_index=0, process_count=1)
+        )
     assert len(record) == 1
     message = str(record[0].message)
     assert message.startswith("skipped 4 bad image file(s)")
@@ -106,8 +130,7 @@ def test_bad_files_raise_when_asked(root):
     write_bad_files(root)
     cfg = folder_config(root, on_bad_image="error")
     with pytest.raises(data.DataError, match="empty.jpg"):
-        next(data.train_batches(cfg, global_batch_size=4, seed=0, process_index=0,
-                                process_count=1))
+        next(data.train_batches(cfg, global_batch_size=4, seed=0, process_index=0, process_count=1))
 
 
 def test_check_image_file_reasons(tmp_path):
@@ -124,8 +147,9 @@ def test_multihost_parts_disjoint_and_complete(root):
     cfg.train.shuffle_buffer = 1
     parts = []
     for i in range(3):
-        batch = next(data.train_batches(cfg, global_batch_size=12, seed=0, process_index=i,
-                                        process_count=3))
+        batch = next(
+            data.train_batches(cfg, global_batch_size=12, seed=0, process_index=i, process_count=3)
+        )
         parts.append({x.tobytes() for x in batch["image"]})
     assert all(len(p) == 4 for p in parts)
     assert len(parts[0] | parts[1] | parts[2]) == 12

@@ -22,14 +22,16 @@ def root(tmp_path):
 
 def config(root, heldout=6, **train):
     split = {"data_dir": root, "heldout_examples": heldout, "pp": PP}
-    return data.get_data_config("imagenet21k", train={**split, **train},
-                                evals={"val": split, "test": split})
+    return data.get_data_config(
+        "imagenet21k", train={**split, **train}, evals={"val": split, "test": split}
+    )
 
 
 def all_examples(cfg, name, process_index=0, process_count=1):
     out = []
-    for b in data.eval_batches(cfg, name, global_batch_size=4, process_index=process_index,
-                               process_count=process_count):
+    for b in data.eval_batches(
+        cfg, name, global_batch_size=4, process_index=process_index, process_count=process_count
+    ):
         for x, y, m in zip(b["image"], b["labels"], b["mask"], strict=True):
             if m:
                 out.append((x.tobytes(), int(y.argmax())))
@@ -61,10 +63,8 @@ def test_heldout_slices_are_fixed_and_disjoint(root):
 
 def test_train_is_deterministic_and_sharded(root):
     cfg = config(root, shuffle_buffer=32)
-    a = next(data.train_batches(cfg, global_batch_size=4, seed=0, process_index=0,
-                                process_count=1))
-    b = next(data.train_batches(cfg, global_batch_size=4, seed=0, process_index=0,
-                                process_count=1))
+    a = next(data.train_batches(cfg, global_batch_size=4, seed=0, process_index=0, process_count=1))
+    b = next(data.train_batches(cfg, global_batch_size=4, seed=0, process_index=0, process_count=1))
     np.testing.assert_array_equal(a["image"], b["image"])
     cfg.evals.val.split = "train"
     parts = [set(k for k, _ in all_examples(cfg, "val", i, 2)) for i in range(2)]

@@ -32,8 +32,9 @@ def csv_shards(tmp_path):
         rows.append(f"img/{i}.png,{i % 5} {(i * 3) % 7}" if i % 4 else f"img/{i}.png,{i % 5}")
     (tmp_path / "labels.csv").write_text("path,labels\n" + "\n".join(rows) + "\n")
     out = tmp_path / "shards"
-    meta = write_shards.write_shards(write_shards.read_csv(str(tmp_path / "labels.csv")),
-                                     str(out), num_shards=4, num_classes=7)
+    meta = write_shards.write_shards(
+        write_shards.read_csv(str(tmp_path / "labels.csv")), str(out), num_shards=4, num_classes=7
+    )
     return str(out), meta
 
 
@@ -50,15 +51,17 @@ def test_reader_gives_multi_hot_labels(csv_shards):
     out, _ = csv_shards
     cfg = jft_config(out)
     assert data.num_classes(cfg) == 7 and data.num_examples(cfg) == 10
-    batches = list(data.eval_batches(cfg, "val", global_batch_size=4, process_index=0,
-                                     process_count=1))
+    batches = list(
+        data.eval_batches(cfg, "val", global_batch_size=4, process_index=0, process_count=1)
+    )
     labels = np.concatenate([b["labels"] for b in batches])
     mask = np.concatenate([b["mask"] for b in batches])
     assert mask.sum() == 10 and labels.shape == (12, 7)
     per_image = labels[mask == 1].sum(-1)
     assert set(per_image.tolist()) == {1.0, 2.0}
-    batch = next(data.train_batches(cfg, global_batch_size=5, seed=0, process_index=0,
-                                    process_count=1))
+    batch = next(
+        data.train_batches(cfg, global_batch_size=5, seed=0, process_index=0, process_count=1)
+    )
     assert batch["labels"].shape == (5, 7) and batch["labels"].max() == 1
 
 
@@ -68,11 +71,15 @@ def test_hosts_read_disjoint_parts(csv_shards, count):
     cfg = jft_config(out)
     seen, lengths = [], []
     for i in range(count):
-        batches = list(data.eval_batches(cfg, "val", global_batch_size=count, process_index=i,
-                                         process_count=count))
+        batches = list(
+            data.eval_batches(
+                cfg, "val", global_batch_size=count, process_index=i, process_count=count
+            )
+        )
         lengths.append(len(batches))
-        seen.extend(x.tobytes() for b in batches for x, m in zip(b["image"], b["mask"],
-                                                                  strict=True) if m)
+        seen.extend(
+            x.tobytes() for b in batches for x, m in zip(b["image"], b["mask"], strict=True) if m
+        )
     assert len(set(lengths)) == 1
     assert len(seen) == 10 and len(set(seen)) == 10
 
@@ -81,8 +88,7 @@ def test_sliced_split(csv_shards):
     out, _ = csv_shards
     cfg = jft_config(out, split="train[2:7]")
     assert data.num_examples(cfg) == 5
-    (batch,) = data.eval_batches(cfg, "val", global_batch_size=8, process_index=0,
-                                 process_count=1)
+    (batch,) = data.eval_batches(cfg, "val", global_batch_size=8, process_index=0, process_count=1)
     assert batch["mask"].sum() == 5
 
 
@@ -90,9 +96,24 @@ def test_cli_from_folder(tmp_path):
     jft.load_metadata.cache_clear()
     write_folder(str(tmp_path / "src"), {"x": {"a": 3, "b": 2}})
     result = subprocess.run(
-        [sys.executable, "-m", "vit_jax.data.write_shards", "--input", str(tmp_path / "src/x"),
-         "--output", str(tmp_path / "out"), "--num_shards", "2", "--split", "val"],
-        capture_output=True, text=True, check=True, cwd=os.getcwd())
+        [
+            sys.executable,
+            "-m",
+            "vit_jax.data.write_shards",
+            "--input",
+            str(tmp_path / "src/x"),
+            "--output",
+            str(tmp_path / "out"),
+            "--num_shards",
+            "2",
+            "--split",
+            "val",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=os.getcwd(),
+    )
     assert json.loads(result.stdout.strip().splitlines()[-1])["num_examples"] == 5
     meta = jft.load_metadata(str(tmp_path / "out"), "val")
     assert meta["class_names"] == ["a", "b"] and meta["num_classes"] == 2

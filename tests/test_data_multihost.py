@@ -19,9 +19,11 @@ def sharding():
 
 def local_batch(n=8, seed=0):
     rng = np.random.default_rng(seed)
-    return {"image": rng.normal(size=(n, 4, 4, 3)).astype(np.float32),
-            "labels": np.eye(5, dtype=np.float32)[rng.integers(0, 5, n)],
-            "mask": np.ones((n,), np.float32)}
+    return {
+        "image": rng.normal(size=(n, 4, 4, 3)).astype(np.float32),
+        "labels": np.eye(5, dtype=np.float32)[rng.integers(0, 5, n)],
+        "mask": np.ones((n,), np.float32),
+    }
 
 
 def test_eight_simulated_devices():
@@ -79,7 +81,8 @@ def test_prefetch_runs_ahead_of_consumer(sharding):
 
 def test_digits_batches_to_global_arrays(sharding):
     cfg = data.get_data_config("digits")
-    batches = data.train_batches(cfg, global_batch_size=16, seed=0, process_index=0,
-                                 process_count=1)
+    batches = data.train_batches(
+        cfg, global_batch_size=16, seed=0, process_index=0, process_count=1
+    )
     batch = next(data.prefetch_to_device(batches, sharding))
     assert batch["image"].shape == (16, 16, 16, 3) and batch["labels"].shape == (16, 10)

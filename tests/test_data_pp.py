@@ -21,18 +21,29 @@ def photo(h: int = 40, w: int = 60, fmt: str = "JPEG", seed: int = 0) -> tf.Tens
 def test_parse_ops_args_and_kwargs():
     ops = parse_pp("decode|resize(224)|value_range(-1, 1)|onehot(10, multi=True, key='x')")
     assert ops == [
-        OpCall("decode"), OpCall("resize", (224,)), OpCall("value_range", (-1, 1)),
+        OpCall("decode"),
+        OpCall("resize", (224,)),
+        OpCall("value_range", (-1, 1)),
         OpCall("onehot", (10,), {"multi": True, "key": "x"}),
     ]
     assert parse_pp("  ") == []
-    assert parse_pp("resize((3, 4))\n | flip_lr") == [OpCall("resize", ((3, 4),)),
-                                                     OpCall("flip_lr")]
+    assert parse_pp("resize((3, 4))\n | flip_lr") == [
+        OpCall("resize", ((3, 4),)),
+        OpCall("flip_lr"),
+    ]
 
 
-@pytest.mark.parametrize("spec", [
-    "resize(__import__('os').system('true'))", "resize(x)", "decode|", "resize(1)+flip_lr",
-    "a.b(1)", "resize(*[1])",
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "resize(__import__('os').system('true'))",
+        "resize(x)",
+        "decode|",
+        "resize(1)+flip_lr",
+        "a.b(1)",
+        "resize(*[1])",
+    ],
+)
 def test_parse_rejects_non_literals(spec):
     with pytest.raises(PPError):
         parse_pp(spec)
@@ -55,15 +66,37 @@ def test_bad_arguments_name_the_op():
 
 
 def test_known_ops_cover_required_set():
-    required = {"decode", "decode_jpeg_and_inception_crop", "inception_crop", "random_crop",
-                "resize", "resize_small", "central_crop", "flip_lr", "value_range",
-                "vgg_value_range", "randaug", "onehot", "keep", "drop"}
+    required = {
+        "decode",
+        "decode_jpeg_and_inception_crop",
+        "inception_crop",
+        "random_crop",
+        "resize",
+        "resize_small",
+        "central_crop",
+        "flip_lr",
+        "value_range",
+        "vgg_value_range",
+        "randaug",
+        "onehot",
+        "keep",
+        "drop",
+    }
     assert required <= set(registry.known_ops())
 
 
-@pytest.mark.parametrize("fmt,mode", [("JPEG", None), ("PNG", None), ("JPEG", "CMYK"),
-                                      ("PNG", "L"), ("PNG", "RGBA"), ("PNG", "LA"),
-                                      ("PNG", "P")])
+@pytest.mark.parametrize(
+    "fmt,mode",
+    [
+        ("JPEG", None),
+        ("PNG", None),
+        ("JPEG", "CMYK"),
+        ("PNG", "L"),
+        ("PNG", "RGBA"),
+        ("PNG", "LA"),
+        ("PNG", "P"),
+    ],
+)
 def test_decode_makes_rgb(fmt, mode):
     data = tf.constant(encode(pattern(7, 9, 1), fmt, mode))
     out = run("decode", {"image": data})
@@ -96,12 +129,18 @@ def test_random_ops_depend_on_index_and_seed_only():
 
 def test_inception_crop_area_bounds():
     img = tf.constant(pattern(50, 50, 2))
-    crops = [run("inception_crop(area_min=50, area_max=60)", {"image": img}, i)["image"]
-             for i in range(8)]
+    crops = [
+        run("inception_crop(area_min=50, area_max=60)", {"image": img}, i)["image"]
+        for i in range(8)
+    ]
     for c in crops:
         assert 0.4 * 2500 <= c.shape[0] * c.shape[1] <= 0.7 * 2500
     sized = run("inception_crop(12)", {"image": img})["image"]
     assert sized.shape == (12, 12, 3)
+    static = registry.build_pp("inception_crop(12)|flip_lr")
+    traced = tf.function(lambda x: static({"image": x}, tf.constant(0, tf.int64))["image"])
+    spec = tf.TensorSpec([None, None, 3], tf.uint8)
+    assert traced.get_concrete_function(spec).output_shapes.as_list() == [12, 12, 3]
 
 
 def test_random_crop_with_padding_translates():
@@ -110,7 +149,7 @@ def test_random_crop_with_padding_translates():
     assert all(o.shape == (16, 16, 3) for o in outs)
     assert any(not np.array_equal(o, img.numpy()) for o in outs)
     padded = np.pad(img.numpy(), [(2, 2), (2, 2), (0, 0)])
-    windows = [padded[y:y + 16, x:x + 16] for y in range(5) for x in range(5)]
+    windows = [padded[y : y + 16, x : x + 16] for y in range(5) for x in range(5)]
     assert all(any(np.array_equal(o, w) for w in windows) for o in outs)
 
 
@@ -126,8 +165,10 @@ def test_resize_resize_small_central_crop():
 
 def test_flip_lr_flips_about_half():
     img = tf.constant(pattern(4, 6, 5))
-    flipped = [np.array_equal(run("flip_lr", {"image": img}, i)["image"], img.numpy()[:, ::-1])
-               for i in range(40)]
+    flipped = [
+        np.array_equal(run("flip_lr", {"image": img}, i)["image"], img.numpy()[:, ::-1])
+        for i in range(40)
+    ]
     assert 8 < sum(flipped) < 32
 
 
@@ -168,12 +209,17 @@ def test_keep_drop_copy_bin_label():
 
 
 def test_vtab_structured_labels():
-    clevr = {"objects": {"size": tf.zeros([5]), "pixel_coords": tf.constant(
-        [[0, 0, 9.2], [1, 1, 12.0]])}}
+    clevr = {
+        "objects": {"size": tf.zeros([5]), "pixel_coords": tf.constant([[0, 0, 9.2], [1, 1, 12.0]])}
+    }
     assert run("clevr_count_label", clevr)["label"] == 2
     assert run("clevr_distance_label", clevr)["label"] == 3
-    kitti = {"objects": {"type": tf.constant([0, 5]), "location": tf.constant(
-        [[0, 0, 15.0], [0, 0, 3.0]])}}
+    kitti = {
+        "objects": {
+            "type": tf.constant([0, 5]),
+            "location": tf.constant([[0, 0, 15.0], [0, 0, 3.0]]),
+        }
+    }
     assert run("kitti_distance_label", kitti)["label"] == 1
     none = {"objects": {"type": tf.constant([5]), "location": tf.constant([[0, 0, 3.0]])}}
     assert run("kitti_distance_label", none)["label"] == 3
@@ -210,6 +256,7 @@ def test_randaug_equalize_matches_pil():
 
     img = pattern(20, 30, 11) // 3 + 40  # Narrow histogram so equalizing changes it.
     want = np.asarray(ImageOps.equalize(Image.fromarray(img)))
-    got = randaug.apply_op(tf.cast(tf.constant(img), tf.float32),
-                           randaug.OP_NAMES.index("equalize"), tf.constant(1.0)).numpy()
+    got = randaug.apply_op(
+        tf.cast(tf.constant(img), tf.float32), randaug.OP_NAMES.index("equalize"), tf.constant(1.0)
+    ).numpy()
     np.testing.assert_array_equal(got.astype(np.uint8), want)

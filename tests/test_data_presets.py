@@ -8,12 +8,31 @@ from vit_jax.data import presets
 from vit_jax.data.pp_parse import parse_pp
 from vit_jax.data.registry import known_ops
 
-FIXED = ["digits", "imagenet2012", "imagenet21k", "jft", "cifar10", "cifar100",
-         "oxford_iiit_pet", "oxford_flowers102", "tfds:food101"]
+FIXED = [
+    "digits",
+    "imagenet2012",
+    "imagenet21k",
+    "jft",
+    "cifar10",
+    "cifar100",
+    "oxford_iiit_pet",
+    "oxford_flowers102",
+    "tfds:food101",
+]
 VTAB = [f"vtab/{t}" for t in presets.VTAB_TASKS]
 TOP = {"name", "num_classes", "multi_label", "image_size", "train", "evals"}
-SPLIT = {"source", "name", "split", "data_dir", "pp", "shuffle_buffer", "cache",
-         "on_bad_image", "heldout_examples", "mask_empty_labels"}
+SPLIT = {
+    "source",
+    "name",
+    "split",
+    "data_dir",
+    "pp",
+    "shuffle_buffer",
+    "cache",
+    "on_bad_image",
+    "heldout_examples",
+    "mask_empty_labels",
+}
 
 
 def test_vtab_has_19_tasks():
@@ -60,12 +79,17 @@ def test_unknown_preset_lists_presets():
 
 
 def test_overrides_merge_and_unknown_fields_fail():
-    cfg = data.get_data_config("digits", image_size=20, train={"split": "train[:50%]"},
-                               evals={"extra": {"split": "train[50%:]"}})
+    cfg = data.get_data_config(
+        "digits",
+        image_size=20,
+        train={"split": "train[:50%]"},
+        evals={"extra": {"split": "train[50%:]"}},
+    )
     assert cfg.image_size == 20 and cfg.train.split == "train[:50%]"
     assert cfg.train.source == "digits" and cfg.evals.extra.source == "digits"
     assert data.num_examples(cfg, "extra") + data.num_examples(cfg) == data.num_examples(
-        data.get_data_config("digits"))
+        data.get_data_config("digits")
+    )
     with pytest.raises(ValueError, match="unknown data config field 'train.splt'"):
         data.get_data_config("digits", train={"splt": "x"})
 
@@ -73,7 +97,8 @@ def test_overrides_merge_and_unknown_fields_fail():
 def test_templates_follow_image_size_and_num_classes():
     cfg = data.get_data_config("imagenet2012", image_size=384, num_classes=10)
     assert data.format_pp(cfg.evals.val.pp, cfg) == (
-        "decode|resize_small(439)|central_crop(384)|value_range(-1, 1)|onehot(10)")
+        "decode|resize_small(439)|central_crop(384)|value_range(-1, 1)|onehot(10)"
+    )
     cfg.train.pp = "resize({image_sise})"
     with pytest.raises(data.DataError, match="unknown placeholder"):
         data.format_pp(cfg.train.pp, cfg)

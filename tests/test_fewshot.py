@@ -7,7 +7,7 @@ from sklearn.datasets import load_digits
 from vit_jax import fewshot
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def digits():
     x, y = load_digits(return_X_y=True)
     perm = np.random.default_rng(0).permutation(len(y))
@@ -26,7 +26,7 @@ def test_digits_fewshot_accuracy(digits):
     assert fewshot.fewshot_accuracy(*digits, shots=(1,), seed=1)[1] != acc[1]
 
 
-@pytest.mark.parametrize('n,d', [(12, 30), (40, 7)])  # dual (n < d) and primal (n >= d)
+@pytest.mark.parametrize("n,d", [(12, 30), (40, 7)])  # dual (n < d) and primal (n >= d)
 def test_ridge_matches_lstsq_on_augmented_system(n, d):
     rng = np.random.default_rng(n)
     x = rng.normal(size=(n, d)) * 3 + 1
@@ -46,5 +46,5 @@ def test_sample_shots_nested_and_balanced():
     one, five = fewshot.sample_shots(labels, 1), fewshot.sample_shots(labels, 5)
     assert np.bincount(labels[five]).tolist() == [5, 5, 5]
     assert set(one) <= set(five)
-    with pytest.raises(ValueError, match='only 10'):
+    with pytest.raises(ValueError, match="only 10"):
         fewshot.sample_shots(labels, 11)

@@ -20,7 +20,7 @@ def make_batch(seed=0, b=6, c=5):
     return logits, onehot, multihot
 
 
-@pytest.mark.parametrize('smoothing', [0.0, 0.1])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_softmax_xent_matches_numpy(smoothing):
     logits, onehot, _ = make_batch()
     # Mixed (mixup-style) labels as well as one-hot.
@@ -28,10 +28,11 @@ def test_softmax_xent_matches_numpy(smoothing):
     for labels in (onehot, mixed):
         y = labels * (1 - smoothing) + smoothing / labels.shape[1]
         ref = -(y * np_log_softmax(logits)).sum(-1)
-        got = losses.softmax_cross_entropy(jnp.asarray(logits), jnp.asarray(labels),
-                                           label_smoothing=smoothing)
+        got = losses.softmax_cross_entropy(
+            jnp.asarray(logits), jnp.asarray(labels), label_smoothing=smoothing
+        )
         np.testing.assert_allclose(float(got), ref.mean(), rtol=1e-5)
-        per_ex = losses.softmax_cross_entropy(logits, labels, smoothing, reduction='none')
+        per_ex = losses.softmax_cross_entropy(logits, labels, smoothing, reduction="none")
         np.testing.assert_allclose(np.asarray(per_ex), ref, rtol=1e-5)
 
 
@@ -46,7 +47,7 @@ def test_sigmoid_xent_sums_classes_means_batch():
     np.testing.assert_allclose(float(big), 200.0, rtol=1e-5)
 
 
-@pytest.mark.parametrize('name', ['softmax_xent', 'sigmoid_xent'])
+@pytest.mark.parametrize("name", ["softmax_xent", "sigmoid_xent"])
 def test_weights_mask_padding(name):
     logits, onehot, _ = make_batch(2)
     fn = losses.get_loss_fn(name)
@@ -57,7 +58,7 @@ def test_weights_mask_padding(name):
     got = fn(jnp.asarray(logits_pad), jnp.asarray(onehot), weights=jnp.asarray(mask))
     ref = fn(jnp.asarray(logits[:4]), jnp.asarray(onehot[:4]))
     np.testing.assert_allclose(float(got), float(ref), rtol=1e-6)
-    summed = fn(jnp.asarray(logits_pad), jnp.asarray(onehot), weights=mask, reduction='sum')
+    summed = fn(jnp.asarray(logits_pad), jnp.asarray(onehot), weights=mask, reduction="sum")
     np.testing.assert_allclose(float(summed), 4 * float(ref), rtol=1e-6)
 
 
@@ -71,8 +72,8 @@ def test_bf16_logits_computed_in_float32():
 
 
 def test_get_loss_fn_errors():
-    assert losses.get_loss_fn('softmax_xent') is losses.softmax_cross_entropy
-    with pytest.raises(ValueError, match='softmax_xent.*sigmoid_xent'):
-        losses.get_loss_fn('xent')
-    with pytest.raises(ValueError, match='reduction'):
-        losses.softmax_cross_entropy(jnp.zeros((1, 2)), jnp.ones((1, 2)), reduction='avg')
+    assert losses.get_loss_fn("softmax_xent") is losses.softmax_cross_entropy
+    with pytest.raises(ValueError, match="softmax_xent.*sigmoid_xent"):
+        losses.get_loss_fn("xent")
+    with pytest.raises(ValueError, match="reduction"):
+        losses.softmax_cross_entropy(jnp.zeros((1, 2)), jnp.ones((1, 2)), reduction="avg")

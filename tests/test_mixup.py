@@ -25,15 +25,15 @@ def jitted(**alphas):
 
 def test_identity_when_off():
     images, labels = constant_batch()
-    out_img, out_lab = mixup.mix_batch(jax.random.key(0), images, labels,
-                                       mixup_alpha=0.0, cutmix_alpha=0.0)
+    out_img, out_lab = mixup.mix_batch(
+        jax.random.key(0), images, labels, mixup_alpha=0.0, cutmix_alpha=0.0
+    )
     assert out_img is images and out_lab is labels
 
 
 def test_mixup_blends_with_rolled_partner():
     images, labels = constant_batch()
-    out_img, out_lab = jitted(mixup_alpha=0.4, cutmix_alpha=0.0)(jax.random.key(1), images,
-                                                                 labels)
+    out_img, out_lab = jitted(mixup_alpha=0.4, cutmix_alpha=0.0)(jax.random.key(1), images, labels)
     out_img, out_lab = np.asarray(out_img), np.asarray(out_lab)
     np.testing.assert_allclose(out_lab.sum(-1), 1.0, rtol=1e-6)
     lam = out_lab[0, 0]
@@ -42,14 +42,15 @@ def test_mixup_blends_with_rolled_partner():
     for i in range(B):
         np.testing.assert_allclose(out_lab[i, i], lam, rtol=1e-6)
         np.testing.assert_allclose(out_lab[i, partner[i]], 1 - lam, atol=1e-6)
-        np.testing.assert_allclose(out_img[i], lam * (i + 1) + (1 - lam) * (partner[i] + 1),
-                                   rtol=1e-5)
+        np.testing.assert_allclose(
+            out_img[i], lam * (i + 1) + (1 - lam) * (partner[i] + 1), rtol=1e-5
+        )
 
 
 CUTMIX = jitted(mixup_alpha=0.0, cutmix_alpha=1.0)  # compiled once for all seeds
 
 
-@pytest.mark.parametrize('seed', range(6))
+@pytest.mark.parametrize("seed", range(6))
 def test_cutmix_label_weight_is_pasted_area(seed):
     images, labels = constant_batch()
     out_img, out_lab = CUTMIX(jax.random.key(seed), images, labels)
@@ -102,8 +103,9 @@ def test_deterministic_and_switch():
 
 def test_bad_inputs():
     images, labels = constant_batch()
-    with pytest.raises(ValueError, match='float'):
-        mixup.mix_batch(jax.random.key(0), images.astype(jnp.uint8), labels,
-                        mixup_alpha=0.2, cutmix_alpha=0.0)
-    with pytest.raises(ValueError, match='>= 0'):
+    with pytest.raises(ValueError, match="float"):
+        mixup.mix_batch(
+            jax.random.key(0), images.astype(jnp.uint8), labels, mixup_alpha=0.2, cutmix_alpha=0.0
+        )
+    with pytest.raises(ValueError, match=">= 0"):
         mixup.mix_batch(jax.random.key(0), images, labels, mixup_alpha=-1.0, cutmix_alpha=0.0)

@@ -128,9 +128,7 @@ def test_checkpoint_from_8_devices_restores_on_4(tmp_path):
     assert record["step"] == 1
     kernel = restored["params"]["blocks"][1]["mlp"]["fc2"]["kernel"]
     assert len(kernel.sharding.device_set) == 4
-    for got, want in zip(
-        jax.tree.leaves(restored), jax.tree.leaves(state), strict=True
-    ):
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 

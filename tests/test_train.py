@@ -12,8 +12,8 @@ from configs.vit import demo_config
 from vit_jax import data, train
 from vit_jax.checkpoint import Checkpointer, save_npz
 from vit_jax.models import create_model
-from vit_jax.steps import Trainer
 from vit_jax.sharding import make_mesh
+from vit_jax.steps import Trainer
 
 TINY_MODEL = dict(img_size=8, width=32, depth=2, mlp_dim=64, num_heads=2)
 
@@ -66,10 +66,16 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
     for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
-    losses_a = {r["step"]: r["train/loss"] for r in read_jsonl(f"{straight}/metrics.jsonl")
-                if "train/loss" in r}
-    losses_b = {r["step"]: r["train/loss"] for r in read_jsonl(f"{interrupted}/metrics.jsonl")
-                if "train/loss" in r}
+    losses_a = {
+        r["step"]: r["train/loss"]
+        for r in read_jsonl(f"{straight}/metrics.jsonl")
+        if "train/loss" in r
+    }
+    losses_b = {
+        r["step"]: r["train/loss"]
+        for r in read_jsonl(f"{interrupted}/metrics.jsonl")
+        if "train/loss" in r
+    }
     assert losses_a == losses_b and sorted(losses_a) == [2, 4, 6]
 
 
@@ -82,7 +88,9 @@ def test_run_writes_metrics_tensorboard_and_evaluates(tmp_path):
     assert {"train/images_per_sec", "train/eta_seconds", "train/learning_rate"} <= set(
         train_records[-1]
     )
-    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tensorboard"))
+    assert any(
+        name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tensorboard")
+    )
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -108,8 +116,13 @@ def test_init_from_npz_replaces_head_and_keeps_body(tmp_path):
     path = str(tmp_path / "pretrained.npz")
     save_npz(source, path)
     config = tiny_run_config(
-        **{"total_steps": 1, "init_from.path": path, "schedule.base_lr": 0.0, "schedule.warmup_steps": 0,
-           "checkpoint.every_steps": 1}
+        **{
+            "total_steps": 1,
+            "init_from.path": path,
+            "schedule.base_lr": 0.0,
+            "schedule.warmup_steps": 0,
+            "checkpoint.every_steps": 1,
+        }
     )
     train.run(config, str(tmp_path / "run"))
     state, _ = restore_state(config, str(tmp_path / "run"), 1)

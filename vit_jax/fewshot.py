@@ -20,8 +20,9 @@ DEFAULT_SHOTS = (1, 5, 10, 25)
 DEFAULT_L2_REG = 2.0**10
 
 
-def fit_ridge(features: np.ndarray, targets: np.ndarray,
-              l2_reg: float) -> tuple[np.ndarray, np.ndarray]:
+def fit_ridge(
+    features: np.ndarray, targets: np.ndarray, l2_reg: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Ridge regression with an unregularized bias: returns ``(weights, bias)``.
 
     Minimizes ``||X w + 1 b^T - Y||^2 + l2_reg ||w||^2``. Centring X and Y removes the bias;
@@ -31,7 +32,7 @@ def fit_ridge(features: np.ndarray, targets: np.ndarray,
     x = np.asarray(features, np.float64)
     y = np.asarray(targets, np.float64)
     if l2_reg <= 0:
-        raise ValueError(f'l2_reg must be > 0, got {l2_reg}.')
+        raise ValueError(f"l2_reg must be > 0, got {l2_reg}.")
     x_mean, y_mean = x.mean(axis=0), y.mean(axis=0)
     xc, yc = x - x_mean, y - y_mean
     n, d = xc.shape
@@ -55,15 +56,21 @@ def sample_shots(labels: np.ndarray, shots: int, seed: int = 0) -> np.ndarray:
     for cls in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == cls))
         if len(idx) < shots:
-            raise ValueError(f'Class {cls} has only {len(idx)} examples, {shots} shots asked.')
+            raise ValueError(f"Class {cls} has only {len(idx)} examples, {shots} shots asked.")
         picked.append(idx[:shots])
     return np.concatenate(picked)
 
 
-def fewshot_accuracy(train_features: np.ndarray, train_labels: np.ndarray,
-                     test_features: np.ndarray, test_labels: np.ndarray,
-                     shots: Sequence[int] = DEFAULT_SHOTS, *, l2_reg: float = DEFAULT_L2_REG,
-                     seed: int = 0) -> dict[int, float]:
+def fewshot_accuracy(
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    test_features: np.ndarray,
+    test_labels: np.ndarray,
+    shots: Sequence[int] = DEFAULT_SHOTS,
+    *,
+    l2_reg: float = DEFAULT_L2_REG,
+    seed: int = 0,
+) -> dict[int, float]:
     """Few-shot ridge-regression accuracy on the test set for each k in ``shots``.
 
     Features are (n, d) arrays (e.g. pre-logits), labels int class ids. Classes are those

@@ -14,29 +14,33 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-VALID_LOSSES = ('softmax_xent', 'sigmoid_xent')
-_REDUCTIONS = ('mean', 'sum', 'none')
+VALID_LOSSES = ("softmax_xent", "sigmoid_xent")
+_REDUCTIONS = ("mean", "sum", "none")
 
 
 def _reduce(per_example: jax.Array, weights: jax.Array | None, reduction: str) -> jax.Array:
     """Applies the weights and the requested reduction over the batch axis."""
     if reduction not in _REDUCTIONS:
-        raise ValueError(f'Unknown reduction {reduction!r}; valid: {", ".join(_REDUCTIONS)}.')
+        raise ValueError(f"Unknown reduction {reduction!r}; valid: {', '.join(_REDUCTIONS)}.")
     if weights is None:
-        if reduction == 'mean':
+        if reduction == "mean":
             return jnp.mean(per_example)
-        return jnp.sum(per_example) if reduction == 'sum' else per_example
+        return jnp.sum(per_example) if reduction == "sum" else per_example
     weights = jnp.asarray(weights, jnp.float32)
     weighted = per_example * weights
-    if reduction == 'mean':
+    if reduction == "mean":
         # Guard an all-padding batch: loss 0 rather than NaN.
         return jnp.sum(weighted) / jnp.maximum(jnp.sum(weights), 1e-8)
-    return jnp.sum(weighted) if reduction == 'sum' else weighted
+    return jnp.sum(weighted) if reduction == "sum" else weighted
 
 
-def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0,
-                          weights: jax.Array | None = None,
-                          reduction: str = 'mean') -> jax.Array:
+def softmax_cross_entropy(
+    logits: jax.Array,
+    labels: jax.Array,
+    label_smoothing: float = 0.0,
+    weights: jax.Array | None = None,
+    reduction: str = "mean",
+) -> jax.Array:
     """Softmax cross-entropy ``-sum_c y_c log softmax(logits)_c`` per example.
 
     ``labels`` are dense (batch, classes) targets that should sum to 1 per example.
@@ -50,9 +54,9 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing:
     return _reduce(per_example, weights, reduction)
 
 
-def sigmoid_cross_entropy(logits: jax.Array, labels: jax.Array,
-                          weights: jax.Array | None = None,
-                          reduction: str = 'mean') -> jax.Array:
+def sigmoid_cross_entropy(
+    logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None, reduction: str = "mean"
+) -> jax.Array:
     """Independent binary cross-entropies, SUMMED over classes, then reduced over the batch.
 
     Per example: ``sum_c -[y_c log sigmoid(x_c) + (1 - y_c) log sigmoid(-x_c)]``; this is the
@@ -68,8 +72,8 @@ def sigmoid_cross_entropy(logits: jax.Array, labels: jax.Array,
 
 def get_loss_fn(name: str) -> Callable[..., jax.Array]:
     """Maps a config loss name ('softmax_xent' | 'sigmoid_xent') to its function."""
-    if name == 'softmax_xent':
+    if name == "softmax_xent":
         return softmax_cross_entropy
-    if name == 'sigmoid_xent':
+    if name == "sigmoid_xent":
         return sigmoid_cross_entropy
-    raise ValueError(f'Unknown loss {name!r}; valid: {", ".join(VALID_LOSSES)}.')
+    raise ValueError(f"Unknown loss {name!r}; valid: {', '.join(VALID_LOSSES)}.")

@@ -36,7 +36,7 @@ def check_overrides(config, argv: list[str]) -> None:
     for arg in argv:
         if not arg.startswith("--config."):
             continue
-        field = arg[len("--config."):].split("=", 1)[0]
+        field = arg[len("--config.") :].split("=", 1)[0]
         if field not in valid and not any(v.startswith(field + ".") for v in valid):
             close = difflib.get_close_matches(field, valid, n=3, cutoff=0.5)
             hint = f" Did you mean {', '.join(close)}?" if close else ""

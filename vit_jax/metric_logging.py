@@ -59,8 +59,10 @@ class MetricLogger:
         self._jsonl = open(self.jsonl_path, "a") if is_main else None  # noqa: SIM115
 
     def hparams(self, flat_config: Mapping[str, Any]) -> None:
-        clean = {k: v if isinstance(v, int | float | str | bool) else str(v)
-                 for k, v in flat_config.items()}
+        clean = {
+            k: v if isinstance(v, int | float | str | bool) else str(v)
+            for k, v in flat_config.items()
+        }
         self.writer.write_hparams(clean)
 
     def scalars(self, step: int, values: Mapping[str, Any], *, prefix: str = "") -> None:
@@ -85,8 +87,15 @@ def _json_float(value: float) -> float | str:
 class Progress:
     """Throughput, ETA and MFU between two log points."""
 
-    def __init__(self, *, total_steps: int, start_step: int, batch_size: int,
-                 flops_per_step: float | None, peak_flops_total: float | None):
+    def __init__(
+        self,
+        *,
+        total_steps: int,
+        start_step: int,
+        batch_size: int,
+        flops_per_step: float | None,
+        peak_flops_total: float | None,
+    ):
         self.total_steps = total_steps
         self.batch_size = batch_size
         self.flops_per_step = flops_per_step

@@ -16,8 +16,12 @@ import numpy as np
 from vit_jax import losses
 
 
-def classification_counts(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None,
-                          loss_name: str | None = 'softmax_xent') -> dict[str, jax.Array]:
+def classification_counts(
+    logits: jax.Array,
+    labels: jax.Array,
+    mask: jax.Array | None = None,
+    loss_name: str | None = "softmax_xent",
+) -> dict[str, jax.Array]:
     """Masked sums for one batch: ``correct_top1``, ``correct_top5``, ``loss_sum``, ``count``.
 
     ``labels`` are dense (batch, classes); ``mask`` is a float per-example weight (all ones
@@ -37,18 +41,19 @@ def classification_counts(logits: jax.Array, labels: jax.Array, mask: jax.Array 
     hit5 = jnp.any(jnp.take_along_axis(labels, top5, axis=-1) > 0, axis=-1)
 
     counts = {
-        'correct_top1': jnp.sum(hit1 * mask),
-        'correct_top5': jnp.sum(hit5 * mask),
-        'count': jnp.sum(mask),
+        "correct_top1": jnp.sum(hit1 * mask),
+        "correct_top5": jnp.sum(hit5 * mask),
+        "count": jnp.sum(mask),
     }
     if loss_name is not None:
         loss_fn = losses.get_loss_fn(loss_name)
-        counts['loss_sum'] = loss_fn(logits, labels, weights=mask, reduction='sum')
+        counts["loss_sum"] = loss_fn(logits, labels, weights=mask, reduction="sum")
     return counts
 
 
-def add_counts(total: Mapping[str, jax.Array] | None,
-               counts: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+def add_counts(
+    total: Mapping[str, jax.Array] | None, counts: Mapping[str, jax.Array]
+) -> dict[str, jax.Array]:
     """Accumulates one batch's counts into a running total (``total`` None starts one)."""
     if total is None:
         return dict(counts)
@@ -60,11 +65,12 @@ def finalize(counts: Mapping[str, jax.Array]) -> dict[str, float]:
 
     With zero examples the means are NaN (nothing was evaluated).
     """
-    n = float(np.asarray(counts['count']))
-    def mean(key: str) -> float:
-        return float(np.asarray(counts[key])) / n if n > 0 else float('nan')
+    n = float(np.asarray(counts["count"]))
 
-    out = {'top1': mean('correct_top1'), 'top5': mean('correct_top5'), 'count': n}
-    if 'loss_sum' in counts:
-        out['loss'] = mean('loss_sum')
+    def mean(key: str) -> float:
+        return float(np.asarray(counts[key])) / n if n > 0 else float("nan")
+
+    out = {"top1": mean("correct_top1"), "top5": mean("correct_top5"), "count": n}
+    if "loss_sum" in counts:
+        out["loss"] = mean("loss_sum")
     return out

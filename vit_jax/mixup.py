@@ -21,8 +21,9 @@ def _mix_labels(labels: jax.Array, lam: jax.Array) -> jax.Array:
     return lam * labels_f + (1.0 - lam) * _partner(labels_f)
 
 
-def _mixup(rng: jax.Array, images: jax.Array, labels: jax.Array,
-           alpha: float) -> tuple[jax.Array, jax.Array]:
+def _mixup(
+    rng: jax.Array, images: jax.Array, labels: jax.Array, alpha: float
+) -> tuple[jax.Array, jax.Array]:
     """Blends whole images: ``x = lam * x + (1 - lam) * x_partner``."""
     lam = jax.random.beta(rng, alpha, alpha)
     mixed = lam * images.astype(jnp.float32) + (1.0 - lam) * _partner(images).astype(jnp.float32)
@@ -52,8 +53,9 @@ def cutmix_box(rng: jax.Array, height: int, width: int, lam: jax.Array) -> jax.A
     return in_rows[:, None] & in_cols[None, :]
 
 
-def _cutmix(rng: jax.Array, images: jax.Array, labels: jax.Array,
-            alpha: float) -> tuple[jax.Array, jax.Array]:
+def _cutmix(
+    rng: jax.Array, images: jax.Array, labels: jax.Array, alpha: float
+) -> tuple[jax.Array, jax.Array]:
     """Pastes a box of the partner image; label weight = fraction of own pixels kept."""
     k_lam, k_box = jax.random.split(rng)
     lam = jax.random.beta(k_lam, alpha, alpha)
@@ -64,8 +66,15 @@ def _cutmix(rng: jax.Array, images: jax.Array, labels: jax.Array,
     return mixed, _mix_labels(labels, lam_actual)
 
 
-def mix_batch(rng: jax.Array, images: jax.Array, labels: jax.Array, *, mixup_alpha: float,
-              cutmix_alpha: float, switch_prob: float = 0.5) -> tuple[jax.Array, jax.Array]:
+def mix_batch(
+    rng: jax.Array,
+    images: jax.Array,
+    labels: jax.Array,
+    *,
+    mixup_alpha: float,
+    cutmix_alpha: float,
+    switch_prob: float = 0.5,
+) -> tuple[jax.Array, jax.Array]:
     """Applies Mixup or CutMix to a batch of NHWC ``images`` and dense float ``labels``.
 
     ``mixup_alpha`` / ``cutmix_alpha`` are static Python floats; 0 turns that method off and
@@ -76,11 +85,11 @@ def mix_batch(rng: jax.Array, images: jax.Array, labels: jax.Array, *, mixup_alp
     mixup_alpha = float(mixup_alpha)
     cutmix_alpha = float(cutmix_alpha)
     if mixup_alpha < 0 or cutmix_alpha < 0:
-        raise ValueError(f'alphas must be >= 0, got mixup={mixup_alpha}, cutmix={cutmix_alpha}.')
+        raise ValueError(f"alphas must be >= 0, got mixup={mixup_alpha}, cutmix={cutmix_alpha}.")
     if images.ndim != 4:
-        raise ValueError(f'images must be NHWC, got shape {images.shape}.')
+        raise ValueError(f"images must be NHWC, got shape {images.shape}.")
     if mixup_alpha > 0 and not jnp.issubdtype(images.dtype, jnp.floating):
-        raise ValueError(f'Mixup needs float images, got {images.dtype}.')
+        raise ValueError(f"Mixup needs float images, got {images.dtype}.")
     if mixup_alpha == 0 and cutmix_alpha == 0:
         return images, labels
     if cutmix_alpha == 0:
@@ -92,4 +101,5 @@ def mix_batch(rng: jax.Array, images: jax.Array, labels: jax.Array, *, mixup_alp
     return jax.lax.cond(
         use_cutmix,
         lambda: _cutmix(k_mix, images, labels, cutmix_alpha),
-        lambda: _mixup(k_mix, images, labels, mixup_alpha))
+        lambda: _mixup(k_mix, images, labels, mixup_alpha),
+    )

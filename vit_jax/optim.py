@@ -18,18 +18,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
-VALID_OPTIMIZERS = ('adam', 'adamw', 'sgd', 'adafactor')
-VALID_DECAYS = ('cosine', 'linear', 'rsqrt', 'constant')
+VALID_OPTIMIZERS = ("adam", "adamw", "sgd", "adafactor")
+VALID_DECAYS = ("cosine", "linear", "rsqrt", "constant")
 
 PyTree = Any
 
 # Trailing attribute entries that only unwrap a flax.nnx.Variable (not part of the name).
-_VARIABLE_VALUE_ATTRS = ('value', 'raw_value')
+_VARIABLE_VALUE_ATTRS = ("value", "raw_value")
 
 
 def _cfg_get(config: Any, name: str, default: Any = None) -> Any:
     """Reads a field from a ConfigDict / dict / object, falling back to a default."""
-    if isinstance(config, Mapping) or hasattr(config, 'get'):
+    if isinstance(config, Mapping) or hasattr(config, "get"):
         value = config.get(name, default)
     else:
         value = getattr(config, name, default)
@@ -43,7 +43,7 @@ def _cfg_get(config: Any, name: str, default: Any = None) -> Any:
 
 def _key_to_str(key: Any) -> str:
     """Turns one pytree path entry (DictKey, GetAttrKey, SequenceKey, ...) into a string."""
-    for attr in ('key', 'name', 'idx'):
+    for attr in ("key", "name", "idx"):
         if hasattr(key, attr):
             return str(getattr(key, attr))
     return str(key)
@@ -52,10 +52,13 @@ def _key_to_str(key: Any) -> str:
 def _path_to_name(path: Sequence[Any]) -> str:
     """Joins a key path with '/', dropping the trailing ``.value`` of nnx Variables."""
     path = list(path)
-    if (path and isinstance(path[-1], jax.tree_util.GetAttrKey)
-            and path[-1].name in _VARIABLE_VALUE_ATTRS):
+    if (
+        path
+        and isinstance(path[-1], jax.tree_util.GetAttrKey)
+        and path[-1].name in _VARIABLE_VALUE_ATTRS
+    ):
         path = path[:-1]
-    return '/'.join(_key_to_str(k) for k in path)
+    return "/".join(_key_to_str(k) for k in path)
 
 
 def _names_and_treedef(tree: PyTree) -> tuple[list[str], Any]:
@@ -98,29 +101,31 @@ def make_schedule(schedule_config: Any, total_steps: int) -> optax.Schedule:
     * ``cooldown_steps = c > 0`` (meant for rsqrt/constant) multiplies the post-warmup lr by
       ``min(1, (T - step) / c)``, a linear ramp to 0 over the last c steps.
     """
-    base_lr = float(_cfg_get(schedule_config, 'base_lr'))
-    warmup = int(_cfg_get(schedule_config, 'warmup_steps', 0))
-    decay = _cfg_get(schedule_config, 'decay', 'cosine')
-    end_lr = float(_cfg_get(schedule_config, 'end_lr', 0.0))
-    timescale = float(_cfg_get(schedule_config, 'rsqrt_timescale', 10_000))
-    cooldown = int(_cfg_get(schedule_config, 'cooldown_steps', 0))
+    base_lr = float(_cfg_get(schedule_config, "base_lr"))
+    warmup = int(_cfg_get(schedule_config, "warmup_steps", 0))
+    decay = _cfg_get(schedule_config, "decay", "cosine")
+    end_lr = float(_cfg_get(schedule_config, "end_lr", 0.0))
+    timescale = float(_cfg_get(schedule_config, "rsqrt_timescale", 10_000))
+    cooldown = int(_cfg_get(schedule_config, "cooldown_steps", 0))
     total_steps = int(total_steps)
     if decay not in VALID_DECAYS:
-        raise ValueError(f'Unknown schedule decay {decay!r}; valid: {", ".join(VALID_DECAYS)}.')
+        raise ValueError(f"Unknown schedule decay {decay!r}; valid: {', '.join(VALID_DECAYS)}.")
     if warmup < 0 or warmup > total_steps:
-        raise ValueError(f'config.schedule.warmup_steps={warmup} must be in [0, total_steps={total_steps}].')
-    if decay == 'rsqrt' and timescale <= 0:
-        raise ValueError(f'rsqrt_timescale must be > 0, got {timescale}.')
+        raise ValueError(
+            f"config.schedule.warmup_steps={warmup} must be in [0, total_steps={total_steps}]."
+        )
+    if decay == "rsqrt" and timescale <= 0:
+        raise ValueError(f"rsqrt_timescale must be > 0, got {timescale}.")
     decay_steps = max(total_steps - warmup, 1)
 
     def schedule(step: jax.Array) -> jax.Array:
         step = jnp.asarray(step, jnp.float32)
         progress = jnp.clip((step - warmup) / decay_steps, 0.0, 1.0)
-        if decay == 'linear':
+        if decay == "linear":
             lr = base_lr + (end_lr - base_lr) * progress
-        elif decay == 'cosine':
+        elif decay == "cosine":
             lr = end_lr + (base_lr - end_lr) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
-        elif decay == 'rsqrt':
+        elif decay == "rsqrt":
             lr = base_lr / jnp.sqrt(1.0 + jnp.maximum(step - warmup, 0.0) / timescale)
         else:  # constant
             lr = jnp.full_like(step, base_lr)
@@ -151,33 +156,34 @@ def _lr_mult_for(lr_mults: Sequence[tuple[str, float]], name: str) -> float:
 
 
 def _parse_lr_mults(optim_config: Any) -> tuple[tuple[str, float], ...]:
-    lr_mults = _cfg_get(optim_config, 'lr_mults', ()) or ()
+    lr_mults = _cfg_get(optim_config, "lr_mults", ()) or ()
     if isinstance(lr_mults, Mapping):
         lr_mults = tuple(lr_mults.items())
     parsed = []
     for item in lr_mults:
         if len(item) != 2:
-            raise ValueError(f'lr_mults entries must be (regex, multiplier) pairs, got {item!r}.')
+            raise ValueError(f"lr_mults entries must be (regex, multiplier) pairs, got {item!r}.")
         parsed.append((str(item[0]), float(item[1])))
     return tuple(parsed)
 
 
 def _check_patterns_match(optim_config: Any, names: Sequence[str]) -> None:
     """Raises ValueError for any lr_mults / freeze regex that matches no parameter (typos)."""
-    checks = [('freeze', _cfg_get(optim_config, 'freeze', '') or '')]
-    checks += [('lr_mults', p) for p, _ in _parse_lr_mults(optim_config)]
+    checks = [("freeze", _cfg_get(optim_config, "freeze", "") or "")]
+    checks += [("lr_mults", p) for p, _ in _parse_lr_mults(optim_config)]
     for field, pattern in checks:
         if not pattern:
             continue
         try:
             re.compile(pattern)
         except re.error as e:
-            raise ValueError(f'optim.{field} regex {pattern!r} is invalid: {e}') from e
+            raise ValueError(f"optim.{field} regex {pattern!r} is invalid: {e}") from e
         if not any(re.fullmatch(pattern, n) for n in names):
-            examples = ', '.join(names[:6]) + (', ...' if len(names) > 6 else '')
+            examples = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
             raise ValueError(
-                f'optim.{field} regex {pattern!r} matches no parameter (regexes must match the '
-                f'whole path). Parameter paths look like: {examples}')
+                f"optim.{field} regex {pattern!r} matches no parameter (regexes must match the "
+                f"whole path). Parameter paths look like: {examples}"
+            )
 
 
 def describe_param_groups(optim_config: Any, params: PyTree) -> dict[str, list[str]]:
@@ -188,18 +194,18 @@ def describe_param_groups(optim_config: Any, params: PyTree) -> dict[str, list[s
     every trainable parameter is under ``'no_decay'``. Meant for logging at start-up.
     """
     names, _ = _names_and_treedef(params)
-    freeze = _cfg_get(optim_config, 'freeze', '') or ''
-    exclude = _cfg_get(optim_config, 'weight_decay_exclude', '') or ''
-    wd = float(_cfg_get(optim_config, 'weight_decay', 0.0) or 0.0)
+    freeze = _cfg_get(optim_config, "freeze", "") or ""
+    exclude = _cfg_get(optim_config, "weight_decay_exclude", "") or ""
+    wd = float(_cfg_get(optim_config, "weight_decay", 0.0) or 0.0)
     lr_mults = _parse_lr_mults(optim_config)
-    groups: dict[str, list[str]] = {'frozen': [], 'decay': [], 'no_decay': []}
+    groups: dict[str, list[str]] = {"frozen": [], "decay": [], "no_decay": []}
     for name in names:
         if _fullmatch(freeze, name):
-            groups['frozen'].append(name)
+            groups["frozen"].append(name)
             continue
         decays = wd != 0.0 and not _fullmatch(exclude, name)
-        groups['decay' if decays else 'no_decay'].append(name)
-        groups.setdefault(f'lr_mult={_lr_mult_for(lr_mults, name):g}', []).append(name)
+        groups["decay" if decays else "no_decay"].append(name)
+        groups.setdefault(f"lr_mult={_lr_mult_for(lr_mults, name):g}", []).append(name)
     return groups
 
 
@@ -219,7 +225,8 @@ def _scale_by_lr_mults(lr_mults: Sequence[tuple[str, float]]) -> optax.GradientT
         del params
         mults = _tree_from_names(updates, lambda n: _lr_mult_for(lr_mults, n))
         updates = jax.tree_util.tree_map(
-            lambda u, m: u if m == 1.0 else u * jnp.asarray(m, u.dtype), updates, mults)
+            lambda u, m: u if m == 1.0 else u * jnp.asarray(m, u.dtype), updates, mults
+        )
         return updates, state
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -227,30 +234,35 @@ def _scale_by_lr_mults(lr_mults: Sequence[tuple[str, float]]) -> optax.GradientT
 
 def _base_optimizer(optim_config: Any) -> optax.GradientTransformation:
     """The un-scaled direction (no lr, no sign flip) of the chosen optimizer."""
-    name = _cfg_get(optim_config, 'name', 'adamw')
-    mu_dtype = _cfg_get(optim_config, 'mu_dtype', None)
+    name = _cfg_get(optim_config, "name", "adamw")
+    mu_dtype = _cfg_get(optim_config, "mu_dtype", None)
     mu_dtype = jnp.dtype(mu_dtype) if mu_dtype else None
-    if name in ('adam', 'adamw'):
+    if name in ("adam", "adamw"):
         return optax.scale_by_adam(
-            b1=float(_cfg_get(optim_config, 'b1', 0.9)),
-            b2=float(_cfg_get(optim_config, 'b2', 0.999)),
-            eps=float(_cfg_get(optim_config, 'eps', 1e-8)),
-            mu_dtype=mu_dtype)
-    if name == 'sgd':
-        momentum = float(_cfg_get(optim_config, 'momentum', 0.0) or 0.0)
+            b1=float(_cfg_get(optim_config, "b1", 0.9)),
+            b2=float(_cfg_get(optim_config, "b2", 0.999)),
+            eps=float(_cfg_get(optim_config, "eps", 1e-8)),
+            mu_dtype=mu_dtype,
+        )
+    if name == "sgd":
+        momentum = float(_cfg_get(optim_config, "momentum", 0.0) or 0.0)
         if momentum == 0.0:
             return optax.identity()
-        return optax.trace(decay=momentum, nesterov=bool(_cfg_get(optim_config, 'nesterov')),
-                           accumulator_dtype=mu_dtype)
-    if name == 'adafactor':
+        return optax.trace(
+            decay=momentum,
+            nesterov=bool(_cfg_get(optim_config, "nesterov")),
+            accumulator_dtype=mu_dtype,
+        )
+    if name == "adafactor":
         # Factored second moments + update clipping (optax.adafactor defaults); the lr is
         # applied by the schedule below, so no parameter-scale multiplication.
         return optax.chain(optax.scale_by_factored_rms(), optax.clip_by_block_rms(1.0))
-    raise ValueError(f'Unknown optimizer {name!r}; valid: {", ".join(VALID_OPTIMIZERS)}.')
+    raise ValueError(f"Unknown optimizer {name!r}; valid: {', '.join(VALID_OPTIMIZERS)}.")
 
 
-def make_optimizer(optim_config: Any, schedule_config: Any, params: PyTree,
-                   total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(
+    optim_config: Any, schedule_config: Any, params: PyTree, total_steps: int
+) -> optax.GradientTransformation:
     """Builds the full optax transformation from ``config.optim`` and ``config.schedule``.
 
     Update of a trainable parameter ``p`` with gradient ``g`` (``d`` = base optimizer
@@ -268,20 +280,20 @@ def make_optimizer(optim_config: Any, schedule_config: Any, params: PyTree,
     matching nothing raises ValueError); the transformation itself works on any pytree with
     the same path names (plain dicts or ``nnx.State``).
     """
-    name = _cfg_get(optim_config, 'name', 'adamw')
+    name = _cfg_get(optim_config, "name", "adamw")
     if name not in VALID_OPTIMIZERS:
-        raise ValueError(f'Unknown optimizer {name!r}; valid: {", ".join(VALID_OPTIMIZERS)}.')
+        raise ValueError(f"Unknown optimizer {name!r}; valid: {', '.join(VALID_OPTIMIZERS)}.")
     names, _ = _names_and_treedef(params)
     _check_patterns_match(optim_config, names)
 
     schedule = make_schedule(schedule_config, total_steps)
-    base_lr = float(_cfg_get(schedule_config, 'base_lr'))
-    wd = float(_cfg_get(optim_config, 'weight_decay', 0.0) or 0.0)
-    decay_unscaled = bool(_cfg_get(optim_config, 'decay_unscaled', False))
-    exclude = _cfg_get(optim_config, 'weight_decay_exclude', '') or ''
-    clip = _cfg_get(optim_config, 'clip_global_norm', None)
+    base_lr = float(_cfg_get(schedule_config, "base_lr"))
+    wd = float(_cfg_get(optim_config, "weight_decay", 0.0) or 0.0)
+    decay_unscaled = bool(_cfg_get(optim_config, "decay_unscaled", False))
+    exclude = _cfg_get(optim_config, "weight_decay_exclude", "") or ""
+    clip = _cfg_get(optim_config, "clip_global_norm", None)
     lr_mults = _parse_lr_mults(optim_config)
-    freeze = _cfg_get(optim_config, 'freeze', '') or ''
+    freeze = _cfg_get(optim_config, "freeze", "") or ""
 
     def decay_mask(tree):
         return _tree_from_names(tree, lambda n: not _fullmatch(exclude, n))
@@ -310,9 +322,11 @@ def make_optimizer(optim_config: Any, schedule_config: Any, params: PyTree,
     tx = optax.chain(*txs)
 
     if freeze:
+
         def labels(tree):
             return _tree_from_names(
-                tree, lambda n: 'frozen' if _fullmatch(freeze, n) else 'trainable')
+                tree, lambda n: "frozen" if _fullmatch(freeze, n) else "trainable"
+            )
 
-        tx = optax.multi_transform({'trainable': tx, 'frozen': optax.set_to_zero()}, labels)
+        tx = optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
     return tx

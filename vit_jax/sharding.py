@@ -103,7 +103,9 @@ def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
-def optimizer_shardings(tx: optax.GradientTransformation, abstract_opt_state, params_sharding, mesh):
+def optimizer_shardings(
+    tx: optax.GradientTransformation, abstract_opt_state, params_sharding, mesh
+):
     """Optimizer-state shardings: moments follow their parameter, everything else replicated."""
     return optax.tree_map_params(
         tx,

@@ -86,9 +86,7 @@ class Trainer:
         abstract_opt = jax.eval_shape(tx.init, abstract_params)
         shardings = {
             "params": params_sharding,
-            "opt_state": sharding.optimizer_shardings(
-                tx, abstract_opt, params_sharding, self.mesh
-            ),
+            "opt_state": sharding.optimizer_shardings(tx, abstract_opt, params_sharding, self.mesh),
             "step": sharding.replicated(self.mesh),
         }
         abstract = {
@@ -110,7 +108,11 @@ class Trainer:
         def init(params):
             if params is None:
                 params = nnx.to_pure_dict(nnx.state(self.build_model(seed), nnx.Param))
-            return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+            return {
+                "params": params,
+                "opt_state": tx.init(params),
+                "step": jnp.zeros((), jnp.int32),
+            }
 
         if params is None:
             return jax.jit(lambda: init(None), out_shardings=shardings)()
@@ -149,14 +151,20 @@ class Trainer:
             images, labels = batch["image"], batch["labels"]
             if mix.mixup_alpha or mix.cutmix_alpha:
                 images, labels = mixup.mix_batch(
-                    mix_rng, images, labels, mixup_alpha=mix.mixup_alpha,
-                    cutmix_alpha=mix.cutmix_alpha, switch_prob=mix.switch_prob,
+                    mix_rng,
+                    images,
+                    labels,
+                    mixup_alpha=mix.mixup_alpha,
+                    cutmix_alpha=mix.cutmix_alpha,
+                    switch_prob=mix.switch_prob,
                 )
             grad_fn = jax.value_and_grad(loss_of)
             if accum == 1:
                 loss, grads = grad_fn(state["params"], images, labels, dropout_rng)
             else:
-                loss, grads = self._accumulate(grad_fn, state["params"], images, labels, dropout_rng, accum)
+                loss, grads = self._accumulate(
+                    grad_fn, state["params"], images, labels, dropout_rng, accum
+                )
             updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
             params = optax.apply_updates(state["params"], updates)
             new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
@@ -203,7 +211,9 @@ class Trainer:
         def body(carry, inputs):
             loss_sum, grad_sum = carry
             micro_images, micro_labels, index = inputs
-            loss, grads = grad_fn(params, micro_images, micro_labels, jax.random.fold_in(rng, index))
+            loss, grads = grad_fn(
+                params, micro_images, micro_labels, jax.random.fold_in(rng, index)
+            )
             return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)

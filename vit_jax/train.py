@@ -7,6 +7,7 @@ from scratch. The checkpoint holds the step, which is also the data position.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -52,7 +53,9 @@ def initial_params(trainer: Trainer, config: ml_collections.ConfigDict) -> dict 
         # An abstract model: the file provides the values, nothing is randomly initialised.
         model = nnx.eval_shape(lambda: trainer.build_model(config.seed))
         report = load_npz(
-            model, path, head=config.init_from.head,
+            model,
+            path,
+            head=config.init_from.head,
             posemb_interpolation=config.init_from.posemb_interpolation,
         )
         log.info("initialised from %s: %s", path, report)
@@ -71,13 +74,12 @@ def initial_params(trainer: Trainer, config: ml_collections.ConfigDict) -> dict 
 def run(
     config: ml_collections.ConfigDict, workdir: str, *, stop_after_step: int | None = None
 ) -> dict[str, float]:
-    """Trains and evaluates; returns the final evaluation metrics.
+    """Trains and evaluates; returns the last evaluation metrics.
 
     `stop_after_step` ends the run early, after saving a checkpoint at that step, as a
     preemption would; running again resumes from there.
     """
     os.makedirs(workdir, exist_ok=True)
-    is_main = jax.process_index() == 0
     mesh = sharding.make_mesh(config.mesh.to_dict())
     if config.batch_size % sharding.data_parallel_size(mesh):
         raise ValueError(
@@ -86,7 +88,7 @@ def run(
         )
     steps = total_steps(config)
     trainer = Trainer(config, mesh, num_classes=data.num_classes(config.data), total_steps=steps)
-    logger = MetricLogger(workdir, is_main=is_main)
+    logger = MetricLogger(workdir, is_main=jax.process_index() == 0)
     logger.hparams(_flatten(config.to_dict()))
     checkpointer = Checkpointer(
         os.path.join(workdir, "checkpoints"),
@@ -95,72 +97,37 @@ def run(
         keep_every=config.checkpoint.keep_every,
         async_save=config.checkpoint.async_save,
     )
-
-    abstract_state, _ = trainer.state_shardings
-    if checkpointer.latest_step() is not None:
-        state, record = checkpointer.restore(abstract_state)
-        log.info("resumed from step %d in %s", record["step"], checkpointer.directory)
-    else:
-        state = trainer.init_state(initial_params(trainer, config))
+    state = initial_state(trainer, checkpointer, config)
     start_step = int(jax.device_get(state["step"]))
-
-    data_sharding = sharding.batch_sharding(mesh)
-    train_sharding = trainer.batch_shardings_without_mask()
-    train_step = trainer.make_train_step()
-    eval_step = trainer.make_eval_step()
-    compiled = train_step.lower(abstract_state, _abstract_batch(config, train_sharding)).compile()
-    flops = _flops(compiled)
+    train_step, flops = compile_train_step(trainer)
     peak = peak_flops(jax.devices()[0], config.peak_flops_per_device)
     progress = Progress(
-        total_steps=steps, start_step=start_step, batch_size=config.batch_size,
-        flops_per_step=flops, peak_flops_total=peak * jax.device_count() if peak else None,
+        total_steps=steps,
+        start_step=start_step,
+        batch_size=config.batch_size,
+        flops_per_step=flops,
+        peak_flops_total=peak * jax.device_count() if peak else None,
     )
     batches = data.prefetch_to_device(
         data.train_batches(
-            config.data, global_batch_size=config.batch_size, seed=config.seed,
+            config.data,
+            global_batch_size=config.batch_size,
+            seed=config.seed,
             start_step=start_step,
         ),
-        data_sharding,
+        sharding.batch_sharding(mesh),
     )
-
-    def run_evals(step: int) -> dict[str, float]:
-        results = {}
-        for name in config.data.evals:
-            values = evaluate.classification(
-                eval_step, state["params"], config.data, name,
-                batch_size=config.eval_batch_size, batch_sharding=data_sharding,
-            )
-            logger.scalars(step, values, prefix=f"{name}/")
-            results.update({f"{name}/{k}": v for k, v in values.items()})
-            if is_main:
-                print(format_line(step, steps, {f"{name}/{k}": v for k, v in values.items()}))
-        if config.fewshot.datasets:
-            shots = evaluate.fewshot_accuracies(
-                trainer.make_feature_step(), state["params"], config.fewshot,
-                image_size=config.data.image_size, batch_size=config.eval_batch_size,
-                image_sharding=data_sharding,
-            )
-            logger.scalars(step, shots, prefix="fewshot/")
-            results.update({f"fewshot/{k}": v for k, v in shots.items()})
-        return results
-
-    finite = jnp.array(True)
-    good_step = start_step
-    profiling = False
-    results: dict[str, float] = {}
+    evaluator = evaluate.Evaluator(trainer, logger, total_steps=steps)
+    profiler = StepProfiler(workdir, config.profile, enabled=logger.is_main)
+    finite, good_step, results = jnp.array(True), start_step, {}
     for step in range(start_step + 1, steps + 1):
-        if step == config.profile.start_step and is_main:
-            jax.profiler.start_trace(os.path.join(workdir, "profile"))
-            profiling = True
-        with jax.profiler.StepTraceAnnotation("train", step_num=step):
-            state, stats = compiled(state, next(batches))
+        with profiler.step(step):
+            state, stats = train_step(state, next(batches))
         finite = finite & stats.pop("finite")
-        if profiling and step >= config.profile.start_step + config.profile.num_steps:
-            jax.profiler.stop_trace()
-            profiling = False
-        stopping = step == stop_after_step
-        due_checkpoint = step % config.checkpoint.every_steps == 0 or step == steps or stopping
-        if step % config.log_every_steps == 0 or due_checkpoint or step == steps:
+        last = step in (steps, stop_after_step)
+        log_now = due(step, config.log_every_steps, last)
+        save_now = due(step, config.checkpoint.every_steps, last)
+        if log_now or save_now:
             if not bool(finite):
                 checkpointer.close()
                 raise NonFiniteLossError(
@@ -169,24 +136,74 @@ def run(
                     "is kept. Lower the learning rate or check the input data."
                 )
             good_step = step
-        if step % config.log_every_steps == 0 or step == steps:
+        if log_now:
             values = {k: float(v) for k, v in jax.device_get(stats).items()}
             values.update(progress.update(step))
             logger.scalars(step, values, prefix="train/")
-            if is_main:
+            if logger.is_main:
                 print(format_line(step, steps, values), flush=True)
-        if due_checkpoint:
-            checkpointer.save(step, state, {"step": step, "data_position": step},
-                              force=step == steps or stopping)
-        if step % config.eval_every_steps == 0 or step == steps:
-            results = run_evals(step)
-        if stopping:
+        if save_now:
+            checkpointer.save(step, state, {"step": step, "data_position": step}, force=last)
+        if due(step, config.eval_every_steps, last):
+            results = evaluator.classification(step, state["params"])
+        if due(step, config.fewshot.every_steps or config.eval_every_steps, last):
+            results.update(evaluator.fewshot(step, state["params"]))
+        if step == stop_after_step:
             break
-    if steps == start_step:
-        results = run_evals(steps)
+    if start_step == steps:  # nothing left to train: report the finished run's evaluation
+        results = {
+            **evaluator.classification(steps, state["params"]),
+            **evaluator.fewshot(steps, state["params"]),
+        }
     checkpointer.close()
     logger.close()
     return results
+
+
+def due(step: int, every: int | None, last: bool) -> bool:
+    """Whether a periodic action runs at `step` (always on the run's last step)."""
+    return last or bool(every and step % every == 0)
+
+
+def initial_state(trainer: Trainer, checkpointer: Checkpointer, config) -> dict:
+    """The newest checkpoint of this run, else init_from or a fresh initialisation."""
+    abstract_state, _ = trainer.state_shardings
+    if checkpointer.latest_step() is not None:
+        state, record = checkpointer.restore(abstract_state)
+        log.info("resumed from step %d in %s", record["step"], checkpointer.directory)
+        return state
+    return trainer.init_state(initial_params(trainer, config))
+
+
+def compile_train_step(trainer: Trainer):
+    """The train step compiled ahead of time, and its FLOPs from XLA's cost analysis."""
+    abstract_state, _ = trainer.state_shardings
+    compiled = (
+        trainer.make_train_step()
+        .lower(
+            abstract_state, _abstract_batch(trainer.config, trainer.batch_shardings_without_mask())
+        )
+        .compile()
+    )
+    return compiled, _flops(compiled)
+
+
+class StepProfiler:
+    """Captures a profiler trace of `config.profile.num_steps` steps from `start_step`."""
+
+    def __init__(self, workdir: str, settings, *, enabled: bool):
+        self.directory = os.path.join(workdir, "profile")
+        self.start = settings.start_step if enabled else -1
+        self.stop = self.start + settings.num_steps
+
+    @contextlib.contextmanager
+    def step(self, step: int):
+        if step == self.start:
+            jax.profiler.start_trace(self.directory)
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+            yield
+        if step == self.stop - 1 and self.start >= 0:
+            jax.profiler.stop_trace()
 
 
 def _abstract_batch(config, shardings) -> dict[str, jax.ShapeDtypeStruct]:
@@ -195,9 +212,7 @@ def _abstract_batch(config, shardings) -> dict[str, jax.ShapeDtypeStruct]:
         "image": (config.batch_size, size, size, 3),
         "labels": (config.batch_size, data.num_classes(config.data)),
     }
-    return {
-        k: jax.ShapeDtypeStruct(shapes[k], jnp.float32, sharding=shardings[k]) for k in shapes
-    }
+    return {k: jax.ShapeDtypeStruct(shapes[k], jnp.float32, sharding=shardings[k]) for k in shapes}
 
 
 def _flops(compiled) -> float | None:
@@ -220,4 +235,3 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
-

@@ -27,8 +27,9 @@ def pattern(height: int, width: int, seed: int) -> np.ndarray:
     return ((img + 1) * 127.5).astype(np.uint8)
 
 
-def write_folder(root: str, layout: dict[str, dict[str, int]], size: tuple[int, int] = (12, 10),
-                 fmt: str = "PNG") -> dict[str, list[str]]:
+def write_folder(
+    root: str, layout: dict[str, dict[str, int]], size: tuple[int, int] = (12, 10), fmt: str = "PNG"
+) -> dict[str, list[str]]:
     """Writes ``root/<split>/<class>/img_<i>.<ext>``; returns the paths per split."""
     ext = "png" if fmt == "PNG" else "jpg"
     out: dict[str, list[str]] = {}

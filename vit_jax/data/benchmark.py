@@ -37,8 +37,7 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     return presets.get_data_config(spec)
 
 
-def _time(batches: Iterator, batch_size: int, num_batches: int,
-          warmup: int) -> tuple[float, float]:
+def _time(batches: Iterator, batch_size: int, num_batches: int, warmup: int) -> tuple[float, float]:
     """(images per wall-clock second, images per CPU second of this process)."""
     for _ in range(warmup):
         next(batches)
@@ -56,9 +55,13 @@ def bare_dataset(paths: Sequence[str], batch_size: int, size: int = 224) -> tf.d
     def fn(path):
         data = tf.io.read_file(path)
         begin, crop, _ = tf.image.sample_distorted_bounding_box(
-            tf.io.extract_jpeg_shape(data), tf.zeros([1, 0, 4]), min_object_covered=0.0,
-            aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.05, 1.0),
-            use_image_if_no_bounding_boxes=True)
+            tf.io.extract_jpeg_shape(data),
+            tf.zeros([1, 0, 4]),
+            min_object_covered=0.0,
+            aspect_ratio_range=(3 / 4, 4 / 3),
+            area_range=(0.05, 1.0),
+            use_image_if_no_bounding_boxes=True,
+        )
         window = tf.concat([begin[:2], crop[:2]], 0)
         image = tf.image.decode_and_crop_jpeg(data, window, channels=3)
         image = tf.image.resize(image, (size, size))
@@ -70,8 +73,15 @@ def bare_dataset(paths: Sequence[str], batch_size: int, size: int = 224) -> tf.d
     return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
-def run(cfg: ml_collections.ConfigDict, *, batch_size: int, num_batches: int, warmup: int,
-        compare_bare: bool, repeats: int = 1) -> dict:
+def run(
+    cfg: ml_collections.ConfigDict,
+    *,
+    batch_size: int,
+    num_batches: int,
+    warmup: int,
+    compare_bare: bool,
+    repeats: int = 1,
+) -> dict:
     """Times the train pipeline (and optionally the bare chain); returns the figures.
 
     With ``repeats`` > 1 the two pipelines are timed alternately and the best run of each
@@ -88,27 +98,30 @@ def run(cfg: ml_collections.ConfigDict, *, batch_size: int, num_batches: int, wa
         paths = folder.scan_split(cfg.train.data_dir or cfg.train.name, cfg.train.split).paths
     runs: dict[str, list[tuple[float, float]]] = {"framework": [], "bare": []}
     for _ in range(max(1, repeats)):
-        batches = pipeline.train_batches(cfg, global_batch_size=batch_size, seed=0,
-                                         process_index=0, process_count=1)
+        batches = pipeline.train_batches(
+            cfg, global_batch_size=batch_size, seed=0, process_index=0, process_count=1
+        )
         runs["framework"].append(_time(batches, batch_size, num_batches, warmup))
         del batches
         if paths is not None:
             bare = bare_dataset(paths, batch_size, cfg.image_size).as_numpy_iterator()
             runs["bare"].append(_time(bare, batch_size, num_batches, warmup))
             del bare
-    result = {"config": cfg.name, "pp": pipeline.format_pp(cfg.train.pp, cfg),
-              "batch_size": batch_size, "num_batches": num_batches,
-              "images_per_s": round(max(r[0] for r in runs["framework"]), 1),
-              "images_per_cpu_s": round(max(r[1] for r in runs["framework"]), 1)}
+    result = {
+        "config": cfg.name,
+        "pp": pipeline.format_pp(cfg.train.pp, cfg),
+        "batch_size": batch_size,
+        "num_batches": num_batches,
+        "images_per_s": round(max(r[0] for r in runs["framework"]), 1),
+        "images_per_cpu_s": round(max(r[1] for r in runs["framework"]), 1),
+    }
     if paths is not None:
         result["bare_images_per_s"] = round(max(r[0] for r in runs["bare"]), 1)
         result["bare_images_per_cpu_s"] = round(max(r[1] for r in runs["bare"]), 1)
         result["ratio"] = round(result["images_per_s"] / result["bare_images_per_s"], 3)
-        result["cpu_ratio"] = round(
-            result["images_per_cpu_s"] / result["bare_images_per_cpu_s"], 3)
+        result["cpu_ratio"] = round(result["images_per_cpu_s"] / result["bare_images_per_cpu_s"], 3)
     if repeats > 1:
-        result["runs_images_per_s"] = {k: [round(r[0], 1) for r in v] for k, v in runs.items()
-                                       if v}
+        result["runs_images_per_s"] = {k: [round(r[0], 1) for r in v] for k, v in runs.items() if v}
     return result
 
 
@@ -119,11 +132,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--num_batches", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--num_photos", type=int, default=512,
-                        help="images written for --config sample_photos")
+    parser.add_argument(
+        "--num_photos", type=int, default=512, help="images written for --config sample_photos"
+    )
     parser.add_argument("--compare_bare", action="store_true")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="alternate the timed runs this often and report the best of each")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="alternate the timed runs this often and report the best of each",
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         if args.config == "sample_photos":
@@ -134,8 +152,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg.name = "sample_photos"
         else:
             cfg = load_config(args.config)
-        result = run(cfg, batch_size=args.batch_size, num_batches=args.num_batches,
-                     warmup=args.warmup, compare_bare=args.compare_bare, repeats=args.repeats)
+        result = run(
+            cfg,
+            batch_size=args.batch_size,
+            num_batches=args.num_batches,
+            warmup=args.warmup,
+            compare_bare=args.compare_bare,
+            repeats=args.repeats,
+        )
     print(json.dumps(result))
     return 0
 

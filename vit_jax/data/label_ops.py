@@ -10,16 +10,23 @@ def _checked(labels: tf.Tensor, num_classes: int, key: str) -> tf.Tensor:
     """Fails the pipeline with a clear message if a label is outside [0, num_classes)."""
     labels = tf.cast(labels, tf.int64)
     ok = tf.reduce_all((labels >= 0) & (labels < num_classes))
-    msg = (f"label out of range in feature '{key}': every label must be in [0, {num_classes}); "
-           f"fix num_classes in the data config or the dataset's labels. Offending labels:")
+    msg = (
+        f"label out of range in feature '{key}': every label must be in [0, {num_classes}); "
+        f"fix num_classes in the data config or the dataset's labels. Offending labels:"
+    )
     check = tf.debugging.Assert(ok, [msg, labels], summarize=16)
     with tf.control_dependencies([check]):
         return tf.identity(labels)
 
 
 @register("onehot")
-def onehot(num_classes: int, multi: bool = False, smoothing: float = 0.0, key: str = "label",
-           key_result: str = "labels") -> OpFn:
+def onehot(
+    num_classes: int,
+    multi: bool = False,
+    smoothing: float = 0.0,
+    key: str = "label",
+    key_result: str = "labels",
+) -> OpFn:
     """One-hot (or, with ``multi=True``, multi-hot over a label list) float32 targets.
 
     ``smoothing`` mixes in the uniform distribution: t * (1 - s) + s / num_classes.

@@ -21,12 +21,13 @@ def batch_sharding(sharding: NamedSharding) -> NamedSharding:
     return NamedSharding(sharding.mesh, PartitionSpec(spec[0] if spec else None))
 
 
-def to_global_batch(batch: dict[str, np.ndarray],
-                    sharding: NamedSharding) -> dict[str, jax.Array]:
+def to_global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
     """``jax.make_array_from_process_local_data`` for every entry of a process-local batch."""
     only_batch = batch_sharding(sharding)
-    return {k: jax.make_array_from_process_local_data(only_batch, np.asarray(v))
-            for k, v in batch.items()}
+    return {
+        k: jax.make_array_from_process_local_data(only_batch, np.asarray(v))
+        for k, v in batch.items()
+    }
 
 
 _DONE = object()
@@ -37,8 +38,9 @@ class _Failure:
         self.error = error
 
 
-def prefetch_to_device(iterator: Iterable[dict[str, np.ndarray]], sharding: NamedSharding,
-                       size: int = 2) -> Iterator[dict[str, jax.Array]]:
+def prefetch_to_device(
+    iterator: Iterable[dict[str, np.ndarray]], sharding: NamedSharding, size: int = 2
+) -> Iterator[dict[str, jax.Array]]:
     """Yields global batches, transferring up to ``size`` batches ahead in a thread.
 
     Errors from the input iterator are re-raised in the consumer; closing the generator

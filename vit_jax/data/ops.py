@@ -11,7 +11,14 @@ from vit_jax.data._tf import tf
 from vit_jax.data.registry import Features, OpFn, register
 
 _METHODS = (
-    "bilinear", "nearest", "bicubic", "area", "lanczos3", "lanczos5", "gaussian", "mitchellcubic"
+    "bilinear",
+    "nearest",
+    "bicubic",
+    "area",
+    "lanczos3",
+    "lanczos5",
+    "gaussian",
+    "mitchellcubic",
 )
 
 
@@ -69,8 +76,9 @@ def decode(channels: int = 3, key: str = "image") -> OpFn:
     return fn
 
 
-def _sample_crop(shape: tf.Tensor, seed: tf.Tensor, area: tuple[float, float],
-                 ratio: tuple[float, float]) -> tuple[tf.Tensor, tf.Tensor]:
+def _sample_crop(
+    shape: tf.Tensor, seed: tf.Tensor, area: tuple[float, float], ratio: tuple[float, float]
+) -> tuple[tf.Tensor, tf.Tensor]:
     """Samples an Inception-style crop window: returns (begin [y, x], size [h, w])."""
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
         image_size=shape,
@@ -87,18 +95,25 @@ def _sample_crop(shape: tf.Tensor, seed: tf.Tensor, area: tuple[float, float],
 
 def _crop_params(area_min: float, area_max: float, ratio_min: float, ratio_max: float):
     if not 0 < area_min <= area_max <= 100:
-        raise ValueError(f"need 0 < area_min <= area_max <= 100 (percent), got "
-                         f"{area_min}, {area_max}")
+        raise ValueError(
+            f"need 0 < area_min <= area_max <= 100 (percent), got {area_min}, {area_max}"
+        )
     if not 0 < ratio_min <= ratio_max:
         raise ValueError(f"need 0 < ratio_min <= ratio_max, got {ratio_min}, {ratio_max}")
     return (area_min / 100, area_max / 100), (float(ratio_min), float(ratio_max))
 
 
 @register("decode_jpeg_and_inception_crop", random=True)
-def decode_jpeg_and_inception_crop(size: int | Sequence[int] | None = None, area_min: float = 5,
-                                   area_max: float = 100, ratio_min: float = 3 / 4,
-                                   ratio_max: float = 4 / 3, method: str = "bilinear",
-                                   antialias: bool = False, key: str = "image") -> OpFn:
+def decode_jpeg_and_inception_crop(
+    size: int | Sequence[int] | None = None,
+    area_min: float = 5,
+    area_max: float = 100,
+    ratio_min: float = 3 / 4,
+    ratio_max: float = 4 / 3,
+    method: str = "bilinear",
+    antialias: bool = False,
+    key: str = "image",
+) -> OpFn:
     """Inception crop that decodes only the crop window of a JPEG (other formats: full decode).
 
     ``area_min``/``area_max`` are percentages of the image area; ``size`` resizes the crop.
@@ -135,14 +150,21 @@ def decode_jpeg_and_inception_crop(size: int | Sequence[int] | None = None, area
 def _inception_crop_image(image: tf.Tensor, seed: tf.Tensor, area, ratio) -> tf.Tensor:
     begin, crop = _sample_crop(tf.shape(image), seed, area, ratio)
     channels = tf.shape(image)[-1:]
-    return tf.slice(image, tf.concat([begin, [0]], 0), tf.concat([crop, channels], 0))
+    out = tf.slice(image, tf.concat([begin, [0]], 0), tf.concat([crop, channels], 0))
+    return tf.ensure_shape(out, [None, None, image.shape[-1]])
 
 
 @register("inception_crop", random=True)
-def inception_crop(size: int | Sequence[int] | None = None, area_min: float = 5,
-                   area_max: float = 100, ratio_min: float = 3 / 4, ratio_max: float = 4 / 3,
-                   method: str = "bilinear", antialias: bool = False,
-                   key: str = "image") -> OpFn:
+def inception_crop(
+    size: int | Sequence[int] | None = None,
+    area_min: float = 5,
+    area_max: float = 100,
+    ratio_min: float = 3 / 4,
+    ratio_max: float = 4 / 3,
+    method: str = "bilinear",
+    antialias: bool = False,
+    key: str = "image",
+) -> OpFn:
     """Random crop of ``area_min``..``area_max`` percent of the area, resized to ``size``."""
     area, ratio = _crop_params(area_min, area_max, ratio_min, ratio_max)
     hw = _size2(size, "inception_crop") if size is not None else None
@@ -159,8 +181,9 @@ def inception_crop(size: int | Sequence[int] | None = None, area_min: float = 5,
 
 
 @register("random_crop", random=True)
-def random_crop(size: int | Sequence[int], pad: int = 0, pad_mode: str = "constant",
-                key: str = "image") -> OpFn:
+def random_crop(
+    size: int | Sequence[int], pad: int = 0, pad_mode: str = "constant", key: str = "image"
+) -> OpFn:
     """Pads each side by ``pad`` pixels, then crops a random ``size`` window (translation)."""
     h, w = _size2(size, "random_crop")
     if not isinstance(pad, int) or pad < 0:
@@ -182,8 +205,9 @@ def random_crop(size: int | Sequence[int], pad: int = 0, pad_mode: str = "consta
 
 
 @register("resize")
-def resize(size: int | Sequence[int], method: str = "bilinear", antialias: bool = False,
-           key: str = "image") -> OpFn:
+def resize(
+    size: int | Sequence[int], method: str = "bilinear", antialias: bool = False, key: str = "image"
+) -> OpFn:
     """Resizes to exactly ``size`` (ignores the aspect ratio); returns float32."""
     hw = _size2(size, "resize")
     method = _check_method(method)
@@ -197,8 +221,9 @@ def resize(size: int | Sequence[int], method: str = "bilinear", antialias: bool 
 
 
 @register("resize_small")
-def resize_small(smaller_size: int, method: str = "bilinear", antialias: bool = True,
-                 key: str = "image") -> OpFn:
+def resize_small(
+    smaller_size: int, method: str = "bilinear", antialias: bool = True, key: str = "image"
+) -> OpFn:
     """Resizes so the smaller side is ``smaller_size``, keeping the aspect ratio."""
     if not isinstance(smaller_size, int) or smaller_size <= 0:
         raise ValueError(f"smaller_size must be a positive int, got {smaller_size!r}")
@@ -210,8 +235,9 @@ def resize_small(smaller_size: int, method: str = "bilinear", antialias: bool = 
         scale = smaller_size / tf.reduce_min(shape)
         new = tf.cast(tf.round(shape * scale), tf.int32)
         new = tf.maximum(new, smaller_size)  # Rounding must not undershoot the short side.
-        data[key] = tf.cast(tf.image.resize(image, new, method=method, antialias=antialias),
-                            tf.float32)
+        data[key] = tf.cast(
+            tf.image.resize(image, new, method=method, antialias=antialias), tf.float32
+        )
         return data
 
     return fn
@@ -227,7 +253,7 @@ def central_crop(size: int | Sequence[int], key: str = "image") -> OpFn:
         shape = tf.shape(image)
         top = (shape[0] - h) // 2
         left = (shape[1] - w) // 2
-        image = image[top:top + h, left:left + w]
+        image = image[top : top + h, left : left + w]
         data[key] = tf.ensure_shape(image, [h, w, image.shape[-1]])
         return data
 
@@ -246,8 +272,14 @@ def flip_lr(key: str = "image") -> OpFn:
 
 
 @register("value_range")
-def value_range(vmin: float = -1, vmax: float = 1, in_min: float = 0, in_max: float = 255,
-                clip_values: bool = False, key: str = "image") -> OpFn:
+def value_range(
+    vmin: float = -1,
+    vmax: float = 1,
+    in_min: float = 0,
+    in_max: float = 255,
+    clip_values: bool = False,
+    key: str = "image",
+) -> OpFn:
     """Maps values linearly from [in_min, in_max] to [vmin, vmax] as float32."""
     if in_max == in_min:
         raise ValueError("in_min and in_max must differ")
@@ -264,8 +296,11 @@ def value_range(vmin: float = -1, vmax: float = 1, in_min: float = 0, in_max: fl
 
 
 @register("vgg_value_range")
-def vgg_value_range(mean: Sequence[float] = (0.485, 0.456, 0.406),
-                    std: Sequence[float] = (0.229, 0.224, 0.225), key: str = "image") -> OpFn:
+def vgg_value_range(
+    mean: Sequence[float] = (0.485, 0.456, 0.406),
+    std: Sequence[float] = (0.229, 0.224, 0.225),
+    key: str = "image",
+) -> OpFn:
     """Standardises [0, 255] RGB with per-channel ImageNet mean and std (given in [0, 1])."""
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
         raise ValueError(f"mean and std need 3 values each (std > 0), got {mean}, {std}")

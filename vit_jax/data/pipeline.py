@@ -56,8 +56,9 @@ def _split_config(data_config: ml_collections.ConfigDict, split_name: str):
         return data_config.train
     if split_name in data_config.evals:
         return data_config.evals[split_name]
-    raise KeyError(f"unknown split {split_name!r}; have 'train' and evals "
-                   f"{sorted(data_config.evals)}")
+    raise KeyError(
+        f"unknown split {split_name!r}; have 'train' and evals {sorted(data_config.evals)}"
+    )
 
 
 def num_examples(data_config: ml_collections.ConfigDict, split_name: str = "train") -> int | None:
@@ -99,8 +100,10 @@ def _finish(data: dict) -> dict:
                 f"preprocessing produced no {key!r} (have {sorted(data)}); the pp string must "
                 "produce 'image' and end with onehot(...) making 'labels'"
             )
-    return {"image": tf.cast(data["image"], tf.float32),
-            "labels": tf.cast(data["labels"], tf.float32)}
+    return {
+        "image": tf.cast(data["image"], tf.float32),
+        "labels": tf.cast(data["labels"], tf.float32),
+    }
 
 
 def _options() -> tf.data.Options:
@@ -110,8 +113,14 @@ def _options() -> tf.data.Options:
     return options
 
 
-def _preprocess(ds: tf.data.Dataset, records: Records, pp_spec: str, seed: int,
-                process_index: int, process_count: int) -> tf.data.Dataset:
+def _preprocess(
+    ds: tf.data.Dataset,
+    records: Records,
+    pp_spec: str,
+    seed: int,
+    process_index: int,
+    process_count: int,
+) -> tf.data.Dataset:
     """(local index, record) -> preprocessed example; random ops keyed by global index."""
     if records.prepare is not None:
         ds = records.prepare(ds)
@@ -131,9 +140,15 @@ def _open(cfg, process_index: int, process_count: int) -> Records:
     return records
 
 
-def train_dataset(data_config: ml_collections.ConfigDict, *, global_batch_size: int, seed: int,
-                  start_step: int = 0, process_index: int | None = None,
-                  process_count: int | None = None) -> tf.data.Dataset:
+def train_dataset(
+    data_config: ml_collections.ConfigDict,
+    *,
+    global_batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> tf.data.Dataset:
     """The infinite, batched train ``tf.data.Dataset`` of one process (see module doc)."""
     pi, pc = _process(process_index, process_count)
     local_batch = _local_batch(global_batch_size, pc)
@@ -163,13 +178,24 @@ def train_dataset(data_config: ml_collections.ConfigDict, *, global_batch_size: 
     return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
 
 
-def train_batches(data_config: ml_collections.ConfigDict, *, global_batch_size: int, seed: int,
-                  start_step: int = 0, process_index: int | None = None,
-                  process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+def train_batches(
+    data_config: ml_collections.ConfigDict,
+    *,
+    global_batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
     """Infinite iterator of process-local numpy batches ``{'image', 'labels'}``."""
-    ds = train_dataset(data_config, global_batch_size=global_batch_size, seed=seed,
-                       start_step=start_step, process_index=process_index,
-                       process_count=process_count)
+    ds = train_dataset(
+        data_config,
+        global_batch_size=global_batch_size,
+        seed=seed,
+        start_step=start_step,
+        process_index=process_index,
+        process_count=process_count,
+    )
     return ds.as_numpy_iterator()
 
 
@@ -180,9 +206,14 @@ def _count(ds: tf.data.Dataset) -> int:
     return int(ds.reduce(np.int64(0), lambda c, _: c + 1))
 
 
-def eval_batches(data_config: ml_collections.ConfigDict, eval_name: str, *,
-                 global_batch_size: int, process_index: int | None = None,
-                 process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(
+    data_config: ml_collections.ConfigDict,
+    eval_name: str,
+    *,
+    global_batch_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
     """One pass over eval ``eval_name``: ``{'image', 'labels', 'mask'}`` batches, padded.
 
     Every process yields ceil(largest process part / local batch) batches so that
@@ -197,16 +228,18 @@ def eval_batches(data_config: ml_collections.ConfigDict, eval_name: str, *,
     records = _open(cfg, pi, pc)
     largest = records.max_examples
     if largest is None:
-        largest = records.num_examples if records.num_examples is not None else _count(
-            records.dataset)
+        largest = (
+            records.num_examples if records.num_examples is not None else _count(records.dataset)
+        )
     num_batches = math.ceil(largest / local_batch)
     ds = _preprocess(records.dataset.enumerate(), records, pp_spec, 0, pi, pc)
     ds = ds.batch(local_batch).prefetch(tf.data.AUTOTUNE).with_options(_options())
     return _padded(ds, num_batches, local_batch, bool(cfg.mask_empty_labels))
 
 
-def _padded(ds: tf.data.Dataset, num_batches: int, local_batch: int,
-            mask_empty_labels: bool) -> Iterator[dict[str, np.ndarray]]:
+def _padded(
+    ds: tf.data.Dataset, num_batches: int, local_batch: int, mask_empty_labels: bool
+) -> Iterator[dict[str, np.ndarray]]:
     spec = ds.element_spec
     shapes = {k: tuple(spec[k].shape[1:]) for k in ("image", "labels")}
     produced = 0
@@ -236,7 +269,8 @@ def _pad(batch: dict[str, np.ndarray], local_batch: int, mask_empty_labels: bool
         value = batch[key]
         if n < local_batch:
             value = np.concatenate(
-                [value, np.zeros((local_batch - n, *value.shape[1:]), value.dtype)])
+                [value, np.zeros((local_batch - n, *value.shape[1:]), value.dtype)]
+            )
         out[key] = value
     if mask_empty_labels:
         out["mask"] = out["mask"] * (out["labels"].sum(axis=-1) > 0)

@@ -136,10 +136,21 @@ def _sharpness(img, m):
 
 # (function, signed): signed ops use +/- magnitude at random.
 _OPS = (
-    (_auto_contrast, False), (_equalize, False), (_invert, False), (_rotate, True),
-    (_posterize, False), (_solarize, False), (_solarize_add, False), (_color, True),
-    (_contrast, True), (_brightness, True), (_sharpness, True), (_shear_x, True),
-    (_shear_y, True), (_translate_x, True), (_translate_y, True),
+    (_auto_contrast, False),
+    (_equalize, False),
+    (_invert, False),
+    (_rotate, True),
+    (_posterize, False),
+    (_solarize, False),
+    (_solarize_add, False),
+    (_color, True),
+    (_contrast, True),
+    (_brightness, True),
+    (_sharpness, True),
+    (_shear_x, True),
+    (_shear_y, True),
+    (_translate_x, True),
+    (_translate_y, True),
 )
 OP_NAMES = tuple(f.__name__.lstrip("_") for f, _ in _OPS)
 

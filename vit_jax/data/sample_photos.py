@@ -10,9 +10,15 @@ import os
 import numpy as np
 
 
-def write_photo_folder(root: str, num_images: int = 256, num_classes: int = 4,
-                       split: str = "train", size: tuple[int, int] = (500, 375),
-                       quality: int = 90, seed: int = 0) -> list[str]:
+def write_photo_folder(
+    root: str,
+    num_images: int = 256,
+    num_classes: int = 4,
+    split: str = "train",
+    size: tuple[int, int] = (500, 375),
+    quality: int = 90,
+    seed: int = 0,
+) -> list[str]:
     """Writes ``root/<split>/class_<k>/photo_<i>.jpg``; returns the paths."""
     from PIL import Image
     from sklearn.datasets import load_sample_images

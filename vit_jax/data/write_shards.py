@@ -69,9 +69,16 @@ def _example(image: bytes, labels: list[int], image_id: str) -> bytes:
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
-def write_shards(examples: Sequence[Example], output: str, num_shards: int, *,
-                 split: str = "train", num_classes: int | None = None,
-                 class_names: Sequence[str] | None = None, seed: int = 0) -> dict:
+def write_shards(
+    examples: Sequence[Example],
+    output: str,
+    num_shards: int,
+    *,
+    split: str = "train",
+    num_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
+    seed: int = 0,
+) -> dict:
     """Writes ``output/<split>-XXXXX-of-YYYYY.tfrecord`` files and ``output/<split>.json``."""
     from vit_jax.data._tf import tf
 
@@ -84,8 +91,10 @@ def write_shards(examples: Sequence[Example], output: str, num_shards: int, *,
         num_classes = top + 1
     bad = [(p, ls) for p, ls in examples if any(not 0 <= x < num_classes for x in ls)]
     if bad:
-        raise ValueError(f"{len(bad)} example(s) have labels outside [0, {num_classes}), "
-                         f"e.g. {bad[0]}; pass --num_classes or fix the labels")
+        raise ValueError(
+            f"{len(bad)} example(s) have labels outside [0, {num_classes}), "
+            f"e.g. {bad[0]}; pass --num_classes or fix the labels"
+        )
     os.makedirs(output, exist_ok=True)
     order = np.random.default_rng(seed).permutation(len(examples))
     shards = []
@@ -97,8 +106,12 @@ def write_shards(examples: Sequence[Example], output: str, num_shards: int, *,
                 with open(path, "rb") as f:
                     writer.write(_example(f.read(), list(labels), os.path.basename(path)))
         shards.append({"file": fname, "num_examples": int(len(part))})
-    meta = {"split": split, "num_classes": int(num_classes), "num_examples": len(examples),
-            "shards": shards}
+    meta = {
+        "split": split,
+        "num_classes": int(num_classes),
+        "num_examples": len(examples),
+        "shards": shards,
+    }
     if class_names is not None:
         meta["class_names"] = list(class_names)
     with open(os.path.join(output, f"{split}.json"), "w") as f:
@@ -121,8 +134,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         examples, names = read_folder(args.input)
     else:
         examples = read_csv(args.input)
-    meta = write_shards(examples, args.output, args.num_shards, split=args.split,
-                        num_classes=args.num_classes, class_names=names, seed=args.seed)
+    meta = write_shards(
+        examples,
+        args.output,
+        args.num_shards,
+        split=args.split,
+        num_classes=args.num_classes,
+        class_names=names,
+        seed=args.seed,
+    )
     print(json.dumps({k: meta[k] for k in ("split", "num_classes", "num_examples")}))
     return 0
 

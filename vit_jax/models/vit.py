@@ -21,6 +21,7 @@ from vit_jax.models.layers import ActivationSharding, Dense, LayerNorm, constrai
 
 POOL_TYPES = ("tok", "gap", "map")
 POSEMB_TYPES = ("learn", "sincos2d")
+ATTENTION_IMPLS = (None, "xla", "cudnn", "einsum")
 TOKENS = ("batch", "tokens", "embed")
 
 
@@ -60,8 +61,9 @@ class MlpBlock(nnx.Module):
 class Attention(nnx.Module):
     """Multi-head dot-product attention with the public (D, heads, head_dim) kernels.
 
-    Uses `jax.nn.dot_product_attention` (fused kernels where the backend has them) unless
-    attention weights are requested or attention dropout is active.
+    Uses `jax.nn.dot_product_attention` (`implementation` None picks the backend's best,
+    'xla' or 'cudnn' force one) unless attention weights are requested, attention dropout is
+    active, or `implementation='einsum'` asks for the plain einsum-softmax path.
     """
 
     def __init__(
@@ -77,6 +79,10 @@ class Attention(nnx.Module):
     ):
         if width % num_heads:
             raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
+        if implementation not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"unknown attention_impl {implementation!r}; valid: {list(ATTENTION_IMPLS)}"
+            )
         head_dim = width // num_heads
         self.attention_dropout = attention_dropout
         self.implementation = implementation
@@ -102,7 +108,7 @@ class Attention(nnx.Module):
         q, k, v = self.query(inputs_q), self.key(inputs_kv), self.value(inputs_kv)
         use_dropout = train and self.attention_dropout > 0.0 and rngs is not None
         weights = None
-        if return_weights or use_dropout:
+        if return_weights or use_dropout or self.implementation == "einsum":
             scale = 1.0 / math.sqrt(q.shape[-1])
             logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
             weights = jax.nn.softmax(logits * scale, axis=-1).astype(q.dtype)

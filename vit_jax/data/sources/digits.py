@@ -50,8 +50,9 @@ def open_split(cfg, process_index: int, process_count: int) -> Records:
     total = len(labels)
     idx = splits.shard(np.arange(total), process_index, process_count)
     ds = tf.data.Dataset.from_tensor_slices({"image": images[idx], "label": labels[idx]})
-    return Records(ds, num_examples=len(idx),
-                   max_examples=splits.max_shard_size(total, process_count))
+    return Records(
+        ds, num_examples=len(idx), max_examples=splits.max_shard_size(total, process_count)
+    )
 
 
 def num_examples(cfg) -> int:

@@ -53,8 +53,9 @@ def class_names(root: str) -> tuple[str, ...]:
     for split in os.listdir(root):
         split_dir = os.path.join(root, split)
         if os.path.isdir(split_dir):
-            names.update(d for d in os.listdir(split_dir)
-                         if os.path.isdir(os.path.join(split_dir, d)))
+            names.update(
+                d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d))
+            )
     if not names:
         raise DataError(f"no class folders found under {root!r}; expected root/<split>/<class>/")
     return tuple(sorted(names))
@@ -94,8 +95,7 @@ def scan_split(root: str, split: str) -> FolderSplit:
     split_dir = os.path.join(root, split)
     if not os.path.isdir(split_dir):
         raise DataError(
-            f"split folder {split_dir!r} does not exist; splits under {root!r}: "
-            f"{split_names(root)}"
+            f"split folder {split_dir!r} does not exist; splits under {root!r}: {split_names(root)}"
         )
     index = {c: i for i, c in enumerate(class_names(root))}
     paths, labels, bad = [], [], []
@@ -114,8 +114,7 @@ def scan_split(root: str, split: str) -> FolderSplit:
             else:
                 bad.append((path, reason))
     order = splits.deterministic_order(len(paths))
-    return FolderSplit(tuple(paths[i] for i in order), tuple(labels[i] for i in order),
-                       tuple(bad))
+    return FolderSplit(tuple(paths[i] for i in order), tuple(labels[i] for i in order), tuple(bad))
 
 
 def _report_bad(found: FolderSplit, on_bad_image: str, where: str) -> None:
@@ -153,10 +152,13 @@ def open_split(cfg, process_index: int, process_count: int) -> Records:
     if len(paths) == 0:
         raise DataError(f"no readable images in split {cfg.split!r} of {_root(cfg)!r}")
     idx = splits.shard(np.arange(len(paths)), process_index, process_count)
-    ds = tf.data.Dataset.from_tensor_slices(
-        {"path": paths[idx].astype(str), "label": labels[idx]})
-    return Records(ds, parse=_read, num_examples=len(idx),
-                   max_examples=splits.max_shard_size(len(paths), process_count))
+    ds = tf.data.Dataset.from_tensor_slices({"path": paths[idx].astype(str), "label": labels[idx]})
+    return Records(
+        ds,
+        parse=_read,
+        num_examples=len(idx),
+        max_examples=splits.max_shard_size(len(paths), process_count),
+    )
 
 
 def num_examples(cfg) -> int:

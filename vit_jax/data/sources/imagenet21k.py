@@ -58,8 +58,7 @@ def _scan(root: str, tars: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarra
                     tar_id.append(i)
                     offset.append(m.offset_data)
                     size.append(m.size)
-    return (np.asarray(tar_id, np.int64), np.asarray(offset, np.int64),
-            np.asarray(size, np.int64))
+    return (np.asarray(tar_id, np.int64), np.asarray(offset, np.int64), np.asarray(size, np.int64))
 
 
 @functools.lru_cache(maxsize=4)
@@ -75,13 +74,13 @@ def load_index(root: str) -> TarIndex:
     if arrays is None:
         arrays = _scan(root, tars)
         try:
-            np.savez(cache, tars=np.asarray(tars), tar_id=arrays[0], offset=arrays[1],
-                     size=arrays[2])
+            np.savez(
+                cache, tars=np.asarray(tars), tar_id=arrays[0], offset=arrays[1], size=arrays[2]
+            )
         except OSError:
             pass  # Read-only dataset folder: rescan next time.
     order = splits.deterministic_order(len(arrays[0]))
-    return TarIndex(tuple(os.path.join(root, t) for t in tars),
-                    *(a[order] for a in arrays))
+    return TarIndex(tuple(os.path.join(root, t) for t in tars), *(a[order] for a in arrays))
 
 
 def _split_indices(cfg, n: int) -> np.ndarray:
@@ -89,8 +88,12 @@ def _split_indices(cfg, n: int) -> np.ndarray:
     heldout = min(heldout, n)
     name, _, _ = splits.parse_split(cfg.split)
     ranges = {
-        "full": (0, n), "train": (heldout, n), "heldout": (0, heldout),
-        "val": (0, heldout // 2), "validation": (0, heldout // 2), "test": (heldout // 2, heldout),
+        "full": (0, n),
+        "train": (heldout, n),
+        "heldout": (0, heldout),
+        "val": (0, heldout // 2),
+        "validation": (0, heldout // 2),
+        "test": (heldout // 2, heldout),
     }
     if name not in ranges:
         raise DataError(f"ImageNet-21k splits are {sorted(ranges)} (sliceable), not {name!r}")
@@ -107,13 +110,19 @@ def _reader(tars: tuple[str, ...]):
     def one(i, rec):
         tar = tf.gather(paths, rec["label"])
         tail = tf.gather(file_sizes, rec["label"]) - rec["offset"] - rec["size"]
-        body = tf.data.FixedLengthRecordDataset(tar, rec["size"], header_bytes=rec["offset"],
-                                                footer_bytes=tail)
+        body = tf.data.FixedLengthRecordDataset(
+            tar, rec["size"], header_bytes=rec["offset"], footer_bytes=tail
+        )
         return body.map(lambda b: (i, {"image": b, "label": rec["label"]}))
 
     def read(ds: tf.data.Dataset) -> tf.data.Dataset:
-        return ds.interleave(one, cycle_length=16, block_length=1,
-                             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds.interleave(
+            one,
+            cycle_length=16,
+            block_length=1,
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
 
     return read
 
@@ -126,9 +135,14 @@ def open_split(cfg, process_index: int, process_count: int) -> Records:
     total = len(idx)
     idx = splits.shard(idx, process_index, process_count)
     ds = tf.data.Dataset.from_tensor_slices(
-        {"label": index.tar_id[idx], "offset": index.offset[idx], "size": index.size[idx]})
-    return Records(ds, prepare=_reader(index.tars), num_examples=len(idx),
-                   max_examples=splits.max_shard_size(total, process_count))
+        {"label": index.tar_id[idx], "offset": index.offset[idx], "size": index.size[idx]}
+    )
+    return Records(
+        ds,
+        prepare=_reader(index.tars),
+        num_examples=len(idx),
+        max_examples=splits.max_shard_size(total, process_count),
+    )
 
 
 def num_examples(cfg) -> int:

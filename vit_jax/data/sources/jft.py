@@ -35,8 +35,11 @@ def load_metadata(root: str, split: str) -> dict:
     """Reads ``root/split.json``."""
     path = os.path.join(root or "", f"{split}.json")
     if not os.path.exists(path):
-        have = sorted(f[:-5] for f in os.listdir(root) if f.endswith(".json")) \
-            if root and os.path.isdir(root) else []
+        have = (
+            sorted(f[:-5] for f in os.listdir(root) if f.endswith(".json"))
+            if root and os.path.isdir(root)
+            else []
+        )
         raise DataError(
             f"no metadata {path!r} for JFT-like split {split!r} (splits found: {have}); write "
             "shards with `python -m vit_jax.data.write_shards --input ... --output DIR "
@@ -68,8 +71,9 @@ def open_split(cfg, process_index: int, process_count: int) -> Records:
         mine = list(range(process_index, len(files), process_count))
         counts = [sum(sizes[j::process_count]) for j in range(process_count)]
         ds = tf.data.TFRecordDataset([files[j] for j in mine])
-        return Records(ds, parse=parse_record, num_examples=counts[process_index],
-                       max_examples=max(counts))
+        return Records(
+            ds, parse=parse_record, num_examples=counts[process_index], max_examples=max(counts)
+        )
     _, idx = splits.slice_indices(cfg.split, sum(sizes))
     ds = tf.data.TFRecordDataset(files)
     if len(idx):
@@ -78,8 +82,9 @@ def open_split(cfg, process_index: int, process_count: int) -> Records:
         ds = ds.take(0)
     ds = ds.shard(process_count, process_index)
     local = len(splits.shard(idx, process_index, process_count))
-    return Records(ds, parse=parse_record, num_examples=local,
-                   max_examples=math.ceil(len(idx) / process_count))
+    return Records(
+        ds, parse=parse_record, num_examples=local, max_examples=math.ceil(len(idx) / process_count)
+    )
 
 
 def num_examples(cfg) -> int:

@@ -68,8 +68,9 @@ def open_split(cfg, process_index: int, process_count: int) -> Records:
         decoders = {"image": tfds.decode.SkipDecoding()}
     read_config = tfds.ReadConfig(add_tfds_id=False, try_autocache=False)
     try:
-        ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders,
-                                read_config=read_config)
+        ds = builder.as_dataset(
+            split=split, shuffle_files=False, decoders=decoders, read_config=read_config
+        )
     except (AssertionError, FileNotFoundError, tf.errors.NotFoundError) as e:
         raise _not_prepared(builder, cfg.name, cfg.data_dir, e) from e
     except (ValueError, KeyError) as e:
