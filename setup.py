@@ -23,6 +23,15 @@ setup(
         "pillow>=10",
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "hypothesis>=6.100,<7", "pytest-xdist>=3.5,<4", "ruff>=0.6"],
+        "test": [
+            "pytest>=8,<10",
+            "hypothesis>=6.100,<7",
+            "pytest-xdist>=3.5,<4",
+            "ruff>=0.6",
+            # PyTorch interop: files written by save_npz load in timm with identical logits.
+            "torch>=2.14,<2.15",
+            "torchvision>=0.29,<0.30",
+            "timm>=1.0.31,<2",
+        ],
     },
 )

@@ -1,6 +1,6 @@
 """Files written by `save_npz` load in PyTorch through timm's npz loader with identical logits.
 
-Needs torch, torchvision and timm (skipped without them). timm's ViT uses the exact erf GELU;
+Needs torch, torchvision and timm (the test extra installs them). timm's ViT uses the exact erf GELU;
 the release (and this repo) use the tanh approximation, so the timm models are built with
 `nn.GELU(approximate='tanh')` to compare logits tightly.
 """
@@ -10,14 +10,13 @@ from functools import partial
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import timm
+import torch
 from flax import nnx
+from timm.models import vision_transformer
 
-torch = pytest.importorskip("torch")
-timm = pytest.importorskip("timm")
-vision_transformer = pytest.importorskip("timm.models.vision_transformer")
-
-from vit_jax.checkpoint import resize_posemb, save_npz  # noqa: E402
-from vit_jax.models import create_model  # noqa: E402
+from vit_jax.checkpoint import resize_posemb, save_npz
+from vit_jax.models import create_model
 
 
 def random_vit(seed: int, **overrides):

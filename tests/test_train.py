@@ -135,6 +135,31 @@ def test_init_from_npz_replaces_head_and_keeps_body(tmp_path):
     assert head.shape == (32, 10) and not head.any()
 
 
+def test_init_from_another_runs_checkpoint_and_fewshot_during_training(tmp_path):
+    first = str(tmp_path / "first")
+    train.run(tiny_run_config(**{"total_steps": 2, "checkpoint.every_steps": 2}), first)
+    config = tiny_run_config(
+        **{
+            "total_steps": 2,
+            "init_from.path": os.path.join(first, "checkpoints"),
+            "optim.name": "sgd",  # another optimizer: only the parameters are taken
+            "schedule.base_lr": 0.0,
+            "schedule.warmup_steps": 0,
+            "fewshot.datasets": ("digits",),
+            "fewshot.shots": (1, 5),
+        }
+    )
+    results = train.run(config, str(tmp_path / "second"))
+    before, _ = restore_state(tiny_run_config(**{"total_steps": 2}), first, 2)
+    after, _ = restore_state(config, str(tmp_path / "second"), 2)
+    for a, b in zip(
+        jax.tree.leaves(before["params"]), jax.tree.leaves(after["params"]), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert 0.1 <= results["fewshot/digits_5shot"] <= 1.0
+    assert 0.0 <= results["fewshot/digits_1shot"] <= 1.0
+
+
 def test_resume_with_a_different_optimizer_is_refused_clearly(tmp_path):
     train.run(tiny_run_config(), str(tmp_path), stop_after_step=1)
     with pytest.raises(ValueError, match="does not match the train state"):

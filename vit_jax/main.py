@@ -57,8 +57,8 @@ def main(argv: list[str]) -> None:
     if FLAGS.local_device_count:
         jax.config.update("jax_num_cpu_devices", FLAGS.local_device_count)
     if FLAGS.coordinator_address or FLAGS.distributed:
-        if jax.default_backend() == "cpu" or FLAGS.coordinator_address:
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # Cross-process collectives for CPU devices; accelerators use their own.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
             coordinator_address=FLAGS.coordinator_address,
             num_processes=FLAGS.num_processes,

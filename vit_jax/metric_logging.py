@@ -52,18 +52,22 @@ class MetricLogger:
 
     def __init__(self, workdir: str, *, is_main: bool):
         self.is_main = is_main
+        self.workdir = workdir
         self.writer = metric_writers.create_default_writer(
             os.path.join(workdir, "tensorboard"), just_logging=not is_main, asynchronous=True
         )
         self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
         self._jsonl = open(self.jsonl_path, "a") if is_main else None  # noqa: SIM115
 
-    def hparams(self, flat_config: Mapping[str, Any]) -> None:
-        clean = {
-            k: v if isinstance(v, int | float | str | bool) else str(v)
-            for k, v in flat_config.items()
-        }
-        self.writer.write_hparams(clean)
+    def record_config(self, config) -> None:
+        """Hyper-parameters to TensorBoard and the whole config to `config.json`."""
+        flat = _flatten(config.to_dict())
+        self.writer.write_hparams(
+            {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in flat.items()}
+        )
+        if self.is_main:
+            with open(os.path.join(self.workdir, "config.json"), "w") as f:
+                f.write(config.to_json_best_effort(indent=2))
 
     def scalars(self, step: int, values: Mapping[str, Any], *, prefix: str = "") -> None:
         floats = {prefix + k: float(np.asarray(v)) for k, v in values.items()}
@@ -78,6 +82,16 @@ class MetricLogger:
         self.writer.close()
         if self._jsonl is not None:
             self._jsonl.close()
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _json_float(value: float) -> float | str:

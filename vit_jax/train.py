@@ -66,9 +66,9 @@ def initial_params(trainer: Trainer, config: ml_collections.ConfigDict) -> dict 
         )
     abstract, _ = trainer.state_shardings
     source = Checkpointer(path, every_steps=1, async_save=False)
-    state, _ = source.restore(abstract)
+    params = source.restore_params(abstract["params"])
     source.close()
-    return state["params"]
+    return params
 
 
 def run(
@@ -89,7 +89,7 @@ def run(
     steps = total_steps(config)
     trainer = Trainer(config, mesh, num_classes=data.num_classes(config.data), total_steps=steps)
     logger = MetricLogger(workdir, is_main=jax.process_index() == 0)
-    logger.hparams(_flatten(config.to_dict()))
+    logger.record_config(config)
     checkpointer = Checkpointer(
         os.path.join(workdir, "checkpoints"),
         every_steps=config.checkpoint.every_steps,
@@ -225,13 +225,3 @@ def _flops(compiled) -> float | None:
         analysis = analysis[0] if analysis else {}
     flops = (analysis or {}).get("flops")
     return float(flops) if flops and flops > 0 else None
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

@@ -73,6 +73,30 @@ class Checkpointer:
             ) from error
         return restored.state, dict(restored.record)
 
+    def restore_params(self, abstract_params: Any, step: int | None = None) -> Any:
+        """Only the parameters of a checkpoint (e.g. another run's, to fine-tune from).
+
+        The optimizer state of that run is not read, so it may differ from this run's.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+        item = {"params": abstract_params}
+        args = ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item=item,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                partial_restore=True,
+            )
+        )
+        try:
+            return self._manager.restore(step, args=args).state["params"]
+        except ValueError as error:
+            raise ValueError(
+                f"the parameters at step {step} in {self.directory} do not fit this model "
+                f"(another architecture or class count?). Details: {error}"
+            ) from error
+
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are on disk."""
         self._manager.wait_until_finished()
