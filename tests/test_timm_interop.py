@@ -1,7 +1,7 @@
 """Files written by `save_npz` load in PyTorch through timm's npz loader with identical logits.
 
-Needs torch, torchvision and timm (the test extra installs them). timm's ViT uses the exact erf GELU;
-the release (and this repo) use the tanh approximation, so the timm models are built with
+Needs torch, torchvision and timm (the test extra installs them). timm's ViT uses the exact
+erf GELU; the release (and this repo) use the tanh approximation, so the timm models are built with
 `nn.GELU(approximate='tanh')` to compare logits tightly.
 """
 
