@@ -49,7 +49,8 @@ def train_like_step(model_name: str, batch: int, img_size: int, dtype: str, atte
 
 def attention(args: argparse.Namespace) -> dict:
     results = {}
-    for name, impl in (("dot_product_attention", None), ("einsum_softmax", "einsum")):
+    fused = "xla" if jax.default_backend() == "cpu" else None  # None: cuDNN/TPU kernels
+    for name, impl in (("dot_product_attention", fused), ("einsum_softmax", "einsum")):
         fn, params, images = train_like_step(
             args.model, args.batch, args.img_size, args.dtype, impl
         )

@@ -9,6 +9,7 @@ optional `ActivationSharding` callable that the trainer passes in.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -115,17 +116,17 @@ class Dense(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        # One plain 2-D matmul: XLA's CPU (and GPU) backends run it, and its gradients,
+        # markedly faster than a dot_general over several contracting axes (~25% on a
+        # ViT-B/16 train step here).
         dtype = self.dtype or x.dtype
-        kernel = self.kernel[...].astype(dtype)
-        n_in = len(self.in_shape)
-        y = jax.lax.dot_general(
-            x.astype(dtype),
-            kernel,
-            ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())),
-        )
+        fan_in, fan_out = math.prod(self.in_shape), math.prod(self.out_shape)
+        leading = x.shape[: x.ndim - len(self.in_shape)]
+        kernel = self.kernel[...].astype(dtype).reshape(fan_in, fan_out)
+        y = x.reshape(-1, fan_in).astype(dtype) @ kernel
         if self.bias is not None:
-            y = y + self.bias[...].astype(dtype)
-        return y
+            y = y + self.bias[...].astype(dtype).reshape(fan_out)
+        return y.reshape(*leading, *self.out_shape)
 
 
 class LayerNorm(nnx.Module):
