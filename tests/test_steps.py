@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from configs.vit import demo_config
+from helpers import with_changes
 from vit_jax import sharding
 from vit_jax.checkpoint import Checkpointer
 from vit_jax.steps import Trainer
@@ -22,13 +23,7 @@ def tiny_config(**changes):
         config.data.image_size = 8
         config.batch_size = BATCH
         config.schedule.update(warmup_steps=1, base_lr=3e-3)
-        for key, value in changes.items():
-            target = config
-            *parents, leaf = key.split(".")
-            for parent in parents:
-                target = target[parent]
-            target[leaf] = value
-    return config
+    return with_changes(config, **changes)
 
 
 def batches(count=STEPS, batch=BATCH, seed=0):

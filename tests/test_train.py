@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from configs.vit import demo_config
+from helpers import with_changes
 from vit_jax import data, train
 from vit_jax.checkpoint import Checkpointer, save_npz
 from vit_jax.models import create_model
@@ -30,13 +31,7 @@ def tiny_run_config(**changes):
         config.eval_every_steps = 3
         config.checkpoint.update(every_steps=3, keep=5)
         config.schedule.update(warmup_steps=2, base_lr=1e-3)
-        for key, value in changes.items():
-            target = config
-            *parents, leaf = key.split(".")
-            for parent in parents:
-                target = target[parent]
-            target[leaf] = value
-    return config
+    return with_changes(config, **changes)
 
 
 def restore_state(config, workdir, step):
