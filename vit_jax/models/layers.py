@@ -129,6 +129,42 @@ class Dense(nnx.Module):
         return y.reshape(*leading, *self.out_shape)
 
 
+def classifier_head(
+    features: int,
+    num_classes: int,
+    *,
+    in_axis: str,
+    zero_init: bool,
+    bias: float,
+    rngs: nnx.Rngs,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+) -> Dense | None:
+    """The classification layer, or None for a features-only model (num_classes=0).
+
+    A zero kernel is the fine-tuning default; `bias` is e.g. -10 for sigmoid pre-training.
+    """
+    if not num_classes:
+        return None
+    return Dense(
+        (features,),
+        (num_classes,),
+        axes=(in_axis, "classes"),
+        rngs=rngs,
+        kernel_init=zeros if zero_init else lecun_normal(),
+        bias_init=constant(bias),
+        dtype=dtype,
+        param_dtype=param_dtype,
+    )
+
+
+def standardize(x32: jax.Array, axes: tuple[int, ...], epsilon: float) -> jax.Array:
+    """(x - mean) / sqrt(var + epsilon) over `axes`; the shared core of LayerNorm/GroupNorm."""
+    mean = jnp.mean(x32, axis=axes, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=axes, keepdims=True)
+    return (x32 - mean) * jax.lax.rsqrt(var + epsilon)
+
+
 class LayerNorm(nnx.Module):
     """LayerNorm over the last axis; statistics in float32 whatever the compute dtype."""
 
@@ -149,10 +185,7 @@ class LayerNorm(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = self.dtype or x.dtype
-        x32 = x.astype(jnp.float32)
-        mean = jnp.mean(x32, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+        y = standardize(x.astype(jnp.float32), (-1,), self.epsilon)
         y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
         return y.astype(dtype)
 

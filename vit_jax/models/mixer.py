@@ -149,17 +149,14 @@ class MlpMixer(nnx.Module):
             ]
         )
         self.pre_head_layer_norm = LayerNorm(width, **common)
-        self.head = (
-            Dense(
-                (width,),
-                (num_classes,),
-                axes=("embed", "classes"),
-                kernel_init=layers.zeros if head_zero_init else layers.lecun_normal(),
-                bias_init=layers.constant(head_bias_init),
-                **common,
-            )
-            if num_classes
-            else None
+        self.head_bias_init = head_bias_init  # a replaced head (fine-tuning) starts from it
+        self.head = layers.classifier_head(
+            width,
+            num_classes,
+            in_axis="embed",
+            zero_init=head_zero_init,
+            bias=head_bias_init,
+            **common,
         )
 
     def embed(self, images: jax.Array) -> jax.Array:

@@ -98,9 +98,7 @@ class GroupNorm(nnx.Module):
         *lead, channels = x.shape
         x32 = x.astype(jnp.float32).reshape(*lead, self.num_groups, channels // self.num_groups)
         axes = tuple(range(1, x32.ndim - 2)) + (x32.ndim - 1,)
-        mean = jnp.mean(x32, axis=axes, keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), axis=axes, keepdims=True)
-        y = ((x32 - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        y = layers.standardize(x32, axes, self.epsilon).reshape(x.shape)
         y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
         return y.astype(dtype)
 

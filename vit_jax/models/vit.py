@@ -309,18 +309,13 @@ class VisionTransformer(nnx.Module):
             if representation_size
             else None
         )
-        features = representation_size or width
-        self.head = (
-            Dense(
-                (features,),
-                (num_classes,),
-                axes=("representation" if representation_size else "embed", "classes"),
-                kernel_init=layers.zeros if head_zero_init else layers.lecun_normal(),
-                bias_init=layers.constant(head_bias_init),
-                **common,
-            )
-            if num_classes
-            else None
+        self.head = layers.classifier_head(
+            representation_size or width,
+            num_classes,
+            in_axis="representation" if representation_size else "embed",
+            zero_init=head_zero_init,
+            bias=head_bias_init,
+            **common,
         )
 
     # --- forward -------------------------------------------------------------------------
