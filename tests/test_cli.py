@@ -47,12 +47,15 @@ def run_cli(args, devices=2, timeout=300):
 
 
 def test_main_command_trains_evaluates_and_writes_everything(tmp_path):
-    result = run_cli([f"--workdir={tmp_path}", *TINY])
+    profile = ["--config.profile.start_step=2", "--config.profile.num_steps=1"]
+    result = run_cli([f"--workdir={tmp_path}", *TINY, *profile])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "final evaluation: test/top1" in result.stdout
     assert "step 4/4" in result.stdout and "img/s" in result.stdout
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
     assert os.listdir(tmp_path / "tensorboard")
+    traces = [f for _, _, files in os.walk(tmp_path / "profile") for f in files]
+    assert any(f.endswith(".xplane.pb") for f in traces)  # the requested profiler trace
     steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
     assert steps.count(4) == 2  # train and test records at the last step
 

@@ -1,12 +1,14 @@
 """The sharded train step: same losses on any mesh, accumulation, resharding restores."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import with_changes
 
 from configs.vit import demo_config
-from helpers import with_changes
 from vit_jax import sharding
 from vit_jax.checkpoint import Checkpointer
 from vit_jax.steps import Trainer
@@ -143,3 +145,28 @@ def test_mesh_errors_name_the_problem():
         sharding.make_mesh({"tensor": 2, "data": -1})
     with pytest.raises(ValueError, match="unknown sharding rules"):
         sharding.get_rules("zero3")
+
+
+def test_checkpointer_keeps_last_k_and_every_mth_and_ignores_partial_saves(tmp_path):
+    state = {"w": jnp.arange(4.0), "step": jnp.array(0)}
+    checkpointer = Checkpointer(str(tmp_path), every_steps=1, keep=2, keep_every=3)
+    for step in range(1, 8):
+        checkpointer.save(step, state, {"step": step})
+        checkpointer.wait()
+    checkpointer.close()
+    # An interrupted save leaves only a temporary directory: never listed, never read.
+    os.makedirs(tmp_path / "9.orbax-checkpoint-tmp" / "state")
+    reopened = Checkpointer(str(tmp_path), every_steps=1)
+    assert reopened.all_steps() == [3, 6, 7]
+    assert reopened.latest_step() == 7
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(
+            x.shape,
+            x.dtype,
+            sharding=sharding.replicated(sharding.make_mesh({"data": 1}, jax.devices()[:1])),
+        ),
+        state,
+    )
+    restored, record = reopened.restore(abstract)
+    assert record == {"step": 7}
+    np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(4.0))
