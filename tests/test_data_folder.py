@@ -161,3 +161,17 @@ def test_missing_folder_and_split_errors(tmp_path, root):
     cfg = folder_config(root, split="validation")
     with pytest.raises(data.DataError, match="holdout_2024"):
         data.num_examples(cfg)
+
+
+def test_top_level_data_dir_moves_a_dataset_with_one_field(root, tmp_path_factory):
+    cfg = data.get_data_config(f"folder:{root}")
+    elsewhere = str(tmp_path_factory.mktemp("moved"))
+    os.rename(root, os.path.join(elsewhere, "copy"))
+    with cfg.unlocked():
+        cfg.train.data_dir = None
+        for split in cfg.evals.values():
+            split.data_dir = None
+        cfg.data_dir = os.path.join(elsewhere, "copy")
+    assert data.num_examples(cfg) == 12 and data.num_examples(cfg, "holdout_2024") == 5
+    batch = next(data.train_batches(cfg, global_batch_size=4, seed=0))
+    assert batch["image"].shape[0] == 4

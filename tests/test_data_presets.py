@@ -20,7 +20,7 @@ FIXED = [
     "tfds:food101",
 ]
 VTAB = [f"vtab/{t}" for t in presets.VTAB_TASKS]
-TOP = {"name", "num_classes", "multi_label", "image_size", "train", "evals"}
+TOP = {"name", "data_dir", "num_classes", "multi_label", "image_size", "train", "evals"}
 SPLIT = {
     "source",
     "name",

@@ -28,7 +28,10 @@ def run_timm(tmp_path, **request) -> np.ndarray:
     request_path.write_text(json.dumps(request))
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     result = subprocess.run(
-        [sys.executable, REFERENCE, str(request_path)], capture_output=True, text=True, env=env,
+        [sys.executable, REFERENCE, str(request_path)],
+        capture_output=True,
+        text=True,
+        env=env,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -50,8 +53,12 @@ def timm_logits(tmp_path, npz_path, images, *, tanh_gelu=True, **timm_kwargs):
     images_path = tmp_path / "images.npy"
     np.save(images_path, images)
     return run_timm(
-        tmp_path, kind="logits", npz=str(npz_path), images=str(images_path),
-        tanh_gelu=tanh_gelu, timm_kwargs=timm_kwargs,
+        tmp_path,
+        kind="logits",
+        npz=str(npz_path),
+        images=str(images_path),
+        tanh_gelu=tanh_gelu,
+        timm_kwargs=timm_kwargs,
     )
 
 

@@ -7,9 +7,9 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import with_changes
 
 from configs.vit import demo_config
-from helpers import with_changes
 from vit_jax import data, train
 from vit_jax.checkpoint import Checkpointer, save_npz
 from vit_jax.models import create_model

@@ -47,18 +47,26 @@ def num_classes(data_config: ml_collections.ConfigDict) -> int:
     """``data_config.num_classes``, or read from the train source when it is None."""
     if data_config.num_classes is not None:
         return int(data_config.num_classes)
-    cfg = data_config.train
+    cfg = _split_config(data_config, "train")
     return int(get_source(cfg).num_classes(cfg))
 
 
 def _split_config(data_config: ml_collections.ConfigDict, split_name: str):
     if split_name == "train":
-        return data_config.train
+        return _with_data_dir(data_config, data_config.train)
     if split_name in data_config.evals:
-        return data_config.evals[split_name]
+        return _with_data_dir(data_config, data_config.evals[split_name])
     raise KeyError(
         f"unknown split {split_name!r}; have 'train' and evals {sorted(data_config.evals)}"
     )
+
+
+def _with_data_dir(data_config, cfg):
+    """`cfg` with its `data_dir` falling back to the data config's own."""
+    if cfg.data_dir is None and data_config.get("data_dir"):
+        cfg = ml_collections.ConfigDict(cfg.to_dict())
+        cfg.data_dir = data_config.data_dir
+    return cfg
 
 
 def num_examples(data_config: ml_collections.ConfigDict, split_name: str = "train") -> int | None:
@@ -152,7 +160,7 @@ def train_dataset(
     """The infinite, batched train ``tf.data.Dataset`` of one process (see module doc)."""
     pi, pc = _process(process_index, process_count)
     local_batch = _local_batch(global_batch_size, pc)
-    cfg = data_config.train
+    cfg = _split_config(data_config, "train")
     pp_spec = format_pp(cfg.pp, data_config)
     records = _open(cfg, pi, pc)
     n = records.num_examples
@@ -223,7 +231,7 @@ def eval_batches(
         raise KeyError(f"unknown eval {eval_name!r}; have {sorted(data_config.evals)}")
     pi, pc = _process(process_index, process_count)
     local_batch = _local_batch(global_batch_size, pc)
-    cfg = data_config.evals[eval_name]
+    cfg = _with_data_dir(data_config, data_config.evals[eval_name])
     pp_spec = format_pp(cfg.pp, data_config)
     records = _open(cfg, pi, pc)
     largest = records.max_examples

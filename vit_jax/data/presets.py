@@ -80,6 +80,9 @@ def data_config(
     return ml_collections.ConfigDict(
         {
             "name": name,
+            # Where the data lives (TFDS data_dir, or the root of a folder / ImageNet-21k /
+            # JFT-like dataset); a split's own `data_dir` takes precedence.
+            "data_dir": None,
             "num_classes": num_classes,
             "multi_label": multi_label,
             "image_size": image_size,
