@@ -208,5 +208,16 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         config.dataset = dataset
         config.data = data.get_data_config(dataset)
         apply_recipe(config, recipe)
+        _drop_inapplicable_model_fields(config)
     config.lock()
     return config
+
+
+def _drop_inapplicable_model_fields(config: ml_collections.ConfigDict) -> None:
+    """Recipe defaults that the chosen model does not take (e.g. `posemb` for a Mixer)."""
+    from vit_jax.models import valid_overrides
+
+    accepted = set(valid_overrides(config.model_name))
+    for field in config.model:
+        if field not in accepted:
+            config.model[field] = None

@@ -176,16 +176,31 @@ def initial_state(trainer: Trainer, checkpointer: Checkpointer, config) -> dict:
 
 
 def compile_train_step(trainer: Trainer):
-    """The train step compiled ahead of time, and its FLOPs from XLA's cost analysis."""
+    """The train step compiled ahead of time from abstract shapes (nothing is allocated),
+    and the FLOPs of one step on the whole mesh."""
     abstract_state, _ = trainer.state_shardings
-    compiled = (
-        trainer.make_train_step()
-        .lower(
-            abstract_state, _abstract_batch(trainer.config, trainer.batch_shardings_without_mask())
+    compiled = trainer.make_train_step().lower(abstract_state, _abstract_batch(trainer)).compile()
+    return compiled, step_flops(trainer)
+
+
+def step_flops(trainer: Trainer) -> float | None:
+    """FLOPs of one train step for the global batch, from XLA's analysis of the program
+    before partitioning. XLA counts a loop body once, so a scanned model is counted through
+    an unrolled twin (traced and lowered only, never compiled)."""
+    if trainer.config.model.scan:
+        config = ml_collections.ConfigDict(trainer.config.to_dict())
+        config.model.scan = False
+        trainer = Trainer(
+            config, trainer.mesh, num_classes=trainer.num_classes, total_steps=trainer.total_steps
         )
-        .compile()
-    )
-    return compiled, _flops(compiled)
+    abstract_state, _ = trainer.state_shardings
+    lowered = trainer.make_train_step().lower(abstract_state, _abstract_batch(trainer))
+    try:
+        analysis = lowered.cost_analysis()
+    except Exception:  # noqa: BLE001 - some backends do not implement it
+        return None
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
 
 
 class StepProfiler:
@@ -206,22 +221,13 @@ class StepProfiler:
             jax.profiler.stop_trace()
 
 
-def _abstract_batch(config, shardings) -> dict[str, jax.ShapeDtypeStruct]:
+def _abstract_batch(trainer: Trainer) -> dict[str, jax.ShapeDtypeStruct]:
+    config, shardings = trainer.config, trainer.batch_shardings_without_mask()
     size = config.data.image_size
     shapes = {
         "image": (config.batch_size, size, size, 3),
-        "labels": (config.batch_size, data.num_classes(config.data)),
+        "labels": (config.batch_size, trainer.num_classes),
     }
-    return {k: jax.ShapeDtypeStruct(shapes[k], jnp.float32, sharding=shardings[k]) for k in shapes}
-
-
-def _flops(compiled) -> float | None:
-    """FLOPs of one compiled step from XLA's cost analysis, if it reports them."""
-    try:
-        analysis = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 - some backends do not implement it
-        return None
-    if isinstance(analysis, list):
-        analysis = analysis[0] if analysis else {}
-    flops = (analysis or {}).get("flops")
-    return float(flops) if flops and flops > 0 else None
+    return {
+        k: jax.ShapeDtypeStruct(shapes[k], jnp.float32, sharding=shardings[k]) for k in shapes
+    }
