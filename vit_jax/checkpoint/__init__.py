@@ -8,9 +8,9 @@ from vit_jax.checkpoint.npz import (
     load_npz,
     npz_arrays,
     read_npz,
-    resize_posemb,
     save_npz,
 )
+from vit_jax.checkpoint.posemb import resize_posemb
 
 __all__ = [
     "Checkpointer",
