@@ -120,36 +120,33 @@ def run(
     evaluator = evaluate.Evaluator(trainer, logger, total_steps=steps)
     profiler = StepProfiler(workdir, config.profile, enabled=logger.is_main)
     finite, good_step, results = jnp.array(True), start_step, {}
-    for step in range(start_step + 1, steps + 1):
-        with profiler.step(step):
-            state, stats = train_step(state, next(batches))
-        finite = finite & stats.pop("finite")
-        last = step in (steps, stop_after_step)
-        log_now = due(step, config.log_every_steps, last)
-        save_now = due(step, config.checkpoint.every_steps, last)
-        if log_now or save_now:
-            if not bool(finite):
-                checkpointer.close()
-                raise NonFiniteLossError(
-                    f"the loss became NaN or Inf between steps {good_step} and {step}; the last "
-                    f"good checkpoint ({checkpointer.latest_step()}) in {checkpointer.directory} "
-                    "is kept. Lower the learning rate or check the input data."
-                )
-            good_step = step
-        if log_now:
-            values = {k: float(v) for k, v in jax.device_get(stats).items()}
-            values.update(progress.update(step))
-            logger.scalars(step, values, prefix="train/")
-            if logger.is_main:
-                print(format_line(step, steps, values), flush=True)
-        if save_now:
-            checkpointer.save(step, state, {"step": step, "data_position": step}, force=last)
-        if due(step, config.eval_every_steps, last):
-            results = evaluator.classification(step, state["params"])
-        if due(step, config.fewshot.every_steps or config.eval_every_steps, last):
-            results.update(evaluator.fewshot(step, state["params"]))
-        if step == stop_after_step:
-            break
+    try:
+        for step in range(start_step + 1, steps + 1):
+            with profiler.step(step):
+                state, stats = train_step(state, next(batches))
+            finite = finite & stats.pop("finite")
+            last = step in (steps, stop_after_step)
+            log_now = due(step, config.log_every_steps, last)
+            save_now = due(step, config.checkpoint.every_steps, last)
+            if log_now or save_now:
+                ensure_finite(finite, good_step, step, checkpointer)
+                good_step = step
+            if log_now:
+                values = {k: float(v) for k, v in jax.device_get(stats).items()}
+                values.update(progress.update(step))
+                logger.scalars(step, values, prefix="train/")
+                if logger.is_main:
+                    print(format_line(step, steps, values), flush=True)
+            if save_now:
+                checkpointer.save(step, state, {"step": step, "data_position": step}, force=last)
+            if due(step, config.eval_every_steps, last):
+                results = evaluator.classification(step, state["params"])
+            if due(step, config.fewshot.every_steps or config.eval_every_steps, last):
+                results.update(evaluator.fewshot(step, state["params"]))
+            if step == stop_after_step:
+                break
+    finally:
+        batches.close()  # stops the input thread before anything shuts down
     if start_step == steps:  # nothing left to train: report the finished run's evaluation
         results = {
             **evaluator.classification(steps, state["params"]),
@@ -158,6 +155,18 @@ def run(
     checkpointer.close()
     logger.close()
     return results
+
+
+def ensure_finite(finite: jax.Array, good_step: int, step: int, checkpointer) -> None:
+    """Stops the run, keeping the last good checkpoint, once a loss was NaN or Inf."""
+    if bool(finite):
+        return
+    checkpointer.close()
+    raise NonFiniteLossError(
+        f"the loss became NaN or Inf between steps {good_step} and {step}; the last good "
+        f"checkpoint ({checkpointer.latest_step()}) in {checkpointer.directory} is kept. "
+        "Lower the learning rate or check the input data."
+    )
 
 
 def due(step: int, every: int | None, last: bool) -> bool:
@@ -228,6 +237,4 @@ def _abstract_batch(trainer: Trainer) -> dict[str, jax.ShapeDtypeStruct]:
         "image": (config.batch_size, size, size, 3),
         "labels": (config.batch_size, trainer.num_classes),
     }
-    return {
-        k: jax.ShapeDtypeStruct(shapes[k], jnp.float32, sharding=shardings[k]) for k in shapes
-    }
+    return {k: jax.ShapeDtypeStruct(shapes[k], jnp.float32, sharding=shardings[k]) for k in shapes}

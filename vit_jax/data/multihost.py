@@ -81,3 +81,6 @@ def prefetch_to_device(
             yield item
     finally:
         stop.set()
+        # Let the worker leave TensorFlow before the interpreter can shut down under it (a
+        # daemon thread killed inside C++ code aborts the process at exit).
+        thread.join(timeout=30)
