@@ -52,6 +52,8 @@ def _paths(tree: dict, prefix: str = ""):
 
 def main(argv: list[str]) -> None:
     del argv
+    if FLAGS.workdir is None:
+        raise SystemExit("error: --workdir is required")
     import jax
 
     if FLAGS.local_device_count:
@@ -68,8 +70,6 @@ def main(argv: list[str]) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes
     from vit_jax import train
 
-    if FLAGS.workdir is None:
-        raise SystemExit("error: --workdir is required")
     results = train.run(FLAGS.config, FLAGS.workdir)
     if jax.process_index() == 0:
         print("final evaluation: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
