@@ -26,12 +26,11 @@ def classification(
     batch_sharding: jax.sharding.NamedSharding,
 ) -> dict[str, float]:
     """Loss, top-1 and top-5 (precision@1 for multi-label data) over one eval set."""
-    totals: dict[str, float] = {}
+    totals = None
     for batch in data.eval_batches(data_config, eval_name, global_batch_size=batch_size):
         counts = eval_step(params, data.to_global_batch(batch, batch_sharding))
-        for key, value in jax.device_get(counts).items():
-            totals[key] = totals.get(key, 0.0) + float(value)
-    if not totals:
+        totals = metrics.add_counts(totals, jax.device_get(counts))
+    if totals is None:
         raise ValueError(f"eval set {eval_name!r} yielded no examples")
     return metrics.finalize(totals)
 

@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 
 from vit_jax import losses, metrics, mixup, optim, sharding
+from vit_jax.checkpoint import abstract_like
 from vit_jax.models import ActivationSharding, create_model
 
 TrainState = dict[str, Any]
@@ -94,10 +95,7 @@ class Trainer:
             "opt_state": abstract_opt,
             "step": jax.ShapeDtypeStruct((), jnp.int32),
         }
-        abstract = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
-        )
-        return abstract, shardings
+        return abstract_like(abstract, shardings), shardings
 
     def init_state(self, params: dict | None = None) -> TrainState:
         """A fresh sharded state; `params` (a pure dict) replaces the random init if given."""
