@@ -99,6 +99,10 @@ def base_config() -> ml_collections.ConfigDict:
     )
     config.profile = ml_collections.ConfigDict(dict(start_step=-1, num_steps=5))
     config.peak_flops_per_device = config_dict.placeholder(float)
+    # A step whose loss or gradients are not finite: "stop" the run, or "skip" it (no
+    # update, counted); `max_consecutive_skips` skipped steps in a row stop the run.
+    config.on_nonfinite = "stop"
+    config.max_consecutive_skips = 10
     return config
 
 
