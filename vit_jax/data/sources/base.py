@@ -5,9 +5,10 @@ from collections.abc import Callable
 from typing import Any
 
 from vit_jax.data._tf import tf
+from vit_jax.errors import UserError
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data source is misconfigured or its files are missing or broken."""
 
 
