@@ -1,0 +1,355 @@
+"""A trained model ready for use: from a run's workdir or a released `.npz`.
+
+`load_run(workdir)` rebuilds the run's config from the `config.json` the trainer wrote,
+builds the model from abstract shapes (nothing random is allocated), restores the newest
+complete checkpoint's parameters and builds the run's evaluation preprocessing for single
+image files, so a picture goes through the same ops as the run's evaluation did.
+`load_npz_model` does the same for a public-layout `.npz` with the release's preprocessing.
+The commands `predict`, `visualize` and `export` start from here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import io
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from vit_jax import data
+from vit_jax.checkpoint import Checkpointer, CheckpointError, load_npz
+from vit_jax.data import label_ops, pp_parse, presets, registry
+from vit_jax.data._tf import tf
+from vit_jax.errors import UserError
+from vit_jax.models import create_model
+from vit_jax.sharding import make_mesh
+from vit_jax.steps import Trainer
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+_TF_FORMATS = ("JPEG", "PNG", "GIF", "BMP")  # what the eval pipeline's decode op reads
+# Label and key ops only touch labels; a single image has none, so they are left out.
+_LABEL_OPS = frozenset(
+    name
+    for name, fn in vars(label_ops).items()
+    if callable(fn) and getattr(fn, "__module__", None) == label_ops.__name__
+)
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model with what is needed to feed it images and name its outputs."""
+
+    model: nnx.Module
+    config: ml_collections.ConfigDict | None  # the run's config (None for an .npz)
+    class_names: tuple[str, ...] | None
+    pp: str  # the evaluation preprocessing applied to one image (label ops left out)
+    image_size: int
+    multi_label: bool = False  # sigmoid outputs instead of a softmax
+    step: int | None = None
+    source: str = ""  # the workdir or the .npz file
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.model.num_classes)
+
+    @functools.cached_property
+    def _pp_fn(self) -> Callable[[tf.Tensor], tf.Tensor]:
+        pp = registry.build_pp(self.pp)
+        spec = tf.TensorSpec([], tf.string)
+        return tf.function(lambda raw: tf.cast(pp({"image": raw}, 0)["image"], tf.float32), [spec])
+
+    def preprocess(self, encoded: bytes) -> np.ndarray:
+        """Encoded image bytes -> the (H, W, 3) float32 array evaluation would feed."""
+        return self._pp_fn(tf.constant(encoded)).numpy()
+
+    @functools.cached_property
+    def _forward(self) -> Callable[[nnx.State, jax.Array], jax.Array]:
+        graphdef, _ = nnx.split(self.model)
+        return jax.jit(lambda state, images: nnx.merge(graphdef, state)(images, train=False))
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """Logits (B, classes) of a batch of preprocessed images (jit-compiled per shape)."""
+        return np.asarray(self._forward(nnx.state(self.model), images))
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """Softmax over classes, or per-class sigmoids for a multi-label model."""
+        logits = np.asarray(logits, np.float64)
+        if self.multi_label:
+            return 1.0 / (1.0 + np.exp(-logits))
+        shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        return shifted / shifted.sum(axis=-1, keepdims=True)
+
+    def label(self, index: int) -> str | int:
+        """The class name, or the index where the dataset has no names."""
+        return self.class_names[index] if self.class_names else int(index)
+
+
+# --- a run's workdir -------------------------------------------------------------------------
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    """The run's config as the trainer saved it in `config.json`."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isdir(workdir):
+        raise UserError(f"--workdir {workdir}: no such directory; give a training run's workdir")
+    if not os.path.isfile(path):
+        raise UserError(
+            f"--workdir {workdir}: no config.json, so not a training run's workdir "
+            "(`python -m vit_jax.main --workdir=...` writes it)"
+        )
+    try:
+        with open(path) as f:
+            return ml_collections.ConfigDict(json.load(f))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable config ({e})") from None
+
+
+def load_run(workdir: str, step: int | None = None) -> LoadedModel:
+    """The model of a training run at its newest complete checkpoint (or at `step`)."""
+    config = read_config(workdir)
+    checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1)
+    try:
+        step = checkpoints.latest_step() if step is None else step
+        if step is None or step not in checkpoints.all_steps():
+            raise UserError(
+                f"--workdir {workdir}: no complete checkpoint"
+                + (f" at step {step}; steps: {checkpoints.all_steps()}" if step else "")
+                + "; train longer or point at another run"
+            )
+        num_classes = _num_classes(config, workdir, step)
+        trainer = Trainer(config, _one_device_mesh(), num_classes=num_classes, total_steps=1)
+        overrides = dict(trainer.model_overrides(), activation_sharding=None)
+        model = nnx.eval_shape(lambda: create_model(config.model_name, **overrides))
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+            nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+        )
+        params = checkpoints.restore_params(abstract, step)
+    finally:
+        checkpoints.close()
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(model, state)
+    return LoadedModel(
+        model=model,
+        config=config,
+        class_names=_checked_names(class_names(config.data), num_classes),
+        pp=eval_pp(config.data, num_classes),
+        image_size=int(config.data.image_size),
+        multi_label=bool(config.data.multi_label) or "sigmoid" in str(config.loss),
+        step=int(step),
+        source=workdir,
+    )
+
+
+def _one_device_mesh() -> jax.sharding.Mesh:
+    return make_mesh({"data": 1, "fsdp": 1, "model": 1}, devices=jax.devices()[:1])
+
+
+def _num_classes(config: ml_collections.ConfigDict, workdir: str, step: int) -> int:
+    """From the data config, else (the dataset is gone) from the checkpoint's head shape."""
+    try:
+        return data.num_classes(config.data)
+    except (data.DataError, OSError):
+        import orbax.checkpoint as ocp
+
+        path = os.path.join(workdir, "checkpoints", str(step), "state")
+        tree = ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree
+        return int(tree["params"]["head"]["bias"].shape[0])
+
+
+def eval_pp(data_config: ml_collections.ConfigDict, num_classes: int, split: str = "") -> str:
+    """The run's evaluation pp string for one image: placeholders filled, label ops dropped."""
+    name = split or next(iter(data_config.evals))
+    cfg = ml_collections.ConfigDict(data_config.to_dict())
+    cfg.num_classes = num_classes
+    spec = data.format_pp(cfg.evals[name].pp, cfg)
+    ops = [op for op in pp_parse.parse_pp(spec) if op.name not in _LABEL_OPS]
+    return "|".join(_format_op(op) for op in ops)
+
+
+def _format_op(op: pp_parse.OpCall) -> str:
+    args = [repr(a) for a in op.args] + [f"{k}={v!r}" for k, v in op.kwargs.items()]
+    return f"{op.name}({', '.join(args)})" if args else op.name
+
+
+def class_names(data_config: ml_collections.ConfigDict) -> tuple[str, ...] | None:
+    """Class names where the dataset has them (digits, image folders, TFDS), else None."""
+    split = data_config.train
+    try:
+        if split.source == "digits":
+            return tuple(str(i) for i in range(10))
+        if split.source == "folder":
+            from vit_jax.data.sources import folder
+
+            return folder.class_names(split.data_dir or data_config.data_dir or split.name)
+        if split.source == "tfds":
+            import tensorflow_datasets as tfds
+
+            builder = tfds.builder(split.name, data_dir=split.data_dir or data_config.data_dir)
+            return tuple(builder.info.features["label"].names)
+    except Exception:  # noqa: BLE001 - names are a nicety; a missing dataset leaves indices
+        return None
+    return None
+
+
+def _checked_names(names: Sequence[str] | None, num_classes: int) -> tuple[str, ...] | None:
+    return tuple(names) if names is not None and len(names) == num_classes else None
+
+
+# --- a released .npz ---------------------------------------------------------------------------
+
+
+def load_npz_model(
+    path: str,
+    model_name: str,
+    num_classes: int | None = None,
+    img_size: int = 224,
+    labels_file: str | None = None,
+) -> LoadedModel:
+    """A public-layout `.npz` as a model, with the release's resize-to-size preprocessing."""
+    if not os.path.isfile(path):
+        raise UserError(f"--checkpoint {path}: no such file")
+    names = read_labels(labels_file) if labels_file else None
+    if num_classes is None:
+        num_classes = len(names) if names else _npz_num_classes(path)
+    if names is not None and len(names) != num_classes:
+        raise UserError(
+            f"--labels {labels_file}: {len(names)} names for a {num_classes}-class model"
+        )
+    try:
+        model = nnx.eval_shape(
+            lambda: create_model(model_name, num_classes=num_classes, img_size=img_size)
+        )
+        load_npz(model, path, head="keep")
+    except (ValueError, TypeError, CheckpointError) as e:
+        first = str(e).splitlines()[0]
+        raise UserError(f"--checkpoint {path} --model {model_name}: {first}") from None
+    spec = presets.RESIZE_EVAL_PP.replace("|onehot({num_classes})", "")
+    return LoadedModel(
+        model=model,
+        config=None,
+        class_names=names,
+        pp=spec.format(image_size=img_size),
+        image_size=img_size,
+        source=path,
+    )
+
+
+def _npz_num_classes(path: str) -> int:
+    with np.load(path, allow_pickle=False) as archive:
+        head = [k for k in archive.files if k.endswith("head/bias")]
+        if not head:
+            raise UserError(f"--checkpoint {path}: the file has no classifier head; --num_classes")
+        return int(archive[head[0]].shape[0])
+
+
+def read_labels(path: str) -> tuple[str, ...]:
+    """One class name per line."""
+    try:
+        with open(path) as f:
+            names = [line.strip() for line in f]
+    except OSError as e:
+        raise UserError(f"--labels {path}: cannot read it ({e.strerror})") from None
+    while names and not names[-1]:
+        names.pop()
+    if not names:
+        raise UserError(f"--labels {path}: the file is empty; give one class name per line")
+    return tuple(names)
+
+
+# --- image files -------------------------------------------------------------------------------
+
+
+def list_images(paths: Iterable[str]) -> list[str]:
+    """Files as given, folders expanded to the image files under them (sorted)."""
+    files: list[str] = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(
+                os.path.join(root, name)
+                for root, _, names in os.walk(path)
+                for name in names
+                if name.lower().endswith(IMAGE_EXTENSIONS)
+            )
+            if not found:
+                raise UserError(
+                    f"{path}: the folder holds no image files ({', '.join(IMAGE_EXTENSIONS)})"
+                )
+            files.extend(found)
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise UserError(f"{path}: no such image file or folder")
+    return files
+
+
+def read_image(path: str) -> bytes:
+    """The file's encoded bytes, checked to decode; formats TF cannot read become PNG."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        with Image.open(io.BytesIO(raw)) as image:
+            image.load()
+            if image.format in _TF_FORMATS:
+                return raw
+            out = io.BytesIO()
+            image.convert("RGB").save(out, "PNG")
+            return out.getvalue()
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such image file") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"{path}: not a readable image ({e}); give a JPEG or PNG file") from None
+
+
+def load_images(loaded: LoadedModel, files: Sequence[str]) -> np.ndarray:
+    """Preprocessed images (B, H, W, 3) of the given files."""
+    return np.stack([loaded.preprocess(read_image(f)) for f in files])
+
+
+# --- command-line plumbing shared by predict, visualize and export ----------------------------
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--workdir, or --checkpoint/--model/--labels for a released .npz."""
+    group = parser.add_argument_group("model (a training run, or a released .npz)")
+    group.add_argument("--workdir", help="a training run's directory (newest checkpoint)")
+    group.add_argument("--step", type=int, help="a checkpoint step other than the newest")
+    group.add_argument("--checkpoint", help="a public-layout .npz file instead of a run")
+    group.add_argument("--model", help="the .npz's model name, e.g. ViT-B/16")
+    group.add_argument("--labels", help="class names for the .npz, one per line")
+    group.add_argument("--img_size", type=int, default=224, help="the .npz model's input size")
+    group.add_argument("--num_classes", type=int, help="the .npz's class count (default: its head)")
+
+
+def load_from_args(args: argparse.Namespace) -> LoadedModel:
+    """The model the command-line arguments name."""
+    if bool(args.workdir) == bool(args.checkpoint):
+        raise UserError("give either --workdir <run> or --checkpoint <file.npz> --model <name>")
+    if args.workdir:
+        return load_run(args.workdir, args.step)
+    if not args.model:
+        raise UserError("--checkpoint needs --model, e.g. --model ViT-B/16")
+    return load_npz_model(args.checkpoint, args.model, args.num_classes, args.img_size, args.labels)
+
+
+def run_main(main: Callable[[], int]) -> int:
+    """Runs a command; a UserError becomes one line on stderr and exit status 2."""
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax logs every file it reads
+    try:
+        return main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,114 @@
+"""Top-k predictions for image files from a trained run or a released `.npz`.
+
+    python -m vit_jax.predict --workdir workdir/digits seven.png more/ [--top_k 3] [--json]
+    python -m vit_jax.predict --checkpoint ViT-B_16.npz --model ViT-B/16 --labels labels.txt x.jpg
+
+Each image goes through the run's evaluation preprocessing (read from its saved config) and
+the model in batches of `--batch_size`, padded to a fixed shape so one compiled program
+serves every batch; a progress bar goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+from vit_jax import inference  # noqa: E402
+from vit_jax.errors import UserError  # noqa: E402
+
+
+def predict(
+    loaded: inference.LoadedModel,
+    files: Sequence[str],
+    *,
+    top_k: int = 5,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> list[dict]:
+    """`[{"file", "top": [{"label", "prob"}, ...]}, ...]`, one entry per file, in order."""
+    top_k = min(top_k, loaded.num_classes)
+    results = []
+    bar = ProgressBar(len(files), enabled=progress)
+    for start in range(0, len(files), batch_size):
+        chunk = files[start : start + batch_size]
+        images = inference.load_images(loaded, chunk)
+        padded = np.zeros((batch_size, *images.shape[1:]), np.float32)
+        padded[: len(chunk)] = images
+        probs = loaded.probabilities(loaded.logits(padded))[: len(chunk)]
+        for path, p in zip(chunk, probs, strict=True):
+            order = np.argsort(-p, kind="stable")[:top_k]
+            top = [{"label": loaded.label(int(i)), "prob": float(p[i])} for i in order]
+            results.append({"file": path, "top": top})
+        bar.update(len(chunk))
+    bar.close()
+    return results
+
+
+class ProgressBar:
+    """`[#####.....] 12/40 images` redrawn in place on stderr."""
+
+    def __init__(self, total: int, *, enabled: bool, width: int = 30):
+        self.total, self.done, self.enabled, self.width = total, 0, enabled, width
+
+    def update(self, count: int) -> None:
+        self.done += count
+        if self.enabled:
+            filled = self.width * self.done // max(1, self.total)
+            bar = "#" * filled + "." * (self.width - filled)
+            print(f"\r[{bar}] {self.done}/{self.total} images", end="", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.enabled:
+            print(file=sys.stderr, flush=True)
+
+
+def format_text(results: list[dict]) -> str:
+    """One header line per file, then `prob  label` lines."""
+    lines = []
+    for entry in results:
+        lines.append(entry["file"])
+        lines.extend(f"  {t['prob']:.4f}  {t['label']}" for t in entry["top"])
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m vit_jax.predict", description="Top-k classes of image files."
+    )
+    parser.add_argument("images", nargs="+", help="image files or folders of images")
+    inference.add_model_arguments(parser)
+    parser.add_argument("--top_k", type=int, default=5, help="classes shown per image")
+    parser.add_argument("--batch_size", type=int, default=32, help="images per forward pass")
+    parser.add_argument("--json", action="store_true", help="print one JSON list instead")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def run() -> int:
+        if args.top_k < 1:
+            raise UserError(f"--top_k {args.top_k}: give a positive number of classes")
+        if args.batch_size < 1:
+            raise UserError(f"--batch_size {args.batch_size}: give a positive batch size")
+        files = inference.list_images(args.images)
+        loaded = inference.load_from_args(args)
+        results = predict(
+            loaded, files, top_k=args.top_k, batch_size=args.batch_size, progress=not args.quiet
+        )
+        print(json.dumps(results, indent=1) if args.json else format_text(results))
+        return 0
+
+    return inference.run_main(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
