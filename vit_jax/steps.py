@@ -3,7 +3,10 @@
 Everything here is a function of abstract shapes plus config, so it compiles ahead of time
 (`jax.jit(...).lower(abstract...).compile()`) for any mesh. The train state is a plain dict
 `{'params', 'opt_state', 'step'}`; randomness comes from `fold_in(seed, step)`, so the state
-and the step alone fix every later update (bit-identical resume).
+and the step alone fix every later update (bit-identical resume). With
+`config.on_nonfinite="skip"` a step whose loss, gradients or new parameters are not finite
+keeps the old parameters and optimizer state (only the step advances) and reports
+`skipped=1`.
 """
 
 from __future__ import annotations
@@ -20,9 +23,34 @@ from flax import nnx
 
 from vit_jax import losses, metrics, mixup, optim, sharding
 from vit_jax.checkpoint import abstract_like
+from vit_jax.errors import UserError
 from vit_jax.models import ActivationSharding, create_model
 
 TrainState = dict[str, Any]
+
+
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+class ConfigValueError(UserError, ValueError):
+    """A config field has a value this trainer does not accept."""
+
+
+def nonfinite_policy(config: ml_collections.ConfigDict) -> str:
+    """config.on_nonfinite, checked: "stop" the run or "skip" the step (no update)."""
+    policy = config.get("on_nonfinite", "stop")
+    if policy not in NONFINITE_POLICIES:
+        raise ConfigValueError(
+            f"config.on_nonfinite={policy!r} is not one of {NONFINITE_POLICIES}; use 'stop' "
+            "to end the run at a NaN/Inf loss or 'skip' to drop such steps"
+        )
+    skips = config.get("max_consecutive_skips", 10)
+    if policy == "skip" and (not isinstance(skips, int) or skips < 1):
+        raise ConfigValueError(
+            f"config.max_consecutive_skips={skips!r} must be a positive integer (the number "
+            "of skipped steps in a row that stops the run)"
+        )
+    return policy
 
 
 class Trainer:
@@ -137,6 +165,7 @@ class Trainer:
         accum = int(config.optim.grad_accum_steps)
         seed = int(config.seed)
         mix = config.mixup
+        skip_nonfinite = nonfinite_policy(config) == "skip"
 
         def loss_of(params, images, labels, rng):
             model = nnx.merge(graphdef, params)
@@ -165,15 +194,20 @@ class Trainer:
                 )
             updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
             params = optax.apply_updates(state["params"], updates)
-            new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
+            grad_norm = optax.global_norm(grads)
             param_norm = optax.global_norm(params)
-            stats = {
-                "loss": loss,
-                "finite": jnp.isfinite(loss) & jnp.isfinite(param_norm),
-                "grad_norm": optax.global_norm(grads),
-                "param_norm": param_norm,
-                "learning_rate": schedule(state["step"]),
-            }
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
+            stats = {"loss": loss, "finite": finite, "grad_norm": grad_norm}
+            if skip_nonfinite:  # a bad step changes nothing but the step (= data position)
+                params, opt_state = jax.tree.map(
+                    lambda new, old: jnp.where(finite, new, old),
+                    (params, opt_state),
+                    (state["params"], state["opt_state"]),
+                )
+                param_norm = optax.global_norm(params)
+                stats["skipped"] = jnp.logical_not(finite).astype(jnp.int32)
+            new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
+            stats.update(param_norm=param_norm, learning_rate=schedule(state["step"]))
             return new_state, stats
 
         return jax.jit(

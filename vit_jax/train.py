@@ -3,6 +3,12 @@
 `run(config, workdir)` resumes from the newest complete checkpoint in `workdir`, otherwise
 starts from `config.init_from` (a released `.npz` or another run's checkpoint directory) or
 from scratch. The checkpoint holds the step, which is also the data position.
+
+Failure behaviour (README "Failure behaviour"): SIGTERM/SIGINT save a checkpoint at the
+current step and raise `Preempted` (a SystemExit with status 128 + signal number); a
+workdir without room for one checkpoint is refused before training; a NaN/Inf step stops
+the run (`on_nonfinite="stop"`) or is skipped (`"skip"`, up to `max_consecutive_skips` in
+a row); no bad state is ever saved over a good checkpoint.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,14 +26,24 @@ from flax import nnx
 
 from vit_jax import data, evaluate, sharding
 from vit_jax.checkpoint import Checkpointer, load_npz
+from vit_jax.checkpoint.manager import check_room
+from vit_jax.data import pipeline
+from vit_jax.errors import UserError
 from vit_jax.metric_logging import MetricLogger, Progress, format_line, peak_flops
-from vit_jax.steps import Trainer
+from vit_jax.preemption import Preempted, StopSignals
+from vit_jax.steps import Trainer, nonfinite_policy
 
 log = logging.getLogger("vit_jax")
 
+__all__ = ["NonFiniteLossError", "Preempted", "TooManySkippedStepsError", "run"]
 
-class NonFiniteLossError(RuntimeError):
+
+class NonFiniteLossError(UserError, RuntimeError):
     """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+class TooManySkippedStepsError(UserError, RuntimeError):
+    """`config.max_consecutive_skips` steps in a row were not finite and were skipped."""
 
 
 def total_steps(config: ml_collections.ConfigDict) -> int:
@@ -79,6 +96,7 @@ def run(
     `stop_after_step` ends the run early, after saving a checkpoint at that step, as a
     preemption would; running again resumes from there.
     """
+    policy = nonfinite_policy(config)
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding.make_mesh(config.mesh.to_dict())
     if config.batch_size % sharding.data_parallel_size(mesh):
@@ -97,6 +115,7 @@ def run(
         keep_every=config.checkpoint.keep_every,
         async_save=config.checkpoint.async_save,
     )
+    check_room(checkpointer.directory, trainer.state_shardings[0])
     state = initial_state(trainer, checkpointer, config)
     start_step = int(jax.device_get(state["step"]))
     train_step, flops = compile_train_step(trainer)
@@ -119,34 +138,61 @@ def run(
     )
     evaluator = evaluate.Evaluator(trainer, logger, total_steps=steps)
     profiler = StepProfiler(workdir, config.profile, enabled=logger.is_main)
-    finite, good_step, results = jnp.array(True), start_step, {}
+    skips = SkipCounter(config.max_consecutive_skips) if policy == "skip" else None
+    bad_images = pipeline.num_bad_examples(config.data, "train")
+    finite, good_step, results, stopped = jnp.array(True), start_step, {}, None
     try:
-        for step in range(start_step + 1, steps + 1):
-            with profiler.step(step):
-                state, stats = train_step(state, next(batches))
-            finite = finite & stats.pop("finite")
-            last = step in (steps, stop_after_step)
-            log_now = due(step, config.log_every_steps, last)
-            save_now = due(step, config.checkpoint.every_steps, last)
-            if log_now or save_now:
-                ensure_finite(finite, good_step, step, checkpointer)
-                good_step = step
-            if log_now:
-                values = {k: float(v) for k, v in jax.device_get(stats).items()}
-                values.update(progress.update(step))
-                logger.scalars(step, values, prefix="train/")
-                if logger.is_main:
-                    print(format_line(step, steps, values), flush=True)
-            if save_now:
-                checkpointer.save(step, state, {"step": step, "data_position": step}, force=last)
-            if due(step, config.eval_every_steps, last):
-                results = evaluator.classification(step, state["params"])
-            if due(step, config.fewshot.every_steps or config.eval_every_steps, last):
-                results.update(evaluator.fewshot(step, state["params"]))
-            if step == stop_after_step:
-                break
+        with StopSignals() as signals:
+            for step in range(start_step + 1, steps + 1):
+                with profiler.step(step):
+                    state, stats = train_step(state, next(batches))
+                step_finite = stats.pop("finite")
+                if skips is None:
+                    finite = finite & step_finite
+                else:  # a non-finite step was skipped: the state stays finite
+                    skips.update(step, stats.pop("skipped"), checkpointer)
+                stopped = signals.stop_requested(step)
+                end = step in (steps, stop_after_step)
+                last = end or stopped is not None
+                log_now = due(step, config.log_every_steps, last)
+                save_now = due(step, config.checkpoint.every_steps, last)
+                if log_now or save_now:
+                    if skips is not None:
+                        skips.check(checkpointer)
+                    ensure_finite(finite, good_step, step, checkpointer)
+                    good_step = step
+                if log_now:
+                    values = {k: float(v) for k, v in jax.device_get(stats).items()}
+                    values.update(progress.update(step))
+                    if skips is not None:
+                        values["skipped_steps"] = skips.since_log()
+                    if bad_images:
+                        values["bad_images"] = bad_images
+                    logger.scalars(step, values, prefix="train/")
+                    if logger.is_main:
+                        print(format_line(step, steps, values), flush=True)
+                if save_now:
+                    checkpointer.save(
+                        step, state, {"step": step, "data_position": step}, force=last
+                    )
+                if stopped is not None:
+                    break
+                if due(step, config.eval_every_steps, end):
+                    results = evaluator.classification(step, state["params"])
+                if due(step, config.fewshot.every_steps or config.eval_every_steps, end):
+                    results.update(evaluator.fewshot(step, state["params"]))
+                if step == stop_after_step:
+                    break
     finally:
         batches.close()  # stops the input thread before anything shuts down
+    if stopped is not None:
+        checkpointer.wait()  # the stop checkpoint is complete on disk
+        saved = checkpointer.latest_step()
+        checkpointer.close()
+        logger.close()
+        stop = Preempted(stopped, saved, checkpointer.directory)
+        print(stop.message, file=sys.stderr, flush=True)
+        raise stop
     if start_step == steps:  # nothing left to train: report the finished run's evaluation
         results = {
             **evaluator.classification(steps, state["params"]),
@@ -155,6 +201,58 @@ def run(
     checkpointer.close()
     logger.close()
     return results
+
+
+class SkipCounter:
+    """Counts skipped (non-finite) steps on the device and stops a run after too many in a
+    row. Each step's count is read one step late, so the host never waits for the step it
+    just dispatched."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._counts = None  # device scalars: total, current run, longest run
+        self._pending = None  # (step, counts) not yet read
+        self._logged_total = 0
+        self._total = 0
+
+    @staticmethod
+    @jax.jit
+    def _add(counts, skipped):
+        total, run, longest = counts
+        run = jnp.where(skipped > 0, run + 1, 0)
+        return total + skipped, run, jnp.maximum(longest, run)
+
+    def update(self, step: int, skipped: jax.Array, checkpointer: Checkpointer) -> None:
+        if self._counts is None:
+            zero = jnp.zeros((), jnp.int32)
+            self._counts = (zero, zero, zero)
+        previous = self._pending
+        self._counts = self._add(self._counts, skipped)
+        self._pending = (step, self._counts)
+        if previous is not None:
+            self._read(*previous, checkpointer)
+
+    def check(self, checkpointer: Checkpointer) -> None:
+        """Reads the newest counts (waits for the last step) and stops if over the limit."""
+        if self._pending is not None:
+            self._read(*self._pending, checkpointer)
+
+    def _read(self, step: int, counts, checkpointer: Checkpointer) -> None:
+        total, _, longest = (int(x) for x in jax.device_get(counts))
+        self._total = total
+        if longest >= self.limit:
+            checkpointer.close()
+            raise TooManySkippedStepsError(
+                f"{longest} steps in a row up to step {step} had a NaN/Inf loss or gradients "
+                f"and were skipped (config.max_consecutive_skips={self.limit}); the last good "
+                f"checkpoint ({checkpointer.latest_step()}) in {checkpointer.directory} is "
+                "kept. Lower the learning rate or check the input data."
+            )
+
+    def since_log(self) -> int:
+        """Skipped steps since the previous call (the previous log line)."""
+        count, self._logged_total = self._total - self._logged_total, self._total
+        return count
 
 
 def ensure_finite(finite: jax.Array, good_step: int, step: int, checkpointer) -> None:

@@ -5,6 +5,8 @@ from (seed, epoch), numbered with a global example counter, skipped to the reque
 while still encoded, then read, decoded and preprocessed in one parallel map whose random
 ops are seeded from (seed, counter). Hence the same seed gives the same batches and
 ``start_step=k`` reproduces a fresh iterator's batches from batch k on, bit for bit.
+A source that provides ``Records.epochs`` shuffles its own epochs under the same contract
+and resumes without reading what precedes the current round (JFT-like shards).
 
 Eval: one pass in file order, every example once; the last batch is padded to full size
 and ``mask`` marks real examples, and all processes yield the same number of batches.
@@ -73,6 +75,25 @@ def num_examples(data_config: ml_collections.ConfigDict, split_name: str = "trai
     """Examples in the train split or in eval ``split_name`` (all processes); None if unknown."""
     cfg = _split_config(data_config, split_name)
     return get_source(cfg).num_examples(cfg)
+
+
+def num_bad_examples(data_config: ml_collections.ConfigDict, split_name: str = "train") -> int:
+    """Examples the source skipped as unreadable (e.g. broken image files); 0 if untold."""
+    cfg = _split_config(data_config, split_name)
+    count = getattr(get_source(cfg), "num_bad_examples", None)
+    return int(count(cfg)) if count is not None else 0
+
+
+def _named_errors(batches: Iterator, cfg) -> Iterator:
+    """Re-raises a label-range failure inside tf.data as a DataError naming the dataset."""
+    try:
+        yield from batches
+    except tf.errors.InvalidArgumentError as e:
+        if "label out of range" not in str(e):
+            raise
+        detail = next((line for line in str(e).splitlines() if "label out of range" in line), "")
+        name = cfg.name or cfg.data_dir
+        raise DataError(f"dataset {name!r} split {cfg.split!r}: {detail.strip()}") from None
 
 
 class _Placeholders(dict):
@@ -148,28 +169,13 @@ def _open(cfg, process_index: int, process_count: int) -> Records:
     return records
 
 
-def train_dataset(
-    data_config: ml_collections.ConfigDict,
-    *,
-    global_batch_size: int,
-    seed: int,
-    start_step: int = 0,
-    process_index: int | None = None,
-    process_count: int | None = None,
-) -> tf.data.Dataset:
-    """The infinite, batched train ``tf.data.Dataset`` of one process (see module doc)."""
-    pi, pc = _process(process_index, process_count)
-    local_batch = _local_batch(global_batch_size, pc)
-    cfg = _split_config(data_config, "train")
-    pp_spec = format_pp(cfg.pp, data_config)
-    records = _open(cfg, pi, pc)
+def _epochs(records: Records, cfg, seed: int, first_epoch: int, to_skip: int) -> tf.data.Dataset:
+    """(global-counter index, record) pairs from ``to_skip`` records into ``first_epoch`` on."""
     n = records.num_examples
-    if n == 0:
-        raise DataError(f"train split {cfg.split!r} has no examples for process {pi}")
-    to_skip = int(start_step) * local_batch
-    first_epoch = 0
-    if n:
-        first_epoch, to_skip = divmod(to_skip, n)
+    if records.epochs is not None and n:
+        # The source shuffles its own epochs and resumes without reading earlier rounds.
+        ds = records.epochs(int(seed), first_epoch, to_skip)
+        return ds.enumerate(start=first_epoch * n + to_skip)
     buffer = int(cfg.shuffle_buffer or 10_000)
     base = records.dataset
     seed_base = (int(seed) * 1_000_003) % (2**62)
@@ -179,8 +185,40 @@ def train_dataset(
 
     ds = tf.data.Dataset.range(first_epoch, _EPOCHS).flat_map(epoch)
     ds = ds.enumerate(start=first_epoch * n if n else 0)
-    if to_skip:
-        ds = ds.skip(to_skip)
+    return ds.skip(to_skip) if to_skip else ds
+
+
+def train_dataset(
+    data_config: ml_collections.ConfigDict,
+    *,
+    global_batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    records: Records | None = None,
+) -> tf.data.Dataset:
+    """The infinite, batched train ``tf.data.Dataset`` of one process (see module doc).
+
+    ``records`` replaces the opened train split (the benchmark compares read orders with it).
+    """
+    pi, pc = _process(process_index, process_count)
+    local_batch = _local_batch(global_batch_size, pc)
+    cfg = _split_config(data_config, "train")
+    pp_spec = format_pp(cfg.pp, data_config)
+    records = _open(cfg, pi, pc) if records is None else records
+    n = records.num_examples
+    if n == 0:
+        raise DataError(
+            f"dataset {cfg.name or cfg.data_dir!r}: train split {cfg.split!r} has no examples "
+            f"for process {pi}; "
+            "check the split name and data_dir"
+        )
+    to_skip = int(start_step) * local_batch
+    first_epoch = 0
+    if n:
+        first_epoch, to_skip = divmod(to_skip, n)
+    ds = _epochs(records, cfg, seed, first_epoch, to_skip)
     ds = _preprocess(ds, records, pp_spec, seed, pi, pc)
     ds = ds.batch(local_batch, drop_remainder=True)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
@@ -204,7 +242,7 @@ def train_batches(
         process_index=process_index,
         process_count=process_count,
     )
-    return ds.as_numpy_iterator()
+    return _named_errors(ds.as_numpy_iterator(), _split_config(data_config, "train"))
 
 
 def _count(ds: tf.data.Dataset) -> int:
@@ -242,7 +280,7 @@ def eval_batches(
     num_batches = math.ceil(largest / local_batch)
     ds = _preprocess(records.dataset.enumerate(), records, pp_spec, 0, pi, pc)
     ds = ds.batch(local_batch).prefetch(tf.data.AUTOTUNE).with_options(_options())
-    return _padded(ds, num_batches, local_batch, bool(cfg.mask_empty_labels))
+    return _named_errors(_padded(ds, num_batches, local_batch, bool(cfg.mask_empty_labels)), cfg)
 
 
 def _padded(

@@ -103,9 +103,13 @@ def scan_split(root: str, split: str) -> FolderSplit:
         cls_dir = os.path.join(split_dir, cls)
         if not os.path.isdir(cls_dir):
             continue
-        for fname in sorted(os.listdir(cls_dir)):
-            if not fname.lower().endswith(EXTENSIONS):
-                continue
+        names = [f for f in sorted(os.listdir(cls_dir)) if f.lower().endswith(EXTENSIONS)]
+        if not names:
+            raise DataError(
+                f"class folder {cls_dir!r} has no {'/'.join(EXTENSIONS)} images; add images "
+                "or remove the folder (class indices come from the folder names)"
+            )
+        for fname in names:
             path = os.path.join(cls_dir, fname)
             reason = check_image_file(path)
             if reason is None:
@@ -164,6 +168,11 @@ def open_split(cfg, process_index: int, process_count: int) -> Records:
 def num_examples(cfg) -> int:
     """Readable images in ``cfg.split`` (all processes)."""
     return len(_select(cfg)[0])
+
+
+def num_bad_examples(cfg) -> int:
+    """Files of ``cfg.split`` skipped as unreadable (logged by the trainer as bad_images)."""
+    return len(_select(cfg)[2].bad)
 
 
 def num_classes(cfg) -> int:
