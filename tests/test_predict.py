@@ -1,0 +1,171 @@
+"""Prediction from a trained run or a released .npz: probabilities, preprocessing, the CLI."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from helpers import with_changes
+from PIL import Image
+
+from configs.vit import demo_config
+from vit_jax import data, inference, predict, train
+from vit_jax.checkpoint import save_npz
+from vit_jax.data.sources import digits
+from vit_jax.models import create_model
+
+NUM_HELDOUT = 60
+
+
+def tiny_digits_config(steps: int):
+    config = demo_config()
+    with config.unlocked():
+        config.model.update(dict(img_size=8, width=32, depth=2, mlp_dim=64, num_heads=2))
+        config.data = data.get_data_config("digits", image_size=8)
+    return with_changes(
+        config,
+        batch_size=64,
+        eval_batch_size=128,
+        total_steps=steps,
+        log_every_steps=steps,
+        eval_every_steps=steps,
+        **{"checkpoint.every_steps": steps, "checkpoint.async_save": False},
+        **{"schedule.warmup_steps": 5, "schedule.base_lr": 3e-3},
+    )
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A tiny ViT trained on digits for 100 steps (about 10 s)."""
+    workdir = str(tmp_path_factory.mktemp("run"))
+    train.run(tiny_digits_config(100), workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory):
+    """The first held-out (test split) digits as 8x8 grayscale PNG files, and their labels."""
+    folder = tmp_path_factory.mktemp("heldout")
+    images, labels = digits.load_split("test")
+    paths = []
+    for i in range(NUM_HELDOUT):
+        path = str(folder / f"digit_{i:03d}.png")
+        Image.fromarray(images[i, :, :, 0]).save(path)
+        paths.append(path)
+    return paths, labels[:NUM_HELDOUT]
+
+
+def test_load_run_restores_the_run_with_its_names_and_eval_preprocessing(run_dir, heldout):
+    loaded = inference.load_run(run_dir)
+    assert loaded.step == 100 and loaded.num_classes == 10
+    assert loaded.class_names == tuple(str(i) for i in range(10))
+    assert loaded.pp == "decode(3)|resize(8)|value_range(-1, 1)"  # onehot(...) left out
+    # A PNG file goes through the same ops as the run's evaluation: identical pixels.
+    paths, _ = heldout
+    batch = next(
+        data.eval_batches(
+            loaded.config.data, "test", global_batch_size=8, process_index=0, process_count=1
+        )
+    )
+    files = inference.load_images(loaded, paths[:8])
+    np.testing.assert_array_equal(files, batch["image"])
+
+
+def test_probabilities_sum_to_at_most_one_and_match_a_direct_forward(run_dir, heldout):
+    loaded = inference.load_run(run_dir)
+    paths, _ = heldout
+    results = predict.predict(loaded, paths[:10], top_k=4, batch_size=3)
+    assert [r["file"] for r in results] == paths[:10]
+    for path, entry in zip(paths[:10], results, strict=True):
+        probs = [t["prob"] for t in entry["top"]]
+        assert len(probs) == 4 and probs == sorted(probs, reverse=True)
+        assert 0.0 < sum(probs) <= 1.0 + 1e-6
+        image = loaded.preprocess(inference.read_image(path))
+        logits = np.asarray(loaded.model(image[None]))[0]
+        expected = np.asarray(jax.nn.softmax(logits))
+        for t in entry["top"]:
+            np.testing.assert_allclose(t["prob"], expected[int(t["label"])], rtol=1e-5)
+        assert int(entry["top"][0]["label"]) == int(np.argmax(logits))
+
+
+def test_digits_model_predicts_heldout_pngs_better_than_chance(run_dir, heldout):
+    paths, labels = heldout
+    results = predict.predict(inference.load_run(run_dir), paths, top_k=1, batch_size=16)
+    predicted = np.array([int(r["top"][0]["label"]) for r in results])
+    accuracy = float(np.mean(predicted == labels))
+    assert accuracy > 0.3, accuracy  # chance is 0.1
+
+
+def test_cli_json_expands_folders_and_is_well_formed(run_dir, heldout, tmp_path, capsys):
+    paths, _ = heldout
+    nested = tmp_path / "photos" / "more"
+    nested.mkdir(parents=True)
+    for i, path in enumerate(paths[:3]):
+        target = (nested if i == 2 else tmp_path / "photos") / f"img{i}.png"
+        target.write_bytes(open(path, "rb").read())
+    (tmp_path / "photos" / "notes.txt").write_text("not an image")
+    argv = ["--workdir", run_dir, "--json", "--top_k", "3", "--batch_size", "2"]
+    assert predict.main([*argv, str(tmp_path / "photos"), paths[5]]) == 0
+    captured = capsys.readouterr()
+    results = json.loads(captured.out)
+    assert [os.path.basename(r["file"]) for r in results] == [
+        "img0.png",
+        "img1.png",
+        "img2.png",
+        os.path.basename(paths[5]),
+    ]
+    for entry in results:
+        assert set(entry) == {"file", "top"} and len(entry["top"]) == 3
+        assert all(t["label"] in [str(i) for i in range(10)] for t in entry["top"])
+    assert "4/4 images" in captured.err  # the progress bar
+
+
+def test_cli_text_output_names_classes(run_dir, heldout, capsys):
+    paths, _ = heldout
+    assert predict.main(["--workdir", run_dir, "--quiet", paths[0]]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == paths[0] and len(lines) == 6
+    prob, label = lines[1].split()
+    assert 0.0 < float(prob) <= 1.0 and label in [str(i) for i in range(10)]
+
+
+def test_released_npz_with_labels_file(tmp_path, heldout, capsys):
+    model = create_model("ViT-Ti/4", num_classes=3, img_size=8, head_zero_init=False, seed=1)
+    save_npz(model, tmp_path / "m.npz")
+    (tmp_path / "labels.txt").write_text("cat\ndog\nbird\n")
+    paths, _ = heldout
+    argv = ["--checkpoint", str(tmp_path / "m.npz"), "--model", "ViT-Ti/4", "--img_size", "8"]
+    assert predict.main([*argv, "--labels", str(tmp_path / "labels.txt"), "--json", paths[0]]) == 0
+    (entry,) = json.loads(capsys.readouterr().out)
+    loaded = inference.load_npz_model(str(tmp_path / "m.npz"), "ViT-Ti/4", img_size=8)
+    assert loaded.num_classes == 3 and loaded.class_names is None  # the count from the head
+    image = loaded.preprocess(inference.read_image(paths[0]))
+    expected = np.asarray(jax.nn.softmax(model(image[None])))[0]
+    names = ["cat", "dog", "bird"]
+    assert [t["label"] for t in entry["top"]] == [names[i] for i in np.argsort(-expected)]
+    np.testing.assert_allclose([t["prob"] for t in entry["top"]], np.sort(expected)[::-1], 1e-5)
+
+
+def one_line_error(capsys, argv) -> str:
+    assert predict.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+def test_user_mistakes_give_one_line(run_dir, heldout, tmp_path, capsys):
+    paths, _ = heldout
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    assert "no config.json" in one_line_error(capsys, ["--workdir", str(empty), paths[0]])
+    (empty / "config.json").write_text(open(os.path.join(run_dir, "config.json")).read())
+    assert "no complete checkpoint" in one_line_error(capsys, ["--workdir", str(empty), paths[0]])
+    missing = str(tmp_path / "nope.jpg")
+    assert missing in one_line_error(capsys, ["--workdir", run_dir, missing])
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    err = one_line_error(capsys, ["--workdir", run_dir, "--quiet", str(broken)])
+    assert str(broken) in err and "not a readable image" in err
+    assert "--model" in one_line_error(capsys, ["--checkpoint", str(broken), paths[0]])
+    assert "either --workdir" in one_line_error(capsys, [paths[0]])
