@@ -1,14 +1,17 @@
-"""Training configs: `configs/vit.py:<model>,<dataset>,<recipe>`.
+"""Training configs: `vit:<model>,<dataset>,<recipe>` (or `configs/vit.py:<...>`).
 
 Examples:
-  configs/vit.py                          the demo: a small ViT on the embedded digits
-  configs/vit.py:B/16,cifar10,finetune    fine-tune ViT-B/16 (set config.init_from.path)
-  configs/vit.py:H/14,imagenet21k,pretrain
-  configs/vit.py:R50+ViT-B/16,imagenet2012,pretrain
+  vit                                the demo: `mu/4,digits,small`, a micro ViT on digits
+  vit:B/16,cifar10,finetune          fine-tune ViT-B/16 (set config.init_from.path)
+  vit:H/14,imagenet21k,pretrain      the paper's Table 3 recipe
+  vit:S/16,imagenet2012,plain_baseline
+  vit:R50+ViT-B/16,folder:/data/my_images,finetune_short
 
 `<model>` is a zoo name (`ViT-B/16`, `R50+ViT-B/16`, `Mixer-B/16`) or a ViT size (`B/16`);
-`<dataset>` is a data preset (see `vit_jax.data.get_data_config`); `<recipe>` is `pretrain`
-or `finetune`. The returned config is locked: every field below is read by the trainer.
+`<dataset>` a data preset (`vit_jax.data.preset_names()`); `<recipe>` one of
+`configs.recipes.RECIPES`. `model_name`, `dataset`, `recipe` and `model.img_size` are the
+config's sources: `build` derives everything else from them, and the command line rebuilds
+the config when one of them is overridden. The config is locked: no field can be added.
 """
 
 from __future__ import annotations
@@ -16,31 +19,21 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from configs import recipes
 from vit_jax import data
+from vit_jax.models import model_defaults
 
-RECIPES = ("pretrain", "finetune")
-
-
-def model_config(**fields) -> ml_collections.ConfigDict:
-    """Model overrides passed to `create_model`; None keeps the model's own default."""
-    names = (
-        "img_size pool_type posemb representation_size dropout attention_dropout drop_path "
-        "dtype param_dtype scan remat head_zero_init head_bias_init attention_impl "
-        "width depth mlp_dim num_heads patch_size"
-    ).split()
-    unknown = set(fields) - set(names)
-    if unknown:
-        raise ValueError(f"unknown model fields {sorted(unknown)}; valid: {names}")
-    return ml_collections.ConfigDict({name: fields.get(name) for name in names})
+DEMO = ("ViT-mu/4", "digits", "small")
+# Model settings whose default is None ("the model decides"), with the type they take.
+OPTIONAL_MODEL_FIELDS = {"representation_size": int, "dtype": str, "attention_impl": str}
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """Every field with its default; recipes change values, never add fields."""
+    """Every field that is not the model's or the data's, with its default."""
     config = ml_collections.ConfigDict()
-    config.model_name = "ViT-B/16"
-    config.model = model_config()
-    config.dataset = "digits"
-    config.data = data.get_data_config("digits")
+    config.model_name = DEMO[0]
+    config.dataset = DEMO[1]
+    config.recipe = DEMO[2]
     config.seed = 0
     config.batch_size = 512
     config.eval_batch_size = 512
@@ -57,7 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
             momentum=0.9,
             nesterov=False,
             weight_decay=0.0,
-            decay_unscaled=True,
+            decay_unscaled=False,
             weight_decay_exclude=r"(.*bias$)|(.*scale$)|(.*posemb.*)|(.*cls_token.*)|(.*probe.*)",
             mu_dtype=config_dict.placeholder(str),
             clip_global_norm=1.0,
@@ -106,122 +99,59 @@ def base_config() -> ml_collections.ConfigDict:
     return config
 
 
-def demo_config() -> ml_collections.ConfigDict:
-    """The README's default job: a small ViT on the embedded 8x8 digits, CPU-sized."""
+def model_config(model_name: str) -> ml_collections.ConfigDict:
+    """Every setting of `model_name` with its real default; None-defaults are typed."""
+    fields = {}
+    for name, value in model_defaults(model_name).items():
+        if value is None:
+            fields[name] = config_dict.placeholder(OPTIONAL_MODEL_FIELDS[name])
+        else:
+            fields[name] = value
+    return ml_collections.ConfigDict(fields)
+
+
+def build(
+    model_name: str = DEMO[0],
+    dataset: str = DEMO[1],
+    recipe: str = DEMO[2],
+    img_size: int | None = None,
+) -> ml_collections.ConfigDict:
+    """The config for a model, dataset and recipe; `img_size` overrides the recipe's."""
+    model_name = model_name if "-" in model_name else f"ViT-{model_name}"
     config = base_config()
-    config.model_name = "ViT-Ti/4"
-    config.model = model_config(
-        img_size=16,
-        width=96,
-        depth=6,
-        mlp_dim=384,
-        num_heads=3,
-        pool_type="gap",
-        posemb="learn",
-    )
-    config.dataset = "digits"
-    config.data = data.get_data_config("digits", image_size=16)
-    config.batch_size = 128
-    config.eval_batch_size = 512
-    config.total_steps = 1000
-    config.optim.update(name="adamw", weight_decay=1e-4, clip_global_norm=1.0)
-    config.schedule.update(base_lr=2e-3, warmup_steps=100, decay="cosine")
-    config.mesh.update(data=-1)
-    config.log_every_steps = 100
-    config.eval_every_steps = 500
-    config.checkpoint.update(every_steps=500, keep=2)
+    config.model_name, config.dataset, config.recipe = model_name, dataset, recipe
+    config.model = model_config(model_name)
+    preset = data.get_data_config(dataset)
+    values = recipes.recipe_values(recipe, model_name, dataset, preset.image_size)
+    recipe_size = values.pop("model.img_size", None)
+    size = img_size or recipe_size or preset.image_size
+    config.model.img_size = size
+    config.data = data.get_data_config(dataset, image_size=size)
+    for key, value in values.items():
+        *parents, leaf = key.split(".")
+        target = config
+        for parent in parents:
+            target = target[parent]
+        if parents == ["model"] and leaf not in target:
+            continue  # a setting this model does not have (e.g. posemb for a Mixer)
+        target[leaf] = value
+    config.lock()
     return config
 
 
-def apply_recipe(config: ml_collections.ConfigDict, recipe: str) -> None:
-    """The paper's pre-training settings or the release's fine-tuning settings."""
-    size = config.model_name.split("-")[-1].split("/")[0]
-    if recipe == "pretrain":
-        multi_label = bool(config.data.multi_label) or config.dataset == "imagenet21k"
-        config.batch_size = 4096
-        config.optim.update(
-            name="adamw",
-            b1=0.9,
-            b2=0.999,
-            clip_global_norm=1.0,
-            decay_unscaled=True,
-            weight_decay=0.03,
-        )
-        config.schedule.update(
-            base_lr=4e-4 if size in ("L", "H", "g", "G") else 1e-3,
-            warmup_steps=10_000,
-            decay="linear",
-        )
-        config.model.update(img_size=224, dropout=0.1 if config.dataset == "imagenet21k" else 0.0)
-        config.model.representation_size = _width(config.model_name)
-        if multi_label:
-            config.loss = "sigmoid_xent"
-            config.model.head_bias_init = -10.0
-        if config.dataset == "jft":
-            config.optim.weight_decay = 0.1
-            config.num_epochs = 7
-        elif config.dataset == "imagenet21k":
-            config.num_epochs = 90
-        elif config.dataset == "imagenet2012":
-            # "Better plain ViT baselines": S/16 reaches 76.5% top-1 in 90 epochs.
-            config.batch_size = 1024
-            config.optim.update(weight_decay=1e-4)
-            config.schedule.update(base_lr=1e-3, decay="cosine")
-            config.model.update(pool_type="gap", posemb="sincos2d", representation_size=None)
-            config.mixup.mixup_alpha = 0.2
-            config.num_epochs = 90
-        else:
-            config.num_epochs = 300
-        config.checkpoint.every_steps = 1000
-        config.eval_every_steps = 5000
-    elif recipe == "finetune":
-        config.batch_size = 512
-        config.optim.update(name="sgd", momentum=0.9, weight_decay=0.0, clip_global_norm=1.0)
-        config.schedule.update(base_lr=0.01, warmup_steps=500, decay="cosine")
-        config.model.update(img_size=384, head_zero_init=True)
-        config.total_steps = 20_000 if config.dataset == "imagenet2012" else 10_000
-        if config.dataset.startswith("vtab"):
-            config.total_steps = 2_500
-        config.eval_every_steps = 1000
-    else:
-        raise ValueError(f"unknown recipe {recipe!r}; valid: {list(RECIPES)}")
-    config.data = data.get_data_config(config.dataset, image_size=config.model.img_size)
-
-
-def _width(model_name: str) -> int:
-    from vit_jax.models.registry import VIT_SIZES
-
-    size = model_name.split("-")[-1].split("/")[0]
-    return VIT_SIZES[size]["width"] if size in VIT_SIZES else 768
+def demo_config() -> ml_collections.ConfigDict:
+    """The README's default job: a micro ViT on the embedded 8x8 digits, CPU-sized."""
+    return build(*DEMO)
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     """`arg` = '' (the demo) or '<model>,<dataset>,<recipe>'."""
     if not arg:
-        config = demo_config()
-    else:
-        parts = [p.strip() for p in arg.split(",")]
-        if len(parts) != 3:
-            raise ValueError(
-                f"config argument {arg!r} must be '<model>,<dataset>,<recipe>', "
-                "e.g. 'B/16,cifar10,finetune'"
-            )
-        model, dataset, recipe = parts
-        config = base_config()
-        config.model_name = model if "-" in model else f"ViT-{model}"
-        config.dataset = dataset
-        config.data = data.get_data_config(dataset)
-        apply_recipe(config, recipe)
-        _drop_inapplicable_model_fields(config)
-    config.lock()
-    return config
-
-
-def _drop_inapplicable_model_fields(config: ml_collections.ConfigDict) -> None:
-    """Recipe defaults that the chosen model does not take (e.g. `posemb` for a Mixer)."""
-    from vit_jax.models import valid_overrides
-
-    accepted = set(valid_overrides(config.model_name))
-    for field in config.model:
-        if field not in accepted:
-            config.model[field] = None
+        return demo_config()
+    parts = [p.strip() for p in arg.split(",")]
+    if len(parts) != 3 or not all(parts):
+        raise ValueError(
+            f"config argument {arg!r} must be '<model>,<dataset>,<recipe>', "
+            f"e.g. 'B/16,cifar10,finetune'; recipes: {', '.join(recipes.RECIPES)}"
+        )
+    return build(*parts)

@@ -11,13 +11,15 @@ pp strings are templates: ``{image_size}``, ``{resize_size}`` (image_size * 8/7)
 overriding ``image_size`` or ``num_classes`` after ``get_data_config`` takes effect.
 """
 
+import copy
 import os
 from collections.abc import Callable
 from typing import Any
 
 import ml_collections
+from ml_collections import config_dict
 
-from vit_jax.data.sources import DataError
+from vit_jax.data.sources import DataError, folder
 
 TRAIN_PP = (
     "decode_jpeg_and_inception_crop({image_size})|flip_lr|value_range(-1, 1)|onehot({num_classes})"
@@ -54,17 +56,22 @@ def split_config(
     return ml_collections.ConfigDict(
         {
             "source": source,
-            "name": name,
+            "name": _typed(name, str),
             "split": split,
-            "data_dir": data_dir,
+            "data_dir": _typed(data_dir, str),
             "pp": pp,
-            "shuffle_buffer": shuffle_buffer,
+            "shuffle_buffer": _typed(shuffle_buffer, int),
             "cache": cache,
             "on_bad_image": on_bad_image,
-            "heldout_examples": heldout_examples,
+            "heldout_examples": _typed(heldout_examples, int),
             "mask_empty_labels": mask_empty_labels,
         }
     )
+
+
+def _typed(value: Any, kind: type) -> Any:
+    """`value`, or a typed None (overridable from the command line) when it is None."""
+    return config_dict.placeholder(kind) if value is None else value
 
 
 def data_config(
@@ -82,8 +89,8 @@ def data_config(
             "name": name,
             # Where the data lives (TFDS data_dir, or the root of a folder / ImageNet-21k /
             # JFT-like dataset); a split's own `data_dir` takes precedence.
-            "data_dir": None,
-            "num_classes": num_classes,
+            "data_dir": config_dict.placeholder(str),
+            "num_classes": _typed(num_classes, int),
             "multi_label": multi_label,
             "image_size": image_size,
             "train": train,
@@ -212,9 +219,11 @@ def _generic_folder(name: str) -> ml_collections.ConfigDict:
     root = name.split(":", 1)[1]
     if not os.path.isdir(root):
         raise DataError(f"image folder {root!r} does not exist; expected root/<split>/<class>/")
-    splits = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    splits = folder.split_names(root)
     train = "train" if "train" in splits else (splits[0] if splits else "train")
-    eval_splits = [s for s in splits if s != train] or [train]
+    evals = {s: s for s in splits if s != train}
+    if not evals:  # one split (e.g. class folders only): hold out 10% for evaluation
+        evals, train = {"val": f"{train}[90%:]"}, f"{train}[:90%]"
 
     def split(s, pp, **kw):
         return split_config("folder", "folder", s, pp, data_dir=root, **kw)
@@ -224,7 +233,7 @@ def _generic_folder(name: str) -> ml_collections.ConfigDict:
         num_classes=None,
         image_size=224,
         train=split(train, TRAIN_PP, shuffle_buffer=10_000),
-        evals={s: split(s, EVAL_PP) for s in eval_splits},
+        evals={k: split(s, EVAL_PP) for k, s in evals.items()},
     )
 
 
@@ -388,7 +397,7 @@ def _merge(cfg: ml_collections.ConfigDict, overrides: dict[str, Any], path: str)
             template = next(iter(cfg.values()), None)
             if template is None or not isinstance(value, dict):
                 raise ValueError(f"new eval {where} must be given as a dict of split fields")
-            cfg[key] = ml_collections.ConfigDict(template.to_dict())
+            cfg[key] = copy.deepcopy(template)
         if key not in cfg:
             raise ValueError(f"unknown data config field {where!r}; fields: {sorted(cfg)}")
         if isinstance(value, dict | ml_collections.ConfigDict) and isinstance(
@@ -405,7 +414,10 @@ def get_data_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
     if builder is None:
         builder = next((fn for p, fn in PREFIXES.items() if name.startswith(p)), None)
     if builder is None:
-        raise ValueError(f"unknown data preset {name!r}; presets: {', '.join(preset_names())}")
+        raise ValueError(
+            f"unknown data preset {name!r}; presets: {', '.join(sorted(PRESETS))}, "
+            f"vtab/<task>[/hparam] ({len(VTAB_TASKS)} tasks: {', '.join(VTAB_TASKS)}), tfds:<any TFDS name>, folder:<root>"
+        )
     cfg = builder(name)
     _merge(cfg, overrides, "")
     return cfg

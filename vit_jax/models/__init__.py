@@ -1,6 +1,19 @@
 """The model zoo: ViT of every size, hybrids and Mixer, behind `create_model`."""
 
 from vit_jax.models.layers import ActivationSharding
-from vit_jax.models.registry import create_model, list_models, register_model, valid_overrides
+from vit_jax.models.registry import (
+    create_model,
+    list_models,
+    model_defaults,
+    register_model,
+    valid_overrides,
+)
 
-__all__ = ["ActivationSharding", "create_model", "list_models", "register_model", "valid_overrides"]
+__all__ = [
+    "ActivationSharding",
+    "create_model",
+    "list_models",
+    "model_defaults",
+    "register_model",
+    "valid_overrides",
+]

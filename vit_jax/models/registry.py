@@ -25,8 +25,10 @@ VIT_SIZES = {
     "G": dict(width=1664, depth=48, mlp_dim=8192, num_heads=16),
 }
 PATCH_SIZES = (8, 14, 16, 32)
+# "mu" (micro): this project's CPU-demo size, not a published one.
+SMALL_SIZES = {"mu": dict(width=96, depth=6, mlp_dim=384, num_heads=3)}
 # Small patches for small images (CIFAR-sized, the embedded 8x8 digits upsampled).
-SMALL_IMAGE_VARIANTS = ("ViT-Ti/2", "ViT-Ti/4", "ViT-S/2", "ViT-S/4")
+SMALL_IMAGE_VARIANTS = ("ViT-mu/2", "ViT-mu/4", "ViT-Ti/2", "ViT-Ti/4", "ViT-S/2", "ViT-S/4")
 HYBRIDS = {
     "R50+ViT-B/16": dict(size="B", patch_size=16, stem_layers=(3, 4, 9)),
     "R26+ViT-S/32": dict(size="S", patch_size=32, stem_layers=(2, 2, 2, 2)),
@@ -58,6 +60,23 @@ def valid_overrides(name: str) -> list[str]:
     target = builder.__init__ if inspect.isclass(builder) else builder
     params = inspect.signature(target).parameters
     return sorted(p for p in params if p not in ("self", "rngs"))
+
+
+# Arguments that are not settings of a named model: the class count comes from the data,
+# the stem and channels define the architecture the name stands for.
+_NOT_SETTINGS = ("num_classes", "in_channels", "stem_layers", "stem_width", "activation_sharding")
+
+
+def model_defaults(name: str) -> dict[str, Any]:
+    """Every setting `create_model(name, ...)` takes, with the value the name stands for."""
+    builder, registered = _lookup(name)
+    target = builder.__init__ if inspect.isclass(builder) else builder
+    params = inspect.signature(target).parameters
+    return {
+        key: registered.get(key, param.default)
+        for key, param in params.items()
+        if key not in ("self", "rngs", *_NOT_SETTINGS)
+    }
 
 
 def create_model(name: str, *, rngs: nnx.Rngs | None = None, seed: int = 0, **overrides: Any):
@@ -95,7 +114,8 @@ def _register_builtin() -> None:
             register_model(f"ViT-{size}/{patch}", VisionTransformer, patch_size=patch, **dims)
     for name in SMALL_IMAGE_VARIANTS:
         size, patch = name[4:].split("/")
-        register_model(name, VisionTransformer, patch_size=int(patch), **VIT_SIZES[size])
+        dims = SMALL_SIZES.get(size) or VIT_SIZES[size]
+        register_model(name, VisionTransformer, patch_size=int(patch), **dims)
     for name, spec in HYBRIDS.items():
         register_model(
             name,

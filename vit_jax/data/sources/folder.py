@@ -1,4 +1,5 @@
-"""Image folders: ``root/<split>/<class>/*.{jpg,jpeg,png}`` with any split names.
+"""Image folders: ``root/<split>/<class>/*.{jpg,jpeg,png}`` with any split names, or
+``root/<class>/*.jpg`` (class folders only), read as one split named ``all``.
 
 Class indices follow the sorted union of class folder names over all splits, so every split
 agrees on them. Files are listed once, checked cheaply (size, header magic and end marker,
@@ -46,24 +47,44 @@ def _root(cfg) -> str:
     return root
 
 
+ALL = "all"  # The one split of a folder of class folders.
+
+
+def _subfolders(folder: str) -> list[str]:
+    return sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+
+
+@functools.lru_cache(maxsize=16)
+def has_class_layout(root: str) -> bool:
+    """Whether ``root`` holds class folders of images directly (no split folders)."""
+    return any(
+        f.lower().endswith(EXTENSIONS)
+        for d in _subfolders(root)
+        for f in os.listdir(os.path.join(root, d))
+    )
+
+
+def _split_dir(root: str, split: str) -> str:
+    return root if split == ALL and has_class_layout(root) else os.path.join(root, split)
+
+
 @functools.lru_cache(maxsize=16)
 def class_names(root: str) -> tuple[str, ...]:
     """Sorted union of the class folder names of all splits under ``root``."""
     names: set[str] = set()
-    for split in os.listdir(root):
-        split_dir = os.path.join(root, split)
-        if os.path.isdir(split_dir):
-            names.update(
-                d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d))
-            )
+    for split in split_names(root):
+        names.update(_subfolders(_split_dir(root, split)))
     if not names:
-        raise DataError(f"no class folders found under {root!r}; expected root/<split>/<class>/")
+        raise DataError(
+            f"no class folders found under {root!r}; expected root/<split>/<class>/ or "
+            "root/<class>/"
+        )
     return tuple(sorted(names))
 
 
 def split_names(root: str) -> list[str]:
-    """The split folders under ``root``, sorted."""
-    return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    """The split folders under ``root``, sorted (``all`` for a folder of class folders)."""
+    return [ALL] if has_class_layout(root) else _subfolders(root)
 
 
 def check_image_file(path: str) -> str | None:
@@ -92,7 +113,7 @@ def check_image_file(path: str) -> str | None:
 @functools.lru_cache(maxsize=32)
 def scan_split(root: str, split: str) -> FolderSplit:
     """Lists and checks the files of split folder ``root/split``."""
-    split_dir = os.path.join(root, split)
+    split_dir = _split_dir(root, split)
     if not os.path.isdir(split_dir):
         raise DataError(
             f"split folder {split_dir!r} does not exist; splits under {root!r}: {split_names(root)}"

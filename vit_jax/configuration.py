@@ -1,0 +1,222 @@
+"""From `--config=<spec>` and `--config.<field>=<value>` to one locked, consistent config.
+
+* Specs: a named config inside the installed `configs` package (`vit`,
+  `vit:B/16,cifar10,finetune`) or a file (`configs/vit.py:B/16,cifar10,finetune`, found in
+  the package when the path does not exist, so it works from any directory).
+* Overrides are parsed with the field's own type. Syntax: `true/false` for booleans,
+  `None` for optional fields (those whose default is None), `1,5,10` or `(1, 5, 10)` for
+  tuples (`()` for the empty tuple), Python literals parsed with `ast.literal_eval` (never
+  `eval`) for tuples of pairs: `"(('head', 10.0),)"`.
+* Sources and derived fields: `model_name`, `dataset`, `recipe` and `model.img_size`
+  determine the rest, so overriding one rebuilds the config from them (through the config
+  module's `build`) before the other overrides apply, whatever their order. Fields derived
+  from them (`data.image_size`, `data.name`) are refused with the field to set instead.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib
+import importlib.util
+import os
+import pkgutil
+from collections.abc import Iterator, Sequence
+from types import ModuleType
+from typing import Any
+
+import ml_collections
+
+from vit_jax.errors import UserError
+
+SOURCES = ("model_name", "dataset", "recipe", "model.img_size")
+DERIVED = {"data.image_size": "model.img_size", "data.name": "dataset"}
+DEFAULT_SPEC = "vit"
+_TRUE, _FALSE, _NONE = ("true", "yes", "1"), ("false", "no", "0"), ("none", "null")
+
+
+def named_configs() -> list[str]:
+    """The configs shipped in the `configs` package (usable as `--config=<name>`)."""
+    import configs
+
+    return sorted(
+        m.name for m in pkgutil.iter_modules(configs.__path__) if m.name not in ("recipes",)
+    )
+
+
+def load_module(spec: str) -> tuple[ModuleType, str]:
+    """The config module a spec names, and the argument after its first ':'."""
+    name, _, arg = (spec or DEFAULT_SPEC).partition(":")
+    if os.path.isfile(name):
+        module_spec = importlib.util.spec_from_file_location("_user_config", name)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        return module, arg
+    stem = os.path.splitext(os.path.basename(name))[0]
+    if stem in named_configs():
+        return importlib.import_module(f"configs.{stem}"), arg
+    raise UserError(
+        f"--config={spec}: no file {name!r} and no named config {stem!r}; named configs: "
+        f"{', '.join(named_configs())} (e.g. --config=vit:B/16,cifar10,finetune)"
+    )
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """The locked config for `spec` with `overrides` ("field=value", no `--config.`)."""
+    module, arg = load_module(spec)
+    try:
+        config = module.get_config(arg) if arg else module.get_config()
+    except (ValueError, KeyError) as e:
+        raise UserError(f"--config={spec}: {e}") from None
+    pairs = [_split_override(text) for text in overrides]
+    for field, _ in pairs:
+        _check_field(config, field)
+    sources = {f: v for f, v in pairs if f in SOURCES}
+    if sources:
+        config = _rebuild(module, spec, config, sources)
+    for field, text in pairs:
+        if field in SOURCES:
+            continue
+        if field in DERIVED:
+            raise UserError(
+                f"config.{field} follows config.{DERIVED[field]}; "
+                f"set --config.{DERIVED[field]}=... instead"
+            )
+        _check_field(config, field)
+        set_field(config, field, text)
+    return config
+
+
+def _split_override(text: str) -> tuple[str, str | None]:
+    field, equals, value = text.partition("=")
+    return field.strip(), value if equals else None
+
+
+def _rebuild(module, spec: str, config, sources: dict[str, str | None]):
+    """The config built again from its sources, with the overridden ones changed."""
+    if not hasattr(module, "build"):
+        raise UserError(
+            f"config.{next(iter(sources))}: the config {spec!r} has no build() to derive the "
+            "other fields from it; edit the config file instead"
+        )
+    values = {f: parse_value(config, f, text) for f, text in sources.items()}
+    kwargs = {
+        "model_name": values.get("model_name", config.model_name),
+        "dataset": values.get("dataset", config.dataset),
+        "recipe": values.get("recipe", config.recipe),
+        "img_size": values.get("model.img_size"),
+    }
+    try:
+        return module.build(**kwargs)
+    except (ValueError, KeyError) as e:
+        field = next(f for f in SOURCES if f in sources)
+        raise UserError(f"config.{field}: {e}") from None
+
+
+def leaf_paths(config: ml_collections.ConfigDict, prefix: str = "") -> Iterator[str]:
+    """Dotted paths of every leaf (every field that is not a group of fields)."""
+    for key in config.keys():
+        value = config[key]
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from leaf_paths(value, f"{prefix}{key}.")
+        else:
+            yield prefix + key
+
+
+def _parent(config: ml_collections.ConfigDict, field: str):
+    *parents, leaf = field.split(".")
+    target = config
+    for parent in parents:
+        target = target[parent]
+    return target, leaf
+
+
+def _check_field(config: ml_collections.ConfigDict, field: str) -> None:
+    paths = list(leaf_paths(config))
+    if field in paths:
+        return
+    if any(p.startswith(field + ".") for p in paths):
+        example = next(p for p in paths if p.startswith(field + "."))
+        raise UserError(
+            f"config.{field} is a group of fields; override one of them, e.g. "
+            f"--config.{example}=..."
+        )
+    if field.startswith("model.") and "." not in field[len("model.") :]:
+        settings = ", ".join(sorted(config.model.keys()))
+        raise UserError(
+            f"config.{field}: {config.model_name} has no such setting; its settings: {settings}"
+        )
+    close = difflib.get_close_matches(field, paths, n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise UserError(f"unknown config field {field!r}.{hint}")
+
+
+def field_type(config: ml_collections.ConfigDict, field: str) -> tuple[type, bool]:
+    """(type, whether None is allowed) of a leaf, from its default or typed placeholder."""
+    parent, leaf = _parent(config, field)
+    kind = parent.get_type(leaf)
+    reference = parent._fields.get(leaf)  # typed placeholders are FieldReferences
+    optional = isinstance(reference, ml_collections.FieldReference) or parent[leaf] is None
+    return kind, optional
+
+
+def parse_value(config: ml_collections.ConfigDict, field: str, text: str | None) -> Any:
+    """`text` converted to the type of `field` (None text: a bare boolean flag)."""
+    kind, optional = field_type(config, field)
+    name = kind.__name__
+    if text is None:
+        if kind is bool:
+            return True
+        raise UserError(f"--config.{field} needs a value ({name}), e.g. --config.{field}=...")
+    if text.strip().lower() in _NONE and kind is not str or (text == "None" and kind is str):
+        if optional:
+            return None
+        raise UserError(f"config.{field} cannot be None: give a {name}")
+    try:
+        return _convert(text, kind, parent_default=_parent(config, field)[0][field.split(".")[-1]])
+    except (ValueError, SyntaxError, TypeError) as e:
+        detail = f" ({e})" if str(e) else ""
+        raise UserError(f"config.{field}={text!r} is not a valid {name}{detail}") from None
+
+
+def _convert(text: str, kind: type, parent_default: Any) -> Any:
+    value = text.strip()
+    if kind is bool:
+        if value.lower() in _TRUE:
+            return True
+        if value.lower() in _FALSE:
+            return False
+        raise ValueError("use true or false")
+    if kind is int:
+        number = float(value.replace("_", ""))
+        if not number.is_integer():
+            raise ValueError("not a whole number")
+        return int(number)
+    if kind is float:
+        return float(value.replace("_", ""))
+    if kind is str:
+        return text
+    if kind in (tuple, list):
+        return _convert_sequence(value, parent_default)
+    if kind is type(None):
+        raise ValueError("the field has no type (its default is None and is not a placeholder)")
+    raise ValueError(f"fields of type {kind.__name__} cannot be set from the command line")
+
+
+def _convert_sequence(value: str, default: Any) -> tuple:
+    if value.startswith(("(", "[")):
+        parsed = ast.literal_eval(value)
+        items = parsed if isinstance(parsed, tuple | list) else (parsed,)
+    else:
+        items = [v.strip() for v in value.split(",") if v.strip()]
+    template = next(iter(default), None) if default else None
+    if template is not None and not isinstance(template, tuple | list):
+        items = [_convert(str(v), type(template), None) for v in items]
+    return tuple(items)
+
+
+def set_field(config: ml_collections.ConfigDict, field: str, text: str | None) -> None:
+    """Parses `text` with the type of `field` and stores it."""
+    value = parse_value(config, field, text)
+    parent, leaf = _parent(config, field)
+    parent[leaf] = value

@@ -1,0 +1,245 @@
+"""Checks a config before anything is compiled, and the `--dry_run` report.
+
+`check_config` finds what is wrong in the config itself (valid names, sizes that fit each
+other, a schedule that fits the run). `check_machine` finds what does not fit this machine
+(mesh against device count, batch against data-parallel devices, paths, writable workdir):
+a real run stops on it, a dry run reports it as warnings. Each problem is one line naming
+the config field and what to do.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from typing import Any
+
+import ml_collections
+
+from vit_jax import data, losses, optim, sharding
+from vit_jax.checkpoint.npz import HEAD_POLICIES
+from vit_jax.checkpoint.posemb import INTERPOLATIONS
+from vit_jax.errors import UserError
+from vit_jax.models.layers import REMAT_POLICIES
+from vit_jax.models.vit import ATTENTION_IMPLS, POOL_TYPES, POSEMB_TYPES
+
+NONFINITE_POLICIES = ("stop", "skip")
+DTYPES = ("float32", "bfloat16", "float16")
+REMOTE_PREFIXES = ("gs://", "s3://", "hf://", "http://", "https://")
+
+
+def _choices(config) -> list[tuple[str, Any, tuple]]:
+    model = config.model
+    fields = [
+        ("optim.name", config.optim.name, optim.VALID_OPTIMIZERS),
+        ("optim.mu_dtype", config.optim.mu_dtype, (None, *DTYPES)),
+        ("schedule.decay", config.schedule.decay, optim.VALID_DECAYS),
+        ("loss", config.loss, losses.VALID_LOSSES),
+        ("sharding_rules", config.sharding_rules, tuple(sharding.RULE_PRESETS)),
+        ("on_nonfinite", config.on_nonfinite, NONFINITE_POLICIES),
+        ("init_from.head", config.init_from.head, HEAD_POLICIES),
+        ("init_from.posemb_interpolation", config.init_from.posemb_interpolation, INTERPOLATIONS),
+        ("model.dtype", model.get("dtype"), (None, *DTYPES)),
+        ("model.param_dtype", model.get("param_dtype"), DTYPES),
+    ]
+    optional = [
+        ("model.pool_type", POOL_TYPES),
+        ("model.posemb", POSEMB_TYPES),
+        ("model.remat", ("none", *REMAT_POLICIES)),
+        ("model.attention_impl", ATTENTION_IMPLS),
+    ]
+    for field, valid in optional:
+        leaf = field.split(".")[1]
+        if leaf in model:
+            fields.append((field, model[leaf], valid))
+    return fields
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Raises UserError on the first inconsistency of the config itself."""
+    for field, value, valid in _choices(config):
+        if value not in valid:
+            shown = ", ".join("None" if v is None else str(v) for v in valid)
+            raise UserError(f"config.{field}={value!r} is not one of: {shown}")
+    model = config.model
+    size, patch = model.img_size, model.patch_size
+    if size <= 0 or size % patch:
+        raise UserError(
+            f"config.model.img_size={size} is not a positive multiple of the patch size "
+            f"{patch} of {config.model_name}; use e.g. {max(patch, size // patch * patch)}"
+        )
+    if "num_heads" in model and model.width % model.num_heads:
+        raise UserError(
+            f"config.model.width={model.width} is not divisible by "
+            f"config.model.num_heads={model.num_heads}"
+        )
+    _check_positive(config, "batch_size", "eval_batch_size", "optim.grad_accum_steps")
+    _check_positive(config, "log_every_steps", "eval_every_steps", "checkpoint.every_steps")
+    accum = config.optim.grad_accum_steps
+    if config.batch_size % accum:
+        raise UserError(
+            f"config.batch_size={config.batch_size} is not divisible by "
+            f"config.optim.grad_accum_steps={accum}"
+        )
+    if config.total_steps is None and config.num_epochs is None:
+        raise UserError("set config.total_steps or config.num_epochs")
+    if config.total_steps is not None and config.total_steps <= 0:
+        raise UserError(f"config.total_steps={config.total_steps} must be positive")
+    if config.num_epochs is not None and config.num_epochs <= 0:
+        raise UserError(f"config.num_epochs={config.num_epochs} must be positive")
+    if config.total_steps and config.schedule.warmup_steps > config.total_steps:
+        raise UserError(
+            f"config.schedule.warmup_steps={config.schedule.warmup_steps} is longer than "
+            f"config.total_steps={config.total_steps}"
+        )
+    if not 0 <= config.label_smoothing < 1:
+        raise UserError(f"config.label_smoothing={config.label_smoothing} must be in [0, 1)")
+    _check_mesh_fields(config.mesh)
+    _check_classes(config)
+
+
+def _check_positive(config, *fields: str) -> None:
+    for field in fields:
+        value = config
+        for part in field.split("."):
+            value = value[part]
+        if value is not None and value <= 0:
+            raise UserError(f"config.{field}={value} must be positive")
+
+
+def _check_mesh_fields(mesh) -> None:
+    sizes = dict(mesh.items())
+    for axis, value in sizes.items():
+        if value != -1 and value < 1:
+            raise UserError(f"config.mesh.{axis}={value} must be a positive size or -1")
+    if list(sizes.values()).count(-1) > 1:
+        raise UserError(f"config.mesh: at most one axis may be -1 (the rest), got {sizes}")
+
+
+def _check_classes(config) -> None:
+    preset = data.get_data_config(config.dataset)
+    known, configured = preset.num_classes, config.data.num_classes
+    if known is not None and configured is not None and known != configured:
+        raise UserError(
+            f"config.data.num_classes={configured} but {config.dataset} has {known} classes"
+        )
+    if configured is not None and configured < 1:
+        raise UserError(f"config.data.num_classes={configured} must be positive")
+
+
+def mesh_shape(mesh, device_count: int) -> dict[str, int]:
+    """The mesh's axis sizes on `device_count` devices (-1 resolved); UserError if none fit."""
+    sizes = dict(mesh.items())
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    if -1 in sizes.values():
+        if device_count % fixed:
+            raise UserError(
+                f"config.mesh {sizes} needs a multiple of {fixed} devices; "
+                f"{device_count} are available"
+            )
+        free = next(k for k, v in sizes.items() if v == -1)
+        sizes[free] = device_count // fixed
+    elif fixed != device_count:
+        raise UserError(
+            f"config.mesh {sizes} needs {fixed} devices but {device_count} are available; "
+            "set one axis to -1 to use the rest"
+        )
+    return sizes
+
+
+def check_machine(
+    config: ml_collections.ConfigDict, workdir: str, device_count: int, *, create: bool
+) -> list[str]:
+    """What does not fit this machine, one line each (empty: all fits).
+
+    With `create`, the workdir is made and a file written into it; otherwise only the
+    nearest existing folder is checked for write permission.
+    """
+    problems = []
+    try:
+        shape = mesh_shape(config.mesh, device_count)
+        problems += _batch_problems(config, shape)
+    except UserError as e:
+        problems.append(str(e))
+    for field, path in _paths(config):
+        if path and not path.startswith(REMOTE_PREFIXES) and not os.path.exists(path):
+            problems.append(f"config.{field}={path!r} does not exist")
+    problem = _workdir_problem(workdir, create=create)
+    if problem:
+        problems.append(problem)
+    return problems
+
+
+def _batch_problems(config, shape: dict[str, int]) -> list[str]:
+    parallel = math.prod(shape[a] for a in sharding.BATCH_AXES)
+    accum = config.optim.grad_accum_steps
+    problems = []
+    if config.batch_size % (parallel * accum):
+        problems.append(
+            f"config.batch_size={config.batch_size} is not divisible by the {parallel} "
+            f"data-parallel devices x config.optim.grad_accum_steps={accum}"
+        )
+    if config.eval_batch_size % parallel:
+        problems.append(
+            f"config.eval_batch_size={config.eval_batch_size} is not divisible by the "
+            f"{parallel} data-parallel devices"
+        )
+    return problems
+
+
+def _paths(config) -> list[tuple[str, str | None]]:
+    paths = [("init_from.path", config.init_from.path), ("data.data_dir", config.data.data_dir)]
+    paths.append(("data.train.data_dir", config.data.train.data_dir))
+    paths += [(f"data.evals.{k}.data_dir", v.data_dir) for k, v in config.data.evals.items()]
+    return paths
+
+
+def _workdir_problem(workdir: str, *, create: bool) -> str | None:
+    if workdir.startswith(REMOTE_PREFIXES):
+        return None
+    if create:
+        try:
+            os.makedirs(workdir, exist_ok=True)
+            with tempfile.TemporaryFile(dir=workdir):
+                pass
+        except OSError as e:
+            return f"--workdir={workdir} is not writable ({e.strerror}); choose another folder"
+        return None
+    existing = os.path.abspath(workdir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        return f"--workdir={workdir} is not writable (at {existing}); choose another folder"
+    return None
+
+
+def run_summary(config: ml_collections.ConfigDict, device_count: int) -> dict[str, Any]:
+    """Mesh, per-device and per-micro-batch sizes, steps and epochs of the run."""
+    shape = mesh_shape(config.mesh, device_count)
+    parallel = math.prod(shape[a] for a in sharding.BATCH_AXES)
+    accum = config.optim.grad_accum_steps
+    summary: dict[str, Any] = {
+        "devices": device_count,
+        "mesh": shape,
+        "batch_size": config.batch_size,
+        "batch_per_device": config.batch_size / parallel,
+        "grad_accum_steps": accum,
+        "micro_batch": config.batch_size // accum,
+        "micro_batch_per_device": config.batch_size / parallel / accum,
+    }
+    try:
+        examples = data.num_examples(config.data, "train")
+    except Exception as e:  # noqa: BLE001 - the data may live on another machine
+        examples, summary["train_examples_unknown"] = None, f"{type(e).__name__}: {e}"
+    summary["train_examples"] = examples
+    steps = config.total_steps
+    if steps is None and examples:
+        steps = max(1, math.ceil(config.num_epochs * examples / config.batch_size))
+    summary["total_steps"] = steps
+    summary["epochs"] = steps * config.batch_size / examples if steps and examples else None
+    if steps and config.schedule.warmup_steps > steps:
+        raise UserError(
+            f"config.schedule.warmup_steps={config.schedule.warmup_steps} is longer than "
+            f"the run's {steps} steps"
+        )
+    return summary
