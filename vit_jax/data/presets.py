@@ -416,7 +416,8 @@ def get_data_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
     if builder is None:
         raise ValueError(
             f"unknown data preset {name!r}; presets: {', '.join(sorted(PRESETS))}, "
-            f"vtab/<task>[/hparam] ({len(VTAB_TASKS)} tasks: {', '.join(VTAB_TASKS)}), tfds:<any TFDS name>, folder:<root>"
+            f"vtab/<task>[/hparam] ({len(VTAB_TASKS)} tasks: {', '.join(VTAB_TASKS)}), "
+            "tfds:<any TFDS name>, folder:<root>"
         )
     cfg = builder(name)
     _merge(cfg, overrides, "")
