@@ -124,3 +124,121 @@ def test_writer_rejects_bad_labels_and_reader_missing_metadata(tmp_path):
         write_shards.write_shards([("x.png", [5])], str(tmp_path), 1, num_classes=3)
     with pytest.raises(data.DataError, match="write_shards"):
         data.num_classes(jft_config(str(tmp_path / "empty")))
+
+
+# Seeded epoch order and cheap resume (generated shards: record i has id str(i)).
+
+SHARD = 20  # Records per shard.
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """24 shards of 20 tiny records; record i lies in shard i // 20."""
+    root = str(tmp_path_factory.mktemp("synthetic"))
+    write_shards.write_synthetic(root, 24 * SHARD, 24, num_classes=5)
+    jft.load_metadata.cache_clear()
+    return root
+
+
+def synthetic_config(root, window=16):
+    s = {"data_dir": root, "split": "train", "pp": PP, "shuffle_buffer": window}
+    return data.get_data_config("jft", image_size=8, train=s, evals={"val": s})
+
+
+def record_ids(cfg, process_index, process_count, *, epoch=0, count=None, seed=0):
+    """Ids of the records one process's epochs stream yields from ``epoch`` on."""
+    records = jft.open_split(cfg.train, process_index, process_count)
+    ds = records.epochs(seed, epoch, 0).take(count or records.num_examples)
+    return [int(tf_example_id(r)) for r in ds.as_numpy_iterator()], records.num_examples
+
+
+def tf_example_id(serialized: bytes) -> bytes:
+    from vit_jax.data._tf import tf
+
+    example = tf.train.Example.FromString(serialized)
+    return example.features.feature["image/id"].bytes_list.value[0]
+
+
+def batches_from(cfg, step, count, process_index=0, process_count=1):
+    it = data.train_batches(
+        cfg,
+        global_batch_size=8 * process_count,
+        seed=3,
+        start_step=step,
+        process_index=process_index,
+        process_count=process_count,
+    )
+    return [next(it) for _ in range(count)]
+
+
+def test_resume_is_bit_identical_deep_and_across_epochs(synthetic):
+    cfg = synthetic_config(synthetic)
+    # 480 records: an epoch is 60 batches of 8; run three epochs uninterrupted.
+    full = batches_from(cfg, 0, 150)
+    for step in (37, 58, 60, 71, 133):  # Deep, at and across epoch boundaries.
+        for got, want in zip(batches_from(cfg, step, 3), full[step : step + 3], strict=True):
+            np.testing.assert_array_equal(got["image"], want["image"])
+            np.testing.assert_array_equal(got["labels"], want["labels"])
+    flat = lambda bs: np.concatenate([b["image"] for b in bs])  # noqa: E731
+    assert not np.array_equal(flat(full[:60]), flat(full[60:120]))  # Epochs differ.
+
+
+def test_resume_reads_at_most_one_round(synthetic):
+    cfg = synthetic_config(synthetic)
+    # Two processes own 12 files (240 records) each; a round is 4 files (80 records).
+    round_records = jft.CYCLE_LENGTH * SHARD
+    reads = {}
+    for step in (0, 3, 27, 29, 60 * 7 + 28):  # Start, early, deep (224 of 240), epoch 14.
+        with jft.count_reads() as counter:
+            batches_from(cfg, step, 1, process_index=1, process_count=2)
+            reads[step] = int(counter.numpy())
+    assert all(0 < n <= round_records + 16 for n in reads.values()), reads
+    # The old way (fixed file order, shuffle buffer, skip by reading) reads up to the position.
+    with jft.count_reads() as counter:
+        legacy = jft.open_split(cfg.train, 1, 2, epoch_order=False)
+        data.train_dataset(
+            cfg,
+            global_batch_size=16,
+            seed=3,
+            start_step=27,
+            process_index=1,
+            process_count=2,
+            records=legacy,
+        ).take(1).get_single_element()
+        assert int(counter.numpy()) >= 27 * 8
+
+
+def test_epochs_visit_files_in_new_orders(synthetic):
+    cfg = synthetic_config(synthetic)
+    first, n = record_ids(cfg, 0, 1, epoch=0)
+    second, _ = record_ids(cfg, 0, 1, epoch=1)
+    assert sorted(first) == sorted(second) == list(range(n))  # Each record once per epoch.
+
+    def file_visits(ids):  # Files in the order of their first record.
+        return list(dict.fromkeys(i // SHARD for i in ids))
+
+    assert file_visits(first) != file_visits(second)
+    assert not np.array_equal(jft.file_order(24, 0, 0), jft.file_order(24, 0, 1))
+    # Records interleave across several files: the first 16 come from more than one file.
+    assert len({i // SHARD for i in first[:16]}) > 1
+
+
+@pytest.mark.parametrize("count", [2, 5])
+def test_processes_read_disjoint_files(synthetic, count):
+    seen = []
+    for i in range(count):
+        ids, n = record_ids(synthetic_config(synthetic), i, count)
+        assert len(ids) == n == len(set(ids))
+        files = {r // SHARD for r in ids}
+        assert files == set(range(i, 24, count))  # Whole files, process i owns i, i + P, ...
+        seen.extend(ids)
+    assert sorted(seen) == list(range(24 * SHARD))
+
+
+def test_shuffle_window_fits_the_byte_budget(synthetic, monkeypatch):
+    cfg = synthetic_config(synthetic, window=1000)
+    meta = jft.load_metadata(synthetic, "train")
+    per_record = sum(s["num_bytes"] for s in meta["shards"]) / meta["num_examples"]
+    assert jft.shuffle_window(cfg.train, synthetic, meta) == 1000
+    monkeypatch.setattr(jft, "SHUFFLE_BYTES", int(per_record * 50))
+    assert jft.shuffle_window(cfg.train, synthetic, meta) in (49, 50)

@@ -15,7 +15,7 @@ import csv
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -80,10 +80,6 @@ def write_shards(
     seed: int = 0,
 ) -> dict:
     """Writes ``output/<split>-XXXXX-of-YYYYY.tfrecord`` files and ``output/<split>.json``."""
-    from vit_jax.data._tf import tf
-
-    if num_shards < 1:
-        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     if not examples:
         raise ValueError("no examples to write")
     top = max((max(labels) for _, labels in examples if labels), default=-1)
@@ -95,21 +91,55 @@ def write_shards(
             f"{len(bad)} example(s) have labels outside [0, {num_classes}), "
             f"e.g. {bad[0]}; pass --num_classes or fix the labels"
         )
-    os.makedirs(output, exist_ok=True)
+
+    def record(i: int) -> bytes:
+        path, labels = examples[i]
+        with open(path, "rb") as f:
+            return _example(f.read(), list(labels), os.path.basename(path))
+
     order = np.random.default_rng(seed).permutation(len(examples))
+    return write_records(
+        record,
+        order,
+        output,
+        num_shards,
+        split=split,
+        num_classes=num_classes,
+        class_names=class_names,
+    )
+
+
+def write_records(
+    record: Callable[[int], bytes],
+    order: Sequence[int],
+    output: str,
+    num_shards: int,
+    *,
+    split: str,
+    num_classes: int,
+    class_names: Sequence[str] | None = None,
+) -> dict:
+    """Writes serialized records ``record(i)`` for ``i`` in ``order`` into ``num_shards``
+    near-equal shards plus the split's metadata (records and bytes per shard)."""
+    from vit_jax.data._tf import tf
+
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    os.makedirs(output, exist_ok=True)
     shards = []
-    for k, part in enumerate(np.array_split(order, num_shards)):
+    for k, part in enumerate(np.array_split(np.asarray(order), num_shards)):
         fname = f"{split}-{k:05d}-of-{num_shards:05d}.tfrecord"
-        with tf.io.TFRecordWriter(os.path.join(output, fname)) as writer:
+        path = os.path.join(output, fname)
+        with tf.io.TFRecordWriter(path) as writer:
             for i in part:
-                path, labels = examples[i]
-                with open(path, "rb") as f:
-                    writer.write(_example(f.read(), list(labels), os.path.basename(path)))
-        shards.append({"file": fname, "num_examples": int(len(part))})
+                writer.write(record(int(i)))
+        shards.append(
+            {"file": fname, "num_examples": int(len(part)), "num_bytes": os.path.getsize(path)}
+        )
     meta = {
         "split": split,
         "num_classes": int(num_classes),
-        "num_examples": len(examples),
+        "num_examples": int(sum(s["num_examples"] for s in shards)),
         "shards": shards,
     }
     if class_names is not None:
@@ -117,6 +147,43 @@ def write_shards(
     with open(os.path.join(output, f"{split}.json"), "w") as f:
         json.dump(meta, f, indent=1)
     return meta
+
+
+def write_synthetic(
+    output: str,
+    num_examples: int,
+    num_shards: int,
+    *,
+    split: str = "train",
+    num_classes: int = 10,
+    image_size: int = 8,
+    seed: int = 0,
+) -> dict:
+    """Writes ``num_examples`` tiny multi-label records (for benchmarks and tests).
+
+    Images are ``image_size`` px PNGs drawn from a pool of 256 random ones; record ``i`` has
+    id ``str(i)`` and labels ``{i % C, (7 i + 3) % C}``, so every record is distinct. A
+    million records take under a minute to write.
+    """
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    pool = []
+    for _ in range(256):
+        pixels = rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="PNG")
+        pool.append(buf.getvalue())
+
+    def record(i: int) -> bytes:
+        labels = sorted({i % num_classes, (7 * i + 3) % num_classes})
+        return _example(pool[i % len(pool)], labels, str(i))
+
+    return write_records(
+        record, range(num_examples), output, num_shards, split=split, num_classes=num_classes
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,6 +27,11 @@ class Records:
       num_examples: examples in this process's part, or None if unknown.
       max_examples: examples in the largest process part (what every process must pad its
         evaluation to), or None if unknown.
+      epochs: optional ``(seed, first_epoch, skip) -> dataset``: the records of epochs
+        ``first_epoch, first_epoch + 1, ...`` already shuffled by the source, starting ``skip``
+        records into ``first_epoch``, for sources that can order epochs themselves and resume
+        without reading what precedes (needs ``num_examples``). When None the pipeline
+        shuffles ``dataset`` with a buffer and skips by reading.
     """
 
     dataset: tf.data.Dataset
@@ -34,3 +39,4 @@ class Records:
     prepare: Callable[[tf.data.Dataset], tf.data.Dataset] | None = None
     num_examples: int | None = None
     max_examples: int | None = None
+    epochs: Callable[[int, int, int], tf.data.Dataset] | None = None
