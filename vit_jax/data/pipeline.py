@@ -89,11 +89,17 @@ def _named_errors(batches: Iterator, cfg) -> Iterator:
     try:
         yield from batches
     except tf.errors.InvalidArgumentError as e:
-        if "label out of range" not in str(e):
+        text = str(e)
+        if "label out of range" not in text:
             raise
-        detail = next((line for line in str(e).splitlines() if "label out of range" in line), "")
-        name = cfg.name or cfg.data_dir
-        raise DataError(f"dataset {name!r} split {cfg.split!r}: {detail.strip()}") from None
+        detail = text[text.index("label out of range") :].splitlines()[0]
+        detail = detail.replace("\\'", "'").replace(":] [", ": [")
+        raise DataError(f"{_dataset(cfg)} split {cfg.split!r}: {detail}") from None
+
+
+def _dataset(cfg) -> str:
+    """'dataset <name> in <data_dir>' for messages."""
+    return f"dataset {cfg.name!r}" + (f" in {cfg.data_dir}" if cfg.data_dir else "")
 
 
 class _Placeholders(dict):
@@ -210,7 +216,7 @@ def train_dataset(
     n = records.num_examples
     if n == 0:
         raise DataError(
-            f"dataset {cfg.name or cfg.data_dir!r}: train split {cfg.split!r} has no examples "
+            f"{_dataset(cfg)}: train split {cfg.split!r} has no examples "
             f"for process {pi}; "
             "check the split name and data_dir"
         )

@@ -1,0 +1,354 @@
+"""Failure behaviour: stop signals, kill -9, full disks, bad numerics, strangers' checkpoints
+and bad input each end with a clear message and lose nothing."""
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from data_fixtures.images import write_folder
+from helpers import with_changes
+from orbax.checkpoint._src.path import atomicity
+from test_cli import ROOT, TINY, cli_env, failure
+from test_train import read_jsonl, restore_state, tiny_run_config
+
+from vit_jax import data, train
+from vit_jax.checkpoint import Checkpointer
+from vit_jax.checkpoint import manager as checkpoint_manager
+from vit_jax.data.sources import folder
+from vit_jax.errors import UserError
+from vit_jax.sharding import make_mesh
+from vit_jax.steps import ConfigValueError, Trainer
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def saved_state(workdir, step):
+    """A checkpoint's arrays as saved (no target tree needed)."""
+    path = os.path.join(workdir, "checkpoints", str(step), "state")
+    return ocp.StandardCheckpointer().restore(path)
+
+
+def assert_same_arrays(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def steps_on_disk(workdir):
+    return Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1).all_steps()
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """The uninterrupted tiny run (6 steps, checkpoints at 3 and 6) to compare against."""
+    workdir = str(tmp_path_factory.mktemp("straight"))
+    train.run(tiny_run_config(), workdir)
+    return workdir
+
+
+# --- 1. SIGTERM / SIGINT -------------------------------------------------------------------
+
+
+def cli_command(workdir, steps):
+    dropped = ("total_steps", "log_every", "eval_every", "checkpoint.every")
+    overrides = [a for a in TINY if not a.startswith(tuple(f"--config.{d}" for d in dropped))]
+    return [
+        sys.executable,
+        "-m",
+        "vit_jax.main",
+        "--config=configs/vit.py",
+        f"--workdir={workdir}",
+        *overrides,
+        f"--config.total_steps={steps}",
+        "--config.log_every_steps=1",
+        f"--config.eval_every_steps={steps}",
+        f"--config.checkpoint.every_steps={steps}",
+    ]
+
+
+def test_sigterm_saves_exits_143_and_the_rerun_is_bit_identical(tmp_path):
+    steps, workdir = 300, str(tmp_path / "stopped")
+    command = cli_command(workdir, steps)
+    with open(tmp_path / "stderr", "w") as err:
+        proc = subprocess.Popen(
+            command, cwd=ROOT, env=cli_env(2), stdout=subprocess.PIPE, stderr=err, text=True
+        )
+        for line in proc.stdout:  # wait until it has trained (and logged) a few steps
+            if line.startswith("step 3/"):
+                proc.send_signal(signal.SIGTERM)
+                break
+        proc.stdout.read()
+        status = proc.wait(timeout=300)
+    stderr = (tmp_path / "stderr").read_text()
+    assert status == 143, failure(stderr)
+    saved = steps_on_disk(workdir)
+    assert len(saved) == 1 and 3 <= saved[0] < steps
+    assert f"stopped by SIGTERM: saved the checkpoint of step {saved[0]}" in stderr
+    assert "run the same command again to resume" in stderr
+
+    again = subprocess.run(command, cwd=ROOT, env=cli_env(2), capture_output=True, text=True)
+    assert again.returncode == 0, failure(again.stderr)
+    straight = str(tmp_path / "straight")
+    whole = subprocess.run(
+        cli_command(straight, steps), cwd=ROOT, env=cli_env(2), capture_output=True, text=True
+    )
+    assert whole.returncode == 0, failure(whole.stderr)
+    assert_same_arrays(saved_state(workdir, steps), saved_state(straight, steps))
+
+
+def test_sigint_saves_the_current_step_and_exits_130(tmp_path, monkeypatch):
+    real = data.train_batches
+
+    def interrupting(*args, **kwargs):  # Ctrl-C while the 3rd batch is being read
+        for i, batch in enumerate(real(*args, **kwargs)):
+            if i == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+            yield batch
+
+    monkeypatch.setattr(data, "train_batches", interrupting)
+    config = tiny_run_config(**{"total_steps": 50, "checkpoint.every_steps": 50})
+    previous = signal.getsignal(signal.SIGINT)
+    with pytest.raises(train.Preempted) as stop:
+        train.run(config, str(tmp_path))
+    assert stop.value.code == 130 and isinstance(stop.value, SystemExit)
+    assert signal.getsignal(signal.SIGINT) is previous  # the handler is put back
+    step = stop.value.step
+    assert 1 <= step < 50 and steps_on_disk(str(tmp_path)) == [step]
+    assert f"stopped by SIGINT: saved the checkpoint of step {step}" in str(stop.value)
+    state, record = restore_state(config, str(tmp_path), step)
+    assert record["step"] == int(state["step"]) == step
+
+
+# --- 2. kill -9, also in the middle of an asynchronous save -------------------------------
+
+KILL_DURING_SAVE = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from orbax.checkpoint._src.path import atomicity
+
+original = atomicity.AtomicRenameTemporaryPath.finalize
+
+async def finalize(self):  # the data of step 6 is written, the commit is not
+    if self.get_final().name == "6":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return await original(self)
+
+atomicity.AtomicRenameTemporaryPath.finalize = finalize
+from test_train import tiny_run_config
+from vit_jax import train
+train.run(tiny_run_config(), sys.argv[1])
+"""
+
+
+def test_kill_9_during_an_async_save_resumes_from_the_last_complete_one(tmp_path, straight_run):
+    workdir = str(tmp_path)
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_DURING_SAVE.format(tests=TESTS), workdir],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert killed.returncode == -signal.SIGKILL, failure(killed.stderr)
+    leftovers = [n for n in os.listdir(tmp_path / "checkpoints") if "orbax-checkpoint-tmp" in n]
+    assert leftovers and leftovers[0].startswith("6.")  # a half-written step 6
+
+    train.run(tiny_run_config(), workdir)  # resumes from 3, not from the half-written 6
+    names = os.listdir(tmp_path / "checkpoints")
+    assert not [n for n in names if "tmp" in n] and {"3", "6"} <= set(names)
+    assert_same_arrays(saved_state(workdir, 6), saved_state(straight_run, 6))
+
+
+def test_half_written_checkpoint_is_never_picked_up_and_is_cleaned(tmp_path):
+    directory = str(tmp_path / "checkpoints")
+    checkpointer = Checkpointer(directory, every_steps=1, async_save=False)
+    checkpointer.save(2, {"w": np.ones(3, np.float32)}, {"step": 2})
+    checkpointer.close()
+    # What orbax leaves when killed mid-save: a tmp-suffixed directory, no commit marker.
+    partial = tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp-1700000000"
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "_METADATA").write_text("{")
+    assert not (partial / atomicity.COMMIT_SUCCESS_FILE).exists()
+
+    reopened = Checkpointer(directory, every_steps=1)
+    assert reopened.latest_step() == 2 and reopened.all_steps() == [2]
+    reopened.wait()
+    reopened.save(3, {"w": np.zeros(3, np.float32)}, {"step": 3})  # waits for the cleanup
+    reopened.close()
+    assert sorted(os.listdir(directory)) == ["2", "3"]
+
+
+# --- 3. full disks -------------------------------------------------------------------------
+
+
+def test_no_room_for_one_checkpoint_is_refused_before_training(tmp_path, monkeypatch):
+    free = checkpoint_manager.shutil.disk_usage(str(tmp_path))._replace(free=4096)
+    monkeypatch.setattr(checkpoint_manager.shutil, "disk_usage", lambda path: free)
+    with pytest.raises(checkpoint_manager.NoRoomError) as error:
+        train.run(tiny_run_config(), str(tmp_path))
+    message = str(error.value)
+    assert "no room for a checkpoint in" in message and str(tmp_path) in message
+    assert "MiB" in message and "\n" not in message and isinstance(error.value, UserError)
+    assert not os.path.exists(tmp_path / "metrics.jsonl") or not any(
+        "train/loss" in r for r in read_jsonl(tmp_path / "metrics.jsonl")
+    )
+
+
+def test_failed_save_keeps_the_previous_checkpoint_and_names_step_and_path(tmp_path, monkeypatch):
+    original = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def disk_full(self):
+        if self.get_final().name == "6":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return await original(self)
+
+    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", disk_full)
+    config = tiny_run_config()
+    with pytest.raises(checkpoint_manager.CheckpointSaveError) as error:
+        train.run(config, str(tmp_path))
+    message = str(error.value)
+    assert f"step 6 to {tmp_path}/checkpoints/6" in message
+    assert "No space left on device" in message and "step 3 is kept" in message
+    assert steps_on_disk(str(tmp_path)) == [3]
+    state, record = restore_state(config, str(tmp_path), 3)  # intact and readable
+    assert record["step"] == int(state["step"]) == 3
+
+
+# --- 4. numerics ---------------------------------------------------------------------------
+
+
+def test_skip_drops_nonfinite_steps_counts_them_and_stops_after_too_many(tmp_path, monkeypatch):
+    real = data.train_batches
+    poisoned = {3, 5, 6}  # steps whose batch is NaN
+
+    def with_nan(*args, start_step=0, **kwargs):
+        for step, batch in enumerate(real(*args, start_step=start_step, **kwargs), start_step + 1):
+            if step in poisoned:
+                batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
+            yield batch
+
+    monkeypatch.setattr(data, "train_batches", with_nan)
+    config = tiny_run_config(
+        **{
+            "on_nonfinite": "skip",
+            "max_consecutive_skips": 2,
+            "total_steps": 8,
+            "log_every_steps": 1,
+            "checkpoint.every_steps": 2,
+        }
+    )
+    with pytest.raises(train.TooManySkippedStepsError) as error:
+        train.run(config, str(tmp_path))
+    assert "2 steps in a row up to step 6" in str(error.value)
+    assert "config.max_consecutive_skips=2" in str(error.value)
+    assert steps_on_disk(str(tmp_path)) == [2, 4]  # nothing saved after the bad streak
+    records = {r["step"]: r for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in r}
+    assert [records[s]["train/skipped_steps"] for s in (1, 2, 3, 4)] == [0, 0, 1, 0]
+    assert records[3]["train/param_norm"] == records[2]["train/param_norm"]  # no update
+    assert records[4]["train/param_norm"] != records[3]["train/param_norm"]
+    state, _ = restore_state(config, str(tmp_path), 4)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+
+
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        ({"on_nonfinite": "ignore"}, "config.on_nonfinite='ignore' is not one of"),
+        ({"on_nonfinite": "skip", "max_consecutive_skips": 0}, "config.max_consecutive_skips=0"),
+    ],
+)
+def test_nonfinite_settings_are_validated(tmp_path, changes, expected):
+    with pytest.raises(ConfigValueError, match=expected):
+        train.run(tiny_run_config(**changes), str(tmp_path))
+
+
+# --- 5. checkpoints from strangers ---------------------------------------------------------
+
+
+def write_checkpoint(config, directory, step=1):
+    trainer = Trainer(config, make_mesh(config.mesh.to_dict()), num_classes=10, total_steps=6)
+    checkpointer = Checkpointer(directory, every_steps=1, async_save=False)
+    checkpointer.save(step, trainer.init_state(), {"step": step, "data_position": step})
+    checkpointer.close()
+
+
+def test_another_models_checkpoint_lists_every_mismatched_key(tmp_path):
+    write_checkpoint(tiny_run_config(), str(tmp_path / "small" / "checkpoints"))
+    wider = tiny_run_config(**{"model.width": 48})
+
+    with pytest.raises(checkpoint_manager.StateMismatchError) as resumed:  # in its workdir
+        train.run(wider, str(tmp_path / "small"))
+    message = str(resumed.value)
+    assert "params/head/kernel expected (48, 10) found (32, 10)" in message
+    assert "opt_state/" in message and "\n" not in message and isinstance(resumed.value, UserError)
+
+    source = str(tmp_path / "small" / "checkpoints")
+    with pytest.raises(checkpoint_manager.StateMismatchError) as init:  # via init_from
+        train.run(with_changes(wider, **{"init_from.path": source}), str(tmp_path / "new"))
+    message = str(init.value)
+    assert "params/patch_embed/kernel expected" in message and "opt_state/" not in message
+
+
+# --- 6. data -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def image_root(tmp_path):
+    folder.scan_split.cache_clear()
+    folder.class_names.cache_clear()
+    write_folder(str(tmp_path), {"train": {"cat": 3, "dog": 3, "eel": 2}, "test": {"cat": 2}})
+    return str(tmp_path)
+
+
+def folder_config(root, num_classes="{num_classes}"):
+    pp = f"decode|resize(8)|value_range(0, 1)|onehot({num_classes})"
+    return data.get_data_config(
+        f"folder:{root}", image_size=8, train={"pp": pp}, evals={"test": {"pp": pp}}
+    )
+
+
+def test_label_out_of_range_names_the_dataset(image_root):
+    cfg = folder_config(image_root, num_classes=2)  # class 'eel' has label 2
+    with pytest.raises(data.DataError, match="label out of range") as error:
+        for _ in data.train_batches(
+            cfg, global_batch_size=8, seed=0, process_index=0, process_count=1
+        ):
+            pass
+    message = str(error.value)
+    assert image_root in message and "'train'" in message and "\n" not in message
+    assert "must be in [0, 2); fix num_classes" in message and message.endswith(": [2]")
+
+
+def test_class_folder_without_images_is_refused(image_root):
+    os.makedirs(os.path.join(image_root, "train", "fox"))
+    with pytest.raises(data.DataError, match="class folder .*fox.* has no") as error:
+        data.num_examples(folder_config(image_root))
+    assert "remove the folder" in str(error.value) and isinstance(error.value, UserError)
+
+
+def test_empty_split_is_refused(image_root):
+    for name in os.listdir(os.path.join(image_root, "test", "cat")):
+        with open(os.path.join(image_root, "test", "cat", name), "wb") as f:
+            f.write(b"")  # every image of the split is broken, so none is left
+    with pytest.raises(data.DataError, match="no readable"), pytest.warns(folder.BadImageWarning):
+        list(data.eval_batches(folder_config(image_root), "test", global_batch_size=2))
+
+
+def test_bad_images_are_counted_in_the_train_metrics(image_root, tmp_path):
+    for name in ("img_0.png", "img_1.png"):
+        with open(os.path.join(image_root, "train", "dog", name), "wb") as f:
+            f.write(b"not an image")
+    config = tiny_run_config(**{"total_steps": 2, "eval_every_steps": 100})
+    with config.unlocked():
+        config.data = folder_config(image_root)
+    with pytest.warns(folder.BadImageWarning):
+        train.run(config, str(tmp_path / "run"))
+    records = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "train/loss" in r]
+    assert records and all(r["train/bad_images"] == 2 for r in records)
