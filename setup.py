@@ -22,6 +22,7 @@ setup(
         "numpy>=1.26,<3",
         "pillow>=10",
     ],
+    entry_points={"console_scripts": ["vit-jax-train=vit_jax.main:entry"]},
     extras_require={
         "test": [
             "pytest>=8,<10",
