@@ -94,7 +94,8 @@ def _split_override(text: str) -> tuple[str, str | None]:
 
 def _rebuild(module, spec: str, config, sources: dict[str, str | None]):
     """The config built again from its sources, with the overridden ones changed."""
-    if not hasattr(module, "build"):
+    build = getattr(module, "build", None)
+    if build is None or build.__module__ != module.__name__:  # its own, not an import
         raise UserError(
             f"config.{next(iter(sources))}: the config {spec!r} has no build() to derive the "
             "other fields from it; edit the config file instead"
@@ -107,7 +108,7 @@ def _rebuild(module, spec: str, config, sources: dict[str, str | None]):
         "img_size": values.get("model.img_size"),
     }
     try:
-        return module.build(**kwargs)
+        return build(**kwargs)
     except (ValueError, KeyError) as e:
         field = next(f for f in SOURCES if f in sources)
         raise UserError(f"config.{field}: {e}") from None

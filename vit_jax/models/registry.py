@@ -33,6 +33,8 @@ HYBRIDS = {
     "R50+ViT-B/16": dict(size="B", patch_size=16, stem_layers=(3, 4, 9)),
     "R26+ViT-S/32": dict(size="S", patch_size=32, stem_layers=(2, 2, 2, 2)),
     "R26+ViT-B/32": dict(size="B", patch_size=32, stem_layers=(2, 2, 2, 2)),
+    "R50+ViT-B/32": dict(size="B", patch_size=32, stem_layers=(3, 4, 6, 3)),
+    "R50+ViT-L/16": dict(size="L", patch_size=16, stem_layers=(3, 4, 9)),
     "R50+ViT-L/32": dict(size="L", patch_size=32, stem_layers=(3, 4, 6, 3)),
 }
 MIXER_SIZES = {
