@@ -21,6 +21,7 @@ setup(
         "scikit-learn>=1.5,<2",
         "numpy>=1.26,<3",
         "pillow>=10",
+        "matplotlib>=3.8,<4",
     ],
     entry_points={"console_scripts": ["vit-jax-train=vit_jax.main:entry"]},
     extras_require={
