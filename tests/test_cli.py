@@ -17,7 +17,6 @@ TINY = [
     "--config.model.mlp_dim=64",
     "--config.model.num_heads=2",
     "--config.model.img_size=8",
-    "--config.data.image_size=8",
     "--config.batch_size=32",
     "--config.eval_batch_size=64",
     "--config.total_steps=4",

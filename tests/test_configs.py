@@ -2,6 +2,7 @@
 every leaf of every config is overridable with its own type through the CLI's parser."""
 
 import pytest
+from flax import nnx
 
 from configs import recipes
 from configs.vit import build, get_config
@@ -86,7 +87,9 @@ def test_every_model_family_and_preset_builds_a_consistent_config(model, dataset
 
 def test_model_fields_carry_the_models_real_defaults():
     config = get_config("B/16,cifar10,finetune")
-    model = create_model(config.model_name, num_classes=10, **config.model.to_dict())
+    model = nnx.eval_shape(
+        lambda: create_model(config.model_name, num_classes=10, **config.model.to_dict())
+    )
     assert model.width == 768 and model.depth == 12 and model.patch_size == 16
     assert config.model.pool_type == "tok" and config.model.posemb == "learn"
     assert config.model.representation_size is None  # a typed placeholder
