@@ -48,3 +48,19 @@ def test_benchmark_loads_python_config_file(tmp_path):
     )
     cfg = benchmark.load_config(str(path))
     assert cfg.name == "digits" and cfg.image_size == 8
+
+
+def test_resume_benchmark_on_generated_jft(tmp_path, capsys):
+    argv = ["--config", "jft_synthetic", "--num_records", "400", "--num_shards", "20"]
+    argv += ["--batch_size", "8", "--resume_at", "0.9", "--compare_legacy"]
+    assert benchmark.main([*argv, "--data_dir", str(tmp_path)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["num_records"] == 400 and result["num_shards"] == 20
+    start, deep = result["resume"]
+    assert start["step"] == 0 and deep["step"] == 50 + 45  # 90% into the second epoch.
+    assert result["position"] == [0, 95 * 8]
+    # Resuming reads at most one round (4 files of 20 records), wherever it resumes.
+    assert 0 < start["records_read"] <= 80 and 0 < deep["records_read"] <= 80
+    assert deep["first_batch_s"] > 0
+    # The old way reads everything before the position within the epoch (360 of 400).
+    assert result["legacy"][1]["records_read"] >= 360

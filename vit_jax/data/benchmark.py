@@ -1,7 +1,9 @@
-"""Measures train-pipeline throughput in images/s and prints it as JSON.
+"""Measures train-pipeline throughput in images/s, or resume latency, and prints JSON.
 
     python -m vit_jax.data.benchmark --config PRESET_OR_FILE [--batch_size 256]
         [--num_batches 40] [--compare_bare] [--repeats 3]
+    python -m vit_jax.data.benchmark --config jft_synthetic [--num_records 1000000]
+        [--num_shards 1024] [--resume_at 0.9] [--compare_legacy] [--data_dir DIR]
 
 ``--config`` is a preset name (``digits``, ``folder:/data/x``, ...), a ``.py`` file whose
 ``get_config()`` returns a data config (or a config with a ``data`` field), or
@@ -9,6 +11,12 @@
 read with ``decode_jpeg_and_inception_crop(224)|flip_lr|value_range(-1, 1)|onehot(...)``.
 ``--compare_bare`` also times the same chain written as bare TensorFlow ops in one plain
 tf.data map over the same files (folder sources only) and reports the ratio.
+
+``jft_synthetic`` writes ``--num_records`` tiny JFT-like records (8x8 PNGs, in ``--data_dir``
+if given and not there yet, else a temporary folder) and reports the time to the first batch
+and the records read from the shard files when starting at step 0 and when resuming
+``--resume_at`` of the way into the second epoch; ``--compare_legacy`` also times the old way
+(files in a fixed order, a shuffle buffer, skipping by reading).
 """
 
 import argparse
@@ -24,6 +32,9 @@ import ml_collections
 
 from vit_jax.data import pipeline, presets
 from vit_jax.data._tf import tf
+from vit_jax.data.sources import jft
+
+SYNTHETIC_PP = "decode|value_range(-1, 1)|onehot({num_classes}, multi=True)"
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
@@ -93,9 +104,13 @@ def run(
     if compare_bare:
         if cfg.train.source != "folder":
             raise SystemExit("--compare_bare needs a folder source (e.g. --config sample_photos)")
+        from vit_jax.data import splits
         from vit_jax.data.sources import folder
 
-        paths = folder.scan_split(cfg.train.data_dir or cfg.train.name, cfg.train.split).paths
+        name, _, _ = splits.parse_split(cfg.train.split)  # The same slice as the pipeline's.
+        found = folder.scan_split(cfg.train.data_dir or cfg.train.name, name)
+        _, idx = splits.slice_indices(cfg.train.split, len(found.paths))
+        paths = [found.paths[i] for i in idx]
     runs: dict[str, list[tuple[float, float]]] = {"framework": [], "bare": []}
     for _ in range(max(1, repeats)):
         batches = pipeline.train_batches(
@@ -125,6 +140,79 @@ def run(
     return result
 
 
+def first_batch(
+    cfg: ml_collections.ConfigDict,
+    step: int,
+    *,
+    batch_size: int,
+    process_count: int = 1,
+    legacy: bool = False,
+) -> dict:
+    """Seconds to the first batch at ``step`` and the records read until then (process 0)."""
+    with jft.count_reads() as counter:
+        start = time.perf_counter()
+        records = jft.open_split(cfg.train, 0, process_count, epoch_order=not legacy)
+        batches = pipeline.train_dataset(
+            cfg,
+            global_batch_size=batch_size,
+            seed=0,
+            start_step=step,
+            process_index=0,
+            process_count=process_count,
+            records=records,
+        ).as_numpy_iterator()
+        next(batches)
+        seconds = time.perf_counter() - start
+        read = int(counter.numpy())
+    return {"step": step, "first_batch_s": round(seconds, 3), "records_read": read}
+
+
+def resume_benchmark(
+    cfg: ml_collections.ConfigDict,
+    *,
+    batch_size: int,
+    resume_at: float,
+    process_count: int = 1,
+    compare_legacy: bool = False,
+) -> dict:
+    """Time to first batch at step 0 and ``resume_at`` into the second epoch (see doc)."""
+    local_batch = batch_size // process_count
+    per_process = jft.open_split(cfg.train, 0, process_count).num_examples
+    steps_per_epoch = per_process // local_batch
+    steps = [0, steps_per_epoch + int(resume_at * steps_per_epoch)]
+    first_batch(cfg, 0, batch_size=batch_size, process_count=process_count)  # Warm-up.
+    result = {
+        "records_per_process": per_process,
+        "position": [s * local_batch for s in steps],
+        "resume": [
+            first_batch(cfg, s, batch_size=batch_size, process_count=process_count) for s in steps
+        ],
+    }
+    if compare_legacy:
+        result["legacy"] = [
+            first_batch(cfg, s, batch_size=batch_size, process_count=process_count, legacy=True)
+            for s in steps
+        ]
+    return result
+
+
+def synthetic_jft(
+    root: str, num_records: int, num_shards: int
+) -> tuple[ml_collections.ConfigDict, float]:
+    """A JFT-like data config over generated records in ``root`` (written if missing)."""
+    from vit_jax.data import write_shards
+
+    seconds = 0.0
+    if not os.path.exists(os.path.join(root, "train.json")):
+        start = time.perf_counter()
+        write_shards.write_synthetic(root, num_records, num_shards)
+        seconds = time.perf_counter() - start
+    split = {"data_dir": root, "split": "train", "pp": SYNTHETIC_PP}
+    cfg = presets.get_data_config("jft", image_size=8, train=split, evals={"val": split})
+    cfg.name = "jft_synthetic"
+    return cfg, seconds
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -142,8 +230,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=1,
         help="alternate the timed runs this often and report the best of each",
     )
+    parser.add_argument("--num_records", type=int, default=1_000_000, help="jft_synthetic size")
+    parser.add_argument("--num_shards", type=int, default=1024, help="jft_synthetic shards")
+    parser.add_argument(
+        "--resume_at", type=float, default=0.9, help="jft_synthetic: resume this far into epoch 2"
+    )
+    parser.add_argument("--process_count", type=int, default=1, help="jft_synthetic processes")
+    parser.add_argument("--compare_legacy", action="store_true")
+    parser.add_argument("--data_dir", default=None, help="jft_synthetic: keep the records here")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
+        if args.config == "jft_synthetic":
+            root = args.data_dir or tmp
+            cfg, write_s = synthetic_jft(root, args.num_records, args.num_shards)
+            meta = jft.load_metadata(root, "train")
+            result = {
+                "config": cfg.name,
+                "num_records": meta["num_examples"],
+                "num_shards": len(meta["shards"]),
+                "batch_size": args.batch_size,
+                "process_count": args.process_count,
+                "write_s": round(write_s, 1),
+                **resume_benchmark(
+                    cfg,
+                    batch_size=args.batch_size,
+                    resume_at=args.resume_at,
+                    process_count=args.process_count,
+                    compare_legacy=args.compare_legacy,
+                ),
+            }
+            print(json.dumps(result))
+            return 0
         if args.config == "sample_photos":
             from vit_jax.data.sample_photos import write_photo_folder
 
