@@ -1,0 +1,455 @@
+"""Plan a run before renting the chips: memory per device, FLOPs, step time, and a mesh that fits.
+
+`python -m vit_jax.plan --config=vit:G/14,imagenet21k,pretrain --devices 1024 --mesh fsdp=128,data=8
+--device-kind tpu-v4` compiles the Trainer's real train step (model, optimizer, dtype, remat,
+scan, gradient accumulation, batch size: all from the config) ahead of time for a mesh of
+simulated CPU devices, from abstract inputs (nothing is allocated, no data is read), and
+prints JSON: parameter count; bytes per device of parameters, optimizer state and the
+temporaries (activations, gradients) from XLA's memory analysis of the per-device program;
+FLOPs per step; whether it fits the chip's memory; the step time and images/s at an assumed
+MFU. A layout that does not fit comes with a mesh (or remat) that does, found by estimating
+a few candidates and compiling the most promising one.
+
+Simulated devices need `XLA_FLAGS=--xla_force_host_platform_device_count=N` before JAX
+starts: the CLI sets it when JAX is not imported yet and otherwise re-runs itself in a
+subprocess. `plan()` works in-process on the devices JAX already has (tests: 8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+import types
+from typing import Any
+
+GIB = 2**30
+# REFERENCE section 8: chip memory, and the device kind `metric_logging.peak_flops` knows.
+CHIPS = {
+    "tpu-v4": ("TPU v4", 32 * GIB),
+    "tpu-v5e": ("TPU v5e", 16 * GIB),
+    "tpu-v5p": ("TPU v5p", 95 * GIB),
+    "tpu-v6e": ("TPU v6 lite", 32 * GIB),
+    "a100": ("NVIDIA A100", 80e9),
+    "h100": ("NVIDIA H100", 80e9),
+    "h200": ("NVIDIA H200", 141e9),
+}
+MAX_PROPOSAL_COMPILES = 2
+
+
+def plan(
+    config,
+    devices: int,
+    *,
+    device_kind: str = "tpu-v4",
+    mfu: float = 0.5,
+    margin: float = 0.9,
+    memory_bytes: float | None = None,
+    propose: bool = True,
+) -> dict[str, Any]:
+    """The plan of `config` on `devices` simulated devices (the first ones JAX has).
+
+    `memory_bytes` replaces the chip's memory (what-if questions, tests); a layout fits when
+    its per-device total is at most `margin` x memory.
+    """
+    import jax
+
+    from vit_jax import validate
+
+    if device_kind not in CHIPS:
+        raise _error(f"--device-kind={device_kind} is not one of: {', '.join(CHIPS)}")
+    if not 0 < mfu <= 1:
+        raise _error(f"--mfu={mfu} must be in (0, 1]")
+    if devices > jax.device_count():
+        raise _error(f"--devices={devices}: JAX was started with {jax.device_count()} devices")
+    validate.check_config(config)
+    kind, memory = CHIPS[device_kind]
+    budget = margin * (memory_bytes or memory)
+    start = time.perf_counter()
+    trainer = _trainer(config, devices)
+    layout = _measure(trainer)
+    flops_start = time.perf_counter()
+    xla_flops, flops_method = _step_flops(trainer, devices)
+    flops_s = time.perf_counter() - flops_start
+    model = _model_facts(trainer)
+    formula_flops = 6 * model["params"] * model["tokens"] * config.batch_size
+    flops = xla_flops or formula_flops
+    peak = _peak(kind)
+    step_s = flops / (mfu * peak * devices)
+    result = {
+        "config": _describe(config),
+        "devices": devices,
+        **layout,
+        **model,
+        "flops_per_step": {
+            "xla_unpartitioned": xla_flops,
+            "6_x_params_x_tokens": formula_flops,
+            "xla_method": flops_method,
+        },
+        "device_kind": device_kind,
+        "memory_per_device_bytes": memory_bytes or memory,
+        "budget_bytes": budget,
+        "margin": margin,
+        "fits": layout["bytes_per_device"]["total"] <= budget,
+        "mfu": mfu,
+        "peak_flops_per_device": peak,
+        "step_time_s": step_s,
+        "images_per_s": config.batch_size / step_s,
+        "compile_s": round(layout.pop("compile_s"), 1),
+        "flops_s": round(flops_s, 1),
+        "measured": f"XLA memory_analysis of the per-device train step compiled for {devices} "
+        f"simulated {jax.devices()[0].platform.upper()} devices (jax {jax.__version__}); the "
+        f"{device_kind} compiler may fuse and lay out buffers differently (e.g. CPU XLA may keep "
+        "f32 copies around bf16 matmuls)",
+    }
+    if not result["fits"] and propose:
+        result["proposal"] = _propose(trainer, layout, budget, devices)
+    result["total_s"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def _error(message: str):
+    from vit_jax.errors import UserError
+
+    return UserError(message)
+
+
+# --- one layout ----------------------------------------------------------------------------
+
+
+def _trainer(config, devices: int):
+    """The run's Trainer on a mesh of the first `devices` devices."""
+    import jax
+
+    from vit_jax import sharding, validate
+    from vit_jax.steps import Trainer
+
+    shape = validate.mesh_shape(config.mesh, devices)
+    parallel = shape["data"] * shape["fsdp"] * config.optim.grad_accum_steps
+    if config.batch_size % parallel:
+        raise _error(
+            f"config.batch_size={config.batch_size} is not divisible by the "
+            f"{shape['data'] * shape['fsdp']} data-parallel devices (data x fsdp) x "
+            f"config.optim.grad_accum_steps={config.optim.grad_accum_steps}"
+        )
+    classes = config.data.num_classes
+    if classes is None:
+        raise _error(
+            f"the class count of {config.dataset} is read from its data, which the planner "
+            "does not read: set --config.data.num_classes (e.g. 21843 for imagenet21k)"
+        )
+    mesh = sharding.make_mesh(shape, jax.devices()[:devices])
+    steps = max(config.total_steps or 0, config.schedule.warmup_steps, 1)
+    return Trainer(config, mesh, num_classes=classes, total_steps=steps)
+
+
+def _measure(trainer) -> dict[str, Any]:
+    """Compiles the train step for the trainer's mesh: memory per device and compile time."""
+    from vit_jax import train
+
+    abstract_state, _ = trainer.state_shardings
+    batch = train._abstract_batch(trainer)  # noqa: SLF001 - to be made public
+    start = time.perf_counter()
+    compiled = trainer.make_train_step().lower(abstract_state, batch).compile()
+    compile_s = time.perf_counter() - start
+    stats = compiled.memory_analysis()
+    arguments, temp = stats.argument_size_in_bytes, stats.temp_size_in_bytes
+    outputs, alias = stats.output_size_in_bytes, stats.alias_size_in_bytes
+    code = stats.generated_code_size_in_bytes
+    state = _state_bytes(trainer)
+    config = trainer.config
+    return {
+        "mesh": dict(trainer.mesh.shape),
+        "sharding_rules": config.sharding_rules,
+        "remat": config.model.get("remat"),
+        "bytes_per_device": {
+            "params": state["params"],
+            "optimizer": state["opt_state"],
+            "batch_and_other_arguments": arguments - state["params"] - state["opt_state"],
+            "arguments": arguments,
+            "outputs": outputs,
+            "aliased": alias,
+            "temporaries": temp,
+            "generated_code": code,
+            "total": arguments + outputs - alias + temp + code,
+        },
+        "param_shards": state["params_global"] / max(state["params"], 1),
+        "largest_replicated_params_bytes": state["replicated"],
+        "compile_s": compile_s,
+    }
+
+
+def _state_bytes(trainer) -> dict[str, Any]:
+    """Bytes per device of params and optimizer state, from the abstract state's shardings,
+    and the largest parameters left whole on every device (a dimension no mesh axis divides,
+    or a logical axis no rule maps)."""
+    import jax
+
+    abstract_state, _ = trainer.state_shardings
+
+    def per_device(tree) -> int:
+        leaves = jax.tree.leaves(tree)
+        return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in leaves)
+
+    params = abstract_state["params"]
+    whole = [
+        (jax.tree_util.keystr(path, simple=True, separator="/"), x.size * x.dtype.itemsize)
+        for path, x in jax.tree_util.tree_leaves_with_path(params)
+        if x.sharding.is_fully_replicated and trainer.mesh.size > 1
+    ]
+    return {
+        "params": per_device(params),
+        "opt_state": per_device(abstract_state["opt_state"]),
+        "params_global": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)),
+        "replicated": dict(sorted(whole, key=lambda item: -item[1])[:3]),
+    }
+
+
+def _step_flops(trainer, devices: int) -> tuple[float | None, str]:
+    """`train.step_flops` (XLA's count for the whole unpartitioned step). Lowering a deep
+    model unrolled takes a minute, so it is counted at depth 1 and 2 and extrapolated:
+    the blocks are identical, so the cost is linear in depth."""
+    from vit_jax import train
+
+    depth = trainer.config.model.get("depth")
+    if not depth or depth <= 2:
+        return train.step_flops(trainer), "XLA cost_analysis of the unpartitioned step"
+    one, two = (train.step_flops(_trainer(_with_depth(trainer.config, d), devices)) for d in (1, 2))
+    if one is None or two is None:
+        return None, "XLA cost_analysis not available on this backend"
+    method = f"XLA cost_analysis of the unpartitioned step at depth 1 and 2, linear to {depth}"
+    return one + (depth - 1) * (two - one), method
+
+
+def _with_depth(config, depth: int):
+    import ml_collections
+
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.depth = depth
+    return config
+
+
+def _model_facts(trainer) -> dict[str, Any]:
+    import jax
+
+    config = trainer.config
+    model = config.model
+    params = sum(x.size for x in jax.tree.leaves(trainer.state_shardings[0]["params"]))
+    tokens = (model.img_size // model.patch_size) ** 2 + (model.get("pool_type") == "tok")
+    parallel = trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"]
+    return {
+        "params": params,
+        "tokens": tokens,
+        "batch_size": config.batch_size,
+        "batch_per_device": config.batch_size / parallel,
+        "grad_accum_steps": config.optim.grad_accum_steps,
+        "dtype": model.get("dtype") or "float32",
+        "scan": model.get("scan"),
+    }
+
+
+def _peak(kind: str) -> float:
+    from vit_jax.metric_logging import peak_flops
+
+    return peak_flops(types.SimpleNamespace(device_kind=kind, platform="accelerator"))
+
+
+def _describe(config) -> str:
+    return f"{config.model_name},{config.dataset},{config.recipe}"
+
+
+# --- a layout that fits ---------------------------------------------------------------------
+
+
+def _propose(trainer, measured: dict, budget: float, devices: int) -> dict[str, Any]:
+    """A mesh (and remat) that fits: candidates estimated first, the best few compiled.
+
+    Estimate = exact sharded state + gradients (one more copy of the sharded params) +
+    the measured activations scaled by images per device, the model axis and remat.
+    """
+    config = trainer.config
+    used = measured["bytes_per_device"]
+    state = used["params"] + used["optimizer"]
+    activations = max(used["total"] - state - used["params"], 0)
+    per_image = activations / (_micro_batch(config, measured["mesh"]) * _remat_factor(config))
+    estimates = []
+    for mesh, remat in _candidates(config, measured["mesh"], devices):
+        candidate = _with(config, mesh, remat)
+        try:
+            cand_state = _state_bytes(_trainer(candidate, devices))
+        except Exception:  # noqa: BLE001 - a candidate the batch does not divide
+            continue
+        act = per_image * _micro_batch(candidate, mesh) * _remat_factor(candidate)
+        act *= measured["mesh"]["model"] / mesh["model"]
+        total = cand_state["params"] * 2 + cand_state["opt_state"] + act
+        estimates.append({"mesh": mesh, "remat": remat, "estimated_bytes": int(total)})
+    ranked = [e for e in estimates if e["estimated_bytes"] <= budget]
+    compiled = []
+    for entry in ranked[:MAX_PROPOSAL_COMPILES]:
+        layout = _measure(_trainer(_with(config, entry["mesh"], entry["remat"]), devices))
+        entry = dict(entry, compiled_bytes=layout["bytes_per_device"]["total"])
+        entry["compile_s"] = round(layout["compile_s"], 1)
+        compiled.append(entry)
+        if entry["compiled_bytes"] <= budget:
+            return {
+                "fits": True,
+                "mesh": entry["mesh"],
+                "remat": entry["remat"],
+                "flags": _flags(entry["mesh"], entry["remat"], config),
+                "bytes_per_device": entry["compiled_bytes"],
+                "compiled": compiled,
+                "estimated": len(estimates),
+            }
+    return {
+        "fits": False,
+        "message": "no candidate mesh fits: add devices, gradient accumulation "
+        "(--config.optim.grad_accum_steps) or a smaller batch",
+        "compiled": compiled,
+        "closest_estimates": sorted(estimates, key=lambda e: e["estimated_bytes"])[:3],
+    }
+
+
+def _candidates(config, current: dict, devices: int):
+    """(mesh, remat) to try, cheapest change first: FSDP over more devices, then tensor
+    parallelism, then full remat. FSDP is as large as the width divides (an undivided
+    dimension stays replicated)."""
+    heads = config.model.get("num_heads", 1)
+    width = config.model.width
+    remats = [config.model.get("remat", "none")]
+    remats += ["full"] if "remat" in config.model and remats[0] != "full" else []
+    for remat in remats:
+        for model in (1, 2, 4, 8, 16):
+            if devices % model or heads % model or model > devices:
+                continue
+            rest = devices // model
+            fsdp = max(f for f in range(1, rest + 1) if rest % f == 0 and width % f == 0)
+            mesh = {"data": rest // fsdp, "fsdp": fsdp, "model": model}
+            if (mesh, remat) != (current, config.model.get("remat")):
+                yield mesh, remat
+
+
+def _with(config, mesh: dict, remat: str):
+    import ml_collections
+
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.mesh.update(mesh)
+    if "remat" in config.model:
+        config.model.remat = remat
+    if mesh["model"] > 1 and config.sharding_rules in ("dp", "fsdp"):
+        config.sharding_rules = "fsdp_tp"
+    return config
+
+
+def _micro_batch(config, mesh: dict) -> float:
+    return config.batch_size / (mesh["data"] * mesh["fsdp"] * config.optim.grad_accum_steps)
+
+
+def _remat_factor(config) -> float:
+    """Rough share of the activations a remat policy keeps (only for ranking candidates)."""
+    return {"none": 1.0, "full": 0.2}.get(config.model.get("remat", "none"), 0.5)
+
+
+def _flags(mesh: dict, remat: str, config) -> str:
+    text = "--mesh " + ",".join(f"{k}={v}" for k, v in mesh.items())
+    if remat != config.model.get("remat"):
+        text += f" --config.model.remat={remat}"
+    return text
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m vit_jax.plan",
+        description="Compile the train step for N simulated devices and print the plan as "
+        "JSON. Any config field is set with --config.<field>=<value>.",
+        allow_abbrev=False,
+    )
+    p.add_argument("--config", default="vit", help="as for vit_jax.main")
+    p.add_argument("--devices", type=int, required=True, help="number of devices (chips)")
+    p.add_argument("--mesh", help="data=..,fsdp=..,model=.. (missing axes: 1; one may be -1)")
+    p.add_argument("--device-kind", default="tpu-v4", choices=sorted(CHIPS))
+    p.add_argument("--mfu", type=float, default=0.5, help="assumed model FLOPs utilisation")
+    p.add_argument("--margin", type=float, default=0.9, help="usable share of chip memory")
+    p.add_argument("--memory-gib", type=float, help="chip memory in GiB instead of the kind's")
+    p.add_argument("--no-propose", action="store_true", help="no search when it does not fit")
+    p.add_argument("--verbose", action="store_true", help="tracebacks for every error")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    known, _ = parser().parse_known_args([a for a in argv if not a.startswith("--config.")])
+    if not _simulate(known.devices):
+        env = _environment(known.devices)
+        return subprocess.call([sys.executable, "-m", "vit_jax.plan", *argv], env=env)
+    from vit_jax import configuration
+    from vit_jax.errors import UserError
+    from vit_jax.main import USER_ERROR_STATUS, split_overrides
+
+    rest, overrides = split_overrides(argv)
+    args = parser().parse_args(rest)
+    try:
+        if args.devices < 1:
+            raise UserError(f"--devices={args.devices} must be positive")
+        config = configuration.load_config(args.config, overrides + _mesh_overrides(args.mesh))
+        memory = args.memory_gib * GIB if args.memory_gib else None
+        result = plan(
+            config,
+            args.devices,
+            device_kind=args.device_kind,
+            mfu=args.mfu,
+            margin=args.margin,
+            memory_bytes=memory,
+            propose=not args.no_propose,
+        )
+    except UserError as e:
+        if args.verbose:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return USER_ERROR_STATUS
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def _mesh_overrides(text: str | None) -> list[str]:
+    """`data=2,fsdp=4` -> config overrides for every mesh axis (missing axes: 1)."""
+    if not text:
+        return []
+    sizes = {"data": "1", "fsdp": "1", "model": "1"}
+    for part in text.split(","):
+        axis, _, size = part.partition("=")
+        if axis.strip() not in sizes or not size.strip():
+            raise _error(f"--mesh={text}: give axis=size pairs for data, fsdp and model")
+        sizes[axis.strip()] = size.strip()
+    return [f"mesh.{axis}={size}" for axis, size in sizes.items()]
+
+
+def _environment(devices: int) -> dict[str, str]:
+    """This process's environment with `devices` simulated CPU devices."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
+    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return env
+
+
+def _simulate(devices: int) -> bool:
+    """Whether this process can plan for `devices` devices: it sets the environment when JAX
+    is not imported yet; False when JAX already runs with another device count."""
+    if "jax" not in sys.modules:
+        os.environ.update(_environment(devices))
+        return True
+    import jax
+
+    return jax.device_count() == devices and jax.devices()[0].platform == "cpu"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
