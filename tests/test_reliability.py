@@ -12,7 +12,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from data_fixtures.images import write_folder
-from helpers import with_changes
 from orbax.checkpoint._src.path import atomicity
 from test_cli import ROOT, TINY, cli_env, failure
 from test_train import read_jsonl, restore_state, tiny_run_config
@@ -272,28 +271,36 @@ def test_nonfinite_settings_are_validated(tmp_path, changes, expected):
 # --- 5. checkpoints from strangers ---------------------------------------------------------
 
 
-def write_checkpoint(config, directory, step=1):
-    trainer = Trainer(config, make_mesh(config.mesh.to_dict()), num_classes=10, total_steps=6)
+def write_checkpoint(config, directory, num_classes=10, step=1):
+    mesh = make_mesh(config.mesh.to_dict())
+    trainer = Trainer(config, mesh, num_classes=num_classes, total_steps=6)
     checkpointer = Checkpointer(directory, every_steps=1, async_save=False)
     checkpointer.save(step, trainer.init_state(), {"step": step, "data_position": step})
     checkpointer.close()
 
 
 def test_another_models_checkpoint_lists_every_mismatched_key(tmp_path):
-    write_checkpoint(tiny_run_config(), str(tmp_path / "small" / "checkpoints"))
-    wider = tiny_run_config(**{"model.width": 48})
+    source = str(tmp_path / "seven" / "checkpoints")
+    write_checkpoint(tiny_run_config(), source, num_classes=7)
 
     with pytest.raises(checkpoint_manager.StateMismatchError) as resumed:  # in its workdir
-        train.run(wider, str(tmp_path / "small"))
+        train.run(tiny_run_config(), str(tmp_path / "seven"))  # digits: 10 classes
     message = str(resumed.value)
-    assert "params/head/kernel expected (48, 10) found (32, 10)" in message
-    assert "opt_state/" in message and "\n" not in message and isinstance(resumed.value, UserError)
+    assert "6 with other shapes: params/head/bias expected (10,) found (7,), " in message
+    assert "params/head/kernel expected (32, 10) found (32, 7)" in message
+    assert "opt_state/1/nu/head/kernel expected (32, 10) found (32, 7)" in message
+    assert "\n" not in message and isinstance(resumed.value, UserError)
 
-    source = str(tmp_path / "small" / "checkpoints")
+    wider = tiny_run_config(**{"model.width": 48, "init_from.path": source})
     with pytest.raises(checkpoint_manager.StateMismatchError) as init:  # via init_from
-        train.run(with_changes(wider, **{"init_from.path": source}), str(tmp_path / "new"))
+        train.run(wider, str(tmp_path / "new"))
     message = str(init.value)
-    assert "params/patch_embed/kernel expected" in message and "opt_state/" not in message
+    assert "params/patch_embed/kernel expected" not in message  # only the first 20 listed
+    assert "params/blocks/0/mlp/fc1/kernel expected (48, 64) found (32, 64)" in message
+    assert "and 17 more" in message and "opt_state/" not in message
+    assert message.endswith(
+        "Point config.init_from.path at a run of the same model and class count."
+    )
 
 
 # --- 6. data -------------------------------------------------------------------------------

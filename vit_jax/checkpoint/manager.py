@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint.checkpoint_manager import StepAlreadyExistsError
 
 from vit_jax.errors import UserError
@@ -136,7 +137,7 @@ class Checkpointer:
         saved = self._saved_arrays(step)
         if saved is not None:
             saved = {k: v for k, v in saved.items() if k.startswith("params/")}
-        check_fits(saved, {"params": abstract_params}, f"{self.directory}/{step}")
+        check_fits(saved, {"params": abstract_params}, f"{self.directory}/{step}", INIT_HINT)
         item = {"params": abstract_params}
         args = ocp.args.Composite(
             state=ocp.args.PyTreeRestore(
@@ -155,10 +156,12 @@ class Checkpointer:
 
     def _saved_arrays(self, step: int) -> dict[str, tuple[int, ...]] | None:
         """Shapes of the state arrays saved at `step` by path, from the metadata only."""
+        path = os.path.join(self.directory, str(step), "state")
         try:
-            tree = self._manager.item_metadata(step)["state"].tree
+            metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path))
         except Exception:  # noqa: BLE001 - no readable metadata: orbax checks on restore
             return None
+        tree = getattr(metadata, "tree", metadata)
         return {
             key_path(path): tuple(leaf.shape)
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -190,7 +193,16 @@ def key_path(path: tuple) -> str:
     return "/".join(parts)
 
 
-def check_fits(saved: dict[str, tuple[int, ...]] | None, abstract: Any, where: str) -> None:
+RESUME_HINT = (
+    "Resume with the config that wrote it, or start in a new workdir with "
+    "config.init_from.path pointing at it."
+)
+INIT_HINT = "Point config.init_from.path at a run of the same model and class count."
+
+
+def check_fits(
+    saved: dict[str, tuple[int, ...]] | None, abstract: Any, where: str, hint: str = RESUME_HINT
+) -> None:
     """Raises StateMismatchError listing every missing, unexpected or mis-shaped array."""
     if saved is None:
         return
@@ -198,11 +210,11 @@ def check_fits(saved: dict[str, tuple[int, ...]] | None, abstract: Any, where: s
         key_path(path): tuple(leaf.shape)
         for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]
     }
-    missing = sorted(set(expected) - set(saved))
-    unexpected = sorted(set(saved) - set(expected))
+    missing = sorted(set(expected) - set(saved), key=_params_first)
+    unexpected = sorted(set(saved) - set(expected), key=_params_first)
     shapes = [
         f"{k} expected {expected[k]} found {saved[k]}"
-        for k in sorted(set(expected) & set(saved))
+        for k in sorted(set(expected) & set(saved), key=_params_first)
         if expected[k] != saved[k]
     ]
     problems = [
@@ -216,10 +228,12 @@ def check_fits(saved: dict[str, tuple[int, ...]] | None, abstract: Any, where: s
     details = "; ".join(f"{title}: {_listed(items)}" for title, items in problems)
     raise StateMismatchError(
         f"the checkpoint in {where} does not match the train state this config builds (a "
-        f"different model, class count, optimizer or clipping?): {details}. Resume with the "
-        "config that wrote it, or start in a new workdir with config.init_from.path pointing "
-        "at it."
+        f"different model, class count, optimizer or clipping?): {details}. {hint}"
     )
+
+
+def _params_first(key: str) -> tuple[bool, str]:
+    return not key.startswith("params/"), key
 
 
 def _listed(items: list[str]) -> str:
