@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from vit_jax import data
+from vit_jax import data, main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -123,3 +123,111 @@ def test_two_processes_train_together(tmp_path):
     expected = data.num_examples(data.get_data_config("digits"), "test")
     assert len(test) == 1 and test[0]["test/count"] == expected  # each example exactly once
     assert "4" in os.listdir(tmp_path / "checkpoints")
+
+
+def run_outside(args, tmp_path, devices=2, timeout=300):
+    """The CLI as an installed user runs it: from a directory outside the repository."""
+    return subprocess.run(
+        [sys.executable, "-m", "vit_jax.main", *args],
+        cwd=tmp_path,
+        env=cli_env(devices),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_dry_run_prints_the_resolved_run_and_writes_nothing(tmp_path):
+    workdir = tmp_path / "run"
+    result = run_outside(
+        [
+            "--config=vit:B/16,cifar10,finetune",
+            f"--workdir={workdir}",
+            "--config.model.dtype=bfloat16",
+            "--config.optim.grad_accum_steps=4",
+            "--config.mesh.data=-1",
+            "--config.mesh.fsdp=2",
+            "--dry_run",
+        ],
+        tmp_path,
+        devices=4,
+    )
+    assert result.returncode == 0, failure(result.stderr)
+    out = result.stdout
+    assert "  model.dtype = bfloat16" in out and "  model.img_size = 384" in out
+    assert "run on 4 device(s), mesh data=2 fsdp=2 model=1" in out
+    assert "batch 512: 128 per device" in out
+    assert "micro-batch 128: 32 per device, 4 accumulation step(s)" in out
+    assert "steps 10000" in out
+    assert not workdir.exists()  # nothing written
+
+
+def test_dry_run_of_a_pod_command_on_this_machine(tmp_path):
+    result = run_outside(
+        [
+            "--config=vit:H/14,imagenet21k,pretrain",
+            "--workdir=gs://bucket/h14",
+            "--distributed",
+            "--config.mesh.fsdp=16",
+            "--config.mesh.data=-1",
+            "--config.data.data_dir=/data/imagenet21k",
+            "--dry_run",
+        ],
+        tmp_path,
+    )
+    assert result.returncode == 0, failure(result.stderr)
+    assert "shown for 16 devices" in result.stdout  # the mesh needs a pod, not this machine
+    assert "run on 16 device(s), mesh data=1 fsdp=16 model=1" in result.stdout
+    assert "config.data.data_dir='/data/imagenet21k' does not exist" in result.stdout
+    assert "steps: 90 epochs" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config.model.img_size=30"], "config.model.img_size=30 is not a positive multiple"),
+        (["--config.init_from.path=/nowhere/B_16.npz"], "config.init_from.path='/nowhere/"),
+        (["--config.batch_size=36"], "config.batch_size=36 is not divisible by the 8 data-"),
+        (["--config.mesh.data=3"], "config.mesh {'data': 3, 'fsdp': 1, 'model': 1} needs 3"),
+        (["--config.schedule.warmup_steps=5000"], "config.schedule.warmup_steps=5000 is long"),
+        (["--config.data.num_classes=5"], "config.data.num_classes=5 but digits has 10"),
+        (["--config.optim.name=lamb"], "config.optim.name='lamb' is not one of: adam, adamw"),
+        (["--config=vit:B/16,cifar10"], "must be '<model>,<dataset>,<recipe>'"),
+        (["--config.total_steps=ten"], "config.total_steps='ten' is not a valid int"),
+    ],
+)
+def test_user_errors_are_one_line_with_status_2(tmp_path, monkeypatch, capsys, args, message):
+    """In-process (8 simulated devices), from a directory outside the repository."""
+    monkeypatch.chdir(tmp_path)
+    assert main.main([f"--workdir={tmp_path / 'w'}", *args]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0], errors
+
+
+def test_unwritable_workdir_is_refused_before_anything_compiles(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = run_outside([f"--workdir={blocker / 'run'}"], tmp_path)
+    assert result.returncode == 2
+    assert f"--workdir={blocker / 'run'} is not writable" in result.stderr
+    assert "Traceback" not in result.stderr
+    verbose = run_outside([f"--workdir={blocker / 'run'}", "--verbose"], tmp_path)
+    assert verbose.returncode != 0 and "Traceback" in verbose.stderr
+
+
+def test_demo_trains_on_a_folder_named_on_the_command_line(tmp_path):
+    """`--config.dataset=folder:<root>` on the demo config trains on that folder."""
+    from tests.data_fixtures.images import write_folder
+
+    root = tmp_path / "my_images"
+    write_folder(str(root / "x"), {"": {"ant": 12, "bee": 12, "cow": 12}}, size=(20, 18))
+    args = [f"--workdir={tmp_path / 'run'}", f"--config.dataset=folder:{root / 'x'}"]
+    args += [a for a in TINY if "img_size" not in a] + ["--config.eval_batch_size=16"]
+    result = run_outside(args, tmp_path)
+    assert result.returncode == 0, failure(result.stderr)
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    val = [r for r in records if "val/count" in r]
+    assert val and val[-1]["val/count"] == 4  # 10% of the 36 images, held out
+    saved = json.load(open(tmp_path / "run" / "config.json"))
+    assert saved["dataset"] == f"folder:{root / 'x'}" and saved["model"]["img_size"] == 32
+    assert "digits" not in json.dumps(saved["data"])
