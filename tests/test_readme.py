@@ -1,0 +1,101 @@
+"""Every shell command in README.md runs: training commands with --dry_run here, the others
+by the test named for them, so a documented command can never again fail to parse."""
+
+import os
+import re
+import shlex
+
+import pytest
+
+from vit_jax import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_PROGRAMS = (("python3", "-m", "vit_jax.main"), ("python", "-m", "vit_jax.main"))
+CONSOLE = "vit-jax-train"
+# Commands that are not training runs, and the test that runs each (file::function).
+COVERED_ELSEWHERE = {
+    "python3 -m pip install": "tests/test_readme.py::test_ci_runs_the_readme_test_command",
+    "python3 -m pytest": "tests/test_readme.py::test_ci_runs_the_readme_test_command",
+}
+
+
+def shell_commands(text: str) -> list[str]:
+    """The commands of every ```bash block: continuation lines joined, split at `&&`."""
+    commands = []
+    for block in re.findall(r"```(?:bash|sh|shell)\n(.*?)```", text, re.S):
+        joined = re.sub(r"\s*\\\n\s*", " ", block)
+        for line in joined.splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                commands += [part.strip() for part in line.split("&&")]
+    return commands
+
+
+def _words(command: str) -> list[str]:
+    words = shlex.split(command)
+    while words and re.match(r"^[A-Z_]+=", words[0]):  # leading VAR=value assignments
+        words.pop(0)
+    return words
+
+
+def _train_args(command: str) -> list[str] | None:
+    words = _words(command)
+    if words and words[0] == CONSOLE:
+        return words[1:]
+    for program in TRAIN_PROGRAMS:
+        if tuple(words[:3]) == program:
+            return words[3:]
+    return None
+
+
+def _covering_test(command: str) -> str | None:
+    words = " ".join(_words(command))
+    return next((t for p, t in COVERED_ELSEWHERE.items() if words.startswith(p)), None)
+
+
+README_COMMANDS = shell_commands(open(os.path.join(ROOT, "README.md")).read())
+TRAIN_COMMANDS = [c for c in README_COMMANDS if _train_args(c) is not None]
+
+
+def test_the_readme_has_commands_and_every_one_is_run_by_a_test():
+    assert len(TRAIN_COMMANDS) >= 5
+    uncovered = [c for c in README_COMMANDS if _train_args(c) is None and _covering_test(c) is None]
+    assert not uncovered, (
+        f"README commands no test runs (add them to COVERED_ELSEWHERE): {uncovered}"
+    )
+    for test in set(COVERED_ELSEWHERE.values()):
+        path, function = test.split("::")
+        assert f"def {function}(" in open(os.path.join(ROOT, path)).read(), test
+
+
+@pytest.mark.parametrize("command", TRAIN_COMMANDS)
+def test_readme_training_command_passes_a_dry_run(command, tmp_path, monkeypatch, capsys):
+    """From outside the repository, as a user who installed the package runs it."""
+    monkeypatch.chdir(tmp_path)
+    args = [a.replace("/data/my_images", str(_images(tmp_path))) for a in _train_args(command)]
+    status = main.main([*args, "--dry_run"])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert "dry run: nothing was compiled" in out
+    assert "config.model" not in err
+
+
+def _images(tmp_path):
+    from tests.data_fixtures.images import write_folder
+
+    root = tmp_path / "my_images"
+    write_folder(str(root), {"": {"cat": 3, "dog": 3}})
+    return root
+
+
+def test_ci_runs_the_readme_test_command():
+    """`.ci/run` runs the README's test command verbatim (install included)."""
+    ci = open(os.path.join(ROOT, ".ci", "run")).read().strip().splitlines()[-1]
+    assert ci in README_COMMANDS or ci in open(os.path.join(ROOT, "README.md")).read()
+    assert ci.startswith("python3 -m pip install") and "python3 -m pytest" in ci
+
+
+def test_command_extraction_handles_continuations_and_chains():
+    text = "```bash\n# comment\nA=1 python3 -m vit_jax.main --x=1 \\\n  --y=2 && echo hi\n```\n"
+    assert shell_commands(text) == ["A=1 python3 -m vit_jax.main --x=1 --y=2", "echo hi"]
+    assert _train_args(shell_commands(text)[0]) == ["--x=1", "--y=2"]
