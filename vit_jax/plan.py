@@ -288,7 +288,9 @@ def _propose(trainer, measured: dict, budget: float, devices: int) -> dict[str, 
         act *= measured["mesh"]["model"] / mesh["model"]
         total = cand_state["params"] * 2 + cand_state["opt_state"] + act
         estimates.append({"mesh": mesh, "remat": remat, "estimated_bytes": int(total)})
+    # Those estimated to fit, in order; else the closest one (estimates are rough).
     ranked = [e for e in estimates if e["estimated_bytes"] <= budget]
+    ranked = ranked or sorted(estimates, key=lambda e: e["estimated_bytes"])[:1]
     compiled = []
     for entry in ranked[:MAX_PROPOSAL_COMPILES]:
         layout = _measure(_trainer(_with(config, entry["mesh"], entry["remat"]), devices))

@@ -1,0 +1,121 @@
+"""The run planner (`python -m vit_jax.plan`) on tiny models and the 8 simulated devices."""
+
+import json
+
+import jax
+import pytest
+
+from vit_jax import configuration, plan, train
+
+SPEC = "vit:Ti/16,cifar10,small"  # 10 classes, gap pooling, AdamW
+TINY = {"width": 32, "depth": 2, "mlp_dim": 64, "num_heads": 2, "img_size": 32, "patch_size": 16}
+TINY_FLAGS = [f"--config.model.{k}={v}" for k, v in TINY.items()] + ["--config.batch_size=16"]
+
+
+def tiny_config(mesh: str, **model):
+    overrides = [f.removeprefix("--config.") for f in TINY_FLAGS]
+    overrides += [f"model.{k}={v}" for k, v in model.items()]
+    return configuration.load_config(SPEC, overrides + plan._mesh_overrides(mesh))
+
+
+def vit_params(width, depth, mlp, patch, tokens, classes, cls_token) -> int:
+    """A ViT's parameter count from its shape, written out layer by layer."""
+    embed = patch * patch * 3 * width + width
+    posemb = tokens * width + (width if cls_token else 0)
+    block = 2 * 2 * width + 4 * (width * width + width) + 2 * width * mlp + mlp + width
+    return embed + posemb + depth * block + 2 * width + width * classes + classes
+
+
+def test_parameter_formula_matches_reference_ti16():
+    # REFERENCE section 1: ViT-Ti/16 at 224 px, 1000 classes, class token.
+    assert vit_params(192, 12, 768, 16, 196 + 1, 1000, cls_token=True) == 5_717_416
+
+
+@pytest.fixture(scope="module")
+def fsdp_plan():
+    return plan.plan(tiny_config("fsdp=8"), 8, device_kind="a100")
+
+
+def test_plan_fields_are_consistent(fsdp_plan):
+    p = fsdp_plan
+    params = vit_params(32, 2, 64, 16, 4, 10, cls_token=False)  # gap: no class token
+    assert p["params"] == params
+    assert p["mesh"] == {"data": 1, "fsdp": 8, "model": 1}
+    used = p["bytes_per_device"]
+    # f32 parameters split 8 ways (a few small vectors without an `embed` axis stay whole).
+    assert params * 4 / 8 <= used["params"] <= 1.15 * params * 4 / 8
+    # AdamW: two moments shaped like the parameters, plus step counters.
+    assert 0 <= used["optimizer"] - 2 * used["params"] <= 64
+    assert used["arguments"] >= used["params"] + used["optimizer"]
+    # The batch shard: 2 images of 32x32x3 f32 and 2x10 labels per device.
+    assert used["batch_and_other_arguments"] >= 2 * 32 * 32 * 3 * 4 + 2 * 10 * 4
+    assert used["temporaries"] > 0 and used["aliased"] > 0  # the state is donated
+    assert used["total"] == (
+        used["arguments"]
+        + used["outputs"]
+        - used["aliased"]
+        + used["temporaries"]
+        + used["generated_code"]
+    )
+    flops = p["flops_per_step"]
+    assert flops["6_x_params_x_tokens"] == 6 * params * 4 * 16
+    assert 0.5 < flops["xla_unpartitioned"] / flops["6_x_params_x_tokens"] < 2
+    assert p["fits"] and p["memory_per_device_bytes"] == 80e9
+    assert p["peak_flops_per_device"] == 312e12
+    assert p["step_time_s"] == pytest.approx(
+        flops["xla_unpartitioned"] / (0.5 * 312e12 * 8), rel=1e-9
+    )
+    assert p["images_per_s"] == pytest.approx(16 / p["step_time_s"], rel=1e-9)
+    assert "proposal" not in p and "CPU" in p["measured"]
+    json.dumps(p)  # printable as JSON
+
+
+def test_deep_models_flops_extrapolated_from_depth_one_and_two():
+    config = tiny_config("data=8", depth=4)
+    trainer = plan._trainer(config, 8)
+    extrapolated, method = plan._step_flops(trainer, 8)
+    assert "depth 1 and 2" in method
+    assert extrapolated == pytest.approx(train.step_flops(trainer), rel=1e-3)
+
+
+def test_layout_that_does_not_fit_names_one_that_does(fsdp_plan):
+    # A chip just big enough for the FSDP layout: data parallelism (replicated state) is over.
+    memory = fsdp_plan["bytes_per_device"]["total"] * 1.01 / 0.9
+    p = plan.plan(tiny_config("data=8"), 8, memory_bytes=memory)
+    assert not p["fits"]
+    assert p["bytes_per_device"]["total"] > p["budget_bytes"]
+    proposal = p["proposal"]
+    assert proposal["fits"], proposal
+    assert proposal["bytes_per_device"] <= p["budget_bytes"]
+    assert proposal["mesh"]["fsdp"] * proposal["mesh"]["model"] > 1
+    assert proposal["flags"].startswith("--mesh ")
+    assert proposal["compiled"][-1]["compiled_bytes"] == proposal["bytes_per_device"]
+
+
+def test_mesh_not_dividing_devices_is_one_line_error(capsys):
+    status = plan.main(["--config", SPEC, *TINY_FLAGS, "--devices", "8", "--mesh", "fsdp=3"])
+    err = capsys.readouterr().err.strip()
+    assert status == 2
+    assert err.startswith("error: config.mesh") and "needs 3 devices" in err
+    assert "\n" not in err
+
+
+def test_batch_not_dividing_data_parallel_devices_is_one_line_error(capsys):
+    argv = ["--config", SPEC, *TINY_FLAGS, "--config.batch_size=12", "--devices", "8"]
+    assert plan.main([*argv, "--mesh", "data=8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "config.batch_size=12" in err and "\n" not in err
+
+
+def test_cli_reruns_itself_with_the_requested_device_count(capfd):
+    # JAX already runs with 8 devices here: the CLI starts a process with 4 simulated ones.
+    assert jax.device_count() == 8
+    argv = ["--config", SPEC, *TINY_FLAGS, "--devices", "4", "--mesh", "data=2,fsdp=2"]
+    status = plan.main([*argv, "--device-kind", "tpu-v5e", "--mfu", "0.4"])
+    out, err = capfd.readouterr()
+    assert status == 0, err[-2000:]
+    result = json.loads(out)
+    assert result["devices"] == 4 and result["mesh"] == {"data": 2, "fsdp": 2, "model": 1}
+    assert result["device_kind"] == "tpu-v5e" and result["mfu"] == 0.4
+    assert result["memory_per_device_bytes"] == 16 * 2**30
+    assert "4 simulated CPU devices" in result["measured"]
