@@ -81,7 +81,8 @@ def test_gray_cmyk_alpha_images_become_rgb(tmp_path):
         ("p.png", "PNG", "P"),
     ]:
         (cls / name).write_bytes(encode(img, fmt, mode))
-    cfg = data.get_data_config(f"folder:{tmp_path}", evals={"train": {"pp": "decode|onehot(1)"}})
+    evals = {"train": {"split": "train", "pp": "decode|onehot(1)"}}
+    cfg = data.get_data_config(f"folder:{tmp_path}", evals=evals)
     (batch,) = data.eval_batches(
         cfg, "train", global_batch_size=4, process_index=0, process_count=1
     )
