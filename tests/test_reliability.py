@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 from data_fixtures.images import write_folder
 from orbax.checkpoint._src.path import atomicity
-from test_cli import ROOT, TINY, cli_env, failure
+from test_cli import ROOT, TINY, cli_env, failure, free_port
 from test_train import read_jsonl, restore_state, tiny_run_config
 
 from vit_jax import data, train
@@ -98,6 +98,41 @@ def test_sigterm_saves_exits_143_and_the_rerun_is_bit_identical(tmp_path):
     )
     assert whole.returncode == 0, failure(whole.stderr)
     assert_same_arrays(saved_state(workdir, steps), saved_state(straight, steps))
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
+    """JAX's preemption service: both processes save the same step and exit 143."""
+    port, workdir = free_port(), str(tmp_path / "run")
+    procs = []
+    for index in range(2):
+        multi = [
+            f"--coordinator_address=127.0.0.1:{port}",
+            "--num_processes=2",
+            f"--process_id={index}",
+            "--local_device_count=2",
+        ]
+        with open(tmp_path / f"stderr{index}", "w") as err:
+            procs.append(
+                subprocess.Popen(
+                    cli_command(workdir, 300) + multi,
+                    cwd=ROOT,
+                    env=cli_env(2),
+                    stdout=subprocess.PIPE,
+                    stderr=err,
+                    text=True,
+                )
+            )
+    for line in procs[0].stdout:  # only process 0 prints progress
+        if line.startswith("step 3/"):
+            procs[1].send_signal(signal.SIGTERM)  # the other one is preempted
+            break
+    procs[0].stdout.read()
+    statuses = [p.wait(timeout=300) for p in procs]
+    stderrs = [(tmp_path / f"stderr{i}").read_text() for i in range(2)]
+    assert statuses == [143, 143], failure(stderrs[0] + stderrs[1])
+    (step,) = steps_on_disk(workdir)
+    for stderr in stderrs:
+        assert f"stopped by SIGTERM: saved the checkpoint of step {step} in" in stderr
 
 
 def test_sigint_saves_the_current_step_and_exits_130(tmp_path, monkeypatch):
