@@ -94,8 +94,14 @@ def run(
     """Trains and evaluates; returns the last evaluation metrics.
 
     `stop_after_step` ends the run early, after saving a checkpoint at that step, as a
-    preemption would; running again resumes from there.
+    preemption would; running again resumes from there. SIGTERM/SIGINT received from here
+    on stop the run after the next step with a checkpoint (`Preempted`).
     """
+    with StopSignals() as signals:
+        return _run(config, workdir, stop_after_step, signals)
+
+
+def _run(config, workdir: str, stop_after_step: int | None, signals: StopSignals) -> dict:
     policy = nonfinite_policy(config)
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding.make_mesh(config.mesh.to_dict())
@@ -142,47 +148,44 @@ def run(
     bad_images = pipeline.num_bad_examples(config.data, "train")
     finite, good_step, results, stopped = jnp.array(True), start_step, {}, None
     try:
-        with StopSignals() as signals:
-            for step in range(start_step + 1, steps + 1):
-                with profiler.step(step):
-                    state, stats = train_step(state, next(batches))
-                step_finite = stats.pop("finite")
-                if skips is None:
-                    finite = finite & step_finite
-                else:  # a non-finite step was skipped: the state stays finite
-                    skips.update(step, stats.pop("skipped"), checkpointer)
-                stopped = signals.stop_requested(step)
-                end = step in (steps, stop_after_step)
-                last = end or stopped is not None
-                log_now = due(step, config.log_every_steps, last)
-                save_now = due(step, config.checkpoint.every_steps, last)
-                if log_now or save_now:
-                    if skips is not None:
-                        skips.check(checkpointer)
-                    ensure_finite(finite, good_step, step, checkpointer)
-                    good_step = step
-                if log_now:
-                    values = {k: float(v) for k, v in jax.device_get(stats).items()}
-                    values.update(progress.update(step))
-                    if skips is not None:
-                        values["skipped_steps"] = skips.since_log()
-                    if bad_images:
-                        values["bad_images"] = bad_images
-                    logger.scalars(step, values, prefix="train/")
-                    if logger.is_main:
-                        print(format_line(step, steps, values), flush=True)
-                if save_now:
-                    checkpointer.save(
-                        step, state, {"step": step, "data_position": step}, force=last
-                    )
-                if stopped is not None:
-                    break
-                if due(step, config.eval_every_steps, end):
-                    results = evaluator.classification(step, state["params"])
-                if due(step, config.fewshot.every_steps or config.eval_every_steps, end):
-                    results.update(evaluator.fewshot(step, state["params"]))
-                if step == stop_after_step:
-                    break
+        for step in range(start_step + 1, steps + 1):
+            with profiler.step(step):
+                state, stats = train_step(state, next(batches))
+            step_finite = stats.pop("finite")
+            if skips is None:
+                finite = finite & step_finite
+            else:  # a non-finite step was skipped: the state stays finite
+                skips.update(step, stats.pop("skipped"), checkpointer)
+            stopped = signals.stop_requested(step)
+            end = step in (steps, stop_after_step)
+            last = end or stopped is not None
+            log_now = due(step, config.log_every_steps, last)
+            save_now = due(step, config.checkpoint.every_steps, last)
+            if log_now or save_now:
+                if skips is not None:
+                    skips.check(checkpointer)
+                ensure_finite(finite, good_step, step, checkpointer)
+                good_step = step
+            if log_now:
+                values = {k: float(v) for k, v in jax.device_get(stats).items()}
+                values.update(progress.update(step))
+                if skips is not None:
+                    values["skipped_steps"] = skips.since_log()
+                if bad_images:
+                    values["bad_images"] = bad_images
+                logger.scalars(step, values, prefix="train/")
+                if logger.is_main:
+                    print(format_line(step, steps, values), flush=True)
+            if save_now:
+                checkpointer.save(step, state, {"step": step, "data_position": step}, force=last)
+            if stopped is not None:
+                break
+            if due(step, config.eval_every_steps, end):
+                results = evaluator.classification(step, state["params"])
+            if due(step, config.fewshot.every_steps or config.eval_every_steps, end):
+                results.update(evaluator.fewshot(step, state["params"]))
+            if step == stop_after_step:
+                break
     finally:
         batches.close()  # stops the input thread before anything shuts down
     if stopped is not None:
