@@ -160,6 +160,8 @@ def test_user_mistakes_give_one_line(run_dir, heldout, tmp_path, capsys):
     empty.mkdir()
     assert "no config.json" in one_line_error(capsys, ["--workdir", str(empty), paths[0]])
     (empty / "config.json").write_text(open(os.path.join(run_dir, "config.json")).read())
+    assert "no checkpoints yet" in one_line_error(capsys, ["--workdir", str(empty), paths[0]])
+    (empty / "checkpoints").mkdir()
     assert "no complete checkpoint" in one_line_error(capsys, ["--workdir", str(empty), paths[0]])
     missing = str(tmp_path / "nope.jpg")
     assert missing in one_line_error(capsys, ["--workdir", run_dir, missing])

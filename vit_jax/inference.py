@@ -116,7 +116,10 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 def load_run(workdir: str, step: int | None = None) -> LoadedModel:
     """The model of a training run at its newest complete checkpoint (or at `step`)."""
     config = read_config(workdir)
-    checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1)
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        raise UserError(f"--workdir {workdir}: no checkpoints yet; train first")
+    checkpoints = Checkpointer(directory, every_steps=1)
     try:
         step = checkpoints.latest_step() if step is None else step
         if step is None or step not in checkpoints.all_steps():
