@@ -6,6 +6,8 @@ import os
 import jax
 import numpy as np
 import pytest
+from data_fixtures import tiny_tfds
+from data_fixtures.images import write_folder
 from helpers import with_changes
 from PIL import Image
 
@@ -171,3 +173,29 @@ def test_user_mistakes_give_one_line(run_dir, heldout, tmp_path, capsys):
     assert str(broken) in err and "not a readable image" in err
     assert "--model" in one_line_error(capsys, ["--checkpoint", str(broken), paths[0]])
     assert "either --workdir" in one_line_error(capsys, [paths[0]])
+
+
+def test_class_names_come_from_the_dataset(tmp_path):
+    assert inference.class_names(data.get_data_config("digits")) == tuple("0123456789")
+    write_folder(str(tmp_path / "f"), {"train": {"cat": 1, "dog": 1}, "val": {"emu": 1}})
+    folder = data.get_data_config(f"folder:{tmp_path / 'f'}")
+    assert inference.class_names(folder) == ("cat", "dog", "emu")
+    tfds_config = data.get_data_config(f"tfds:{tiny_tfds.build(str(tmp_path / 'tfds'))}")
+    tfds_config.data_dir = str(tmp_path / "tfds")
+    assert inference.class_names(tfds_config) == ("0", "1", "2")
+    assert inference.class_names(data.get_data_config("jft")) is None
+
+
+def test_a_jpeg_goes_through_the_folder_eval_preprocessing(tmp_path):
+    root = tmp_path / "photos"
+    layout = {"train": {"a": 1, "b": 1}, "val": {"b": 1}}
+    paths = write_folder(str(root), layout, size=(40, 30), fmt="JPEG")
+    config = data.get_data_config(f"folder:{root}", image_size=16)
+    spec = inference.eval_pp(config, 2)
+    assert spec == "decode|resize_small(18)|central_crop(16)|value_range(-1, 1)"
+    loaded = inference.LoadedModel(None, None, None, pp=spec, image_size=16)
+    batch = next(
+        data.eval_batches(config, "val", global_batch_size=1, process_index=0, process_count=1)
+    )
+    image = loaded.preprocess(inference.read_image(paths["val"][0]))
+    np.testing.assert_array_equal(image, batch["image"][0])
