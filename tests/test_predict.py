@@ -173,6 +173,12 @@ def test_user_mistakes_give_one_line(run_dir, heldout, tmp_path, capsys):
     assert str(broken) in err and "not a readable image" in err
     assert "--model" in one_line_error(capsys, ["--checkpoint", str(broken), paths[0]])
     assert "either --workdir" in one_line_error(capsys, [paths[0]])
+    assert "--step 7: " in one_line_error(capsys, ["--workdir", run_dir, "--step", "7", paths[0]])
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own mistakes: one line too
+        predict.main(["--workdir", run_dir, "--top_k", "x", paths[0]])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: argument --top_k") and len(err.splitlines()) == 1
 
 
 def test_class_names_come_from_the_dataset(tmp_path):

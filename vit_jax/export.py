@@ -111,7 +111,7 @@ def default_out(args: argparse.Namespace) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = inference.ArgumentParser(
         prog="python -m vit_jax.export", description="Write a trained model for use elsewhere."
     )
     inference.add_model_arguments(parser)

@@ -121,13 +121,12 @@ def load_run(workdir: str, step: int | None = None) -> LoadedModel:
         raise UserError(f"--workdir {workdir}: no checkpoints yet; train first")
     checkpoints = Checkpointer(directory, every_steps=1)
     try:
-        step = checkpoints.latest_step() if step is None else step
-        if step is None or step not in checkpoints.all_steps():
-            raise UserError(
-                f"--workdir {workdir}: no complete checkpoint"
-                + (f" at step {step}; steps: {checkpoints.all_steps()}" if step else "")
-                + "; train longer or point at another run"
-            )
+        steps = checkpoints.all_steps()
+        if not steps:
+            raise UserError(f"--workdir {workdir}: no complete checkpoint yet; train longer")
+        if step is not None and step not in steps:
+            raise UserError(f"--step {step}: {workdir} has checkpoints at steps {steps}")
+        step = max(steps) if step is None else step
         num_classes = _num_classes(config, workdir, step)
         trainer = Trainer(config, _one_device_mesh(), num_classes=num_classes, total_steps=1)
         overrides = dict(trainer.model_overrides(), activation_sharding=None)
@@ -346,6 +345,13 @@ def load_from_args(args: argparse.Namespace) -> LoadedModel:
     if not args.model:
         raise UserError("--checkpoint needs --model, e.g. --model ViT-B/16")
     return load_npz_model(args.checkpoint, args.model, args.num_classes, args.img_size, args.labels)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its mistakes in one line and exit status 2, like a UserError."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def run_main(main: Callable[[], int]) -> int:

@@ -79,7 +79,7 @@ def format_text(results: list[dict]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = inference.ArgumentParser(
         prog="python -m vit_jax.predict", description="Top-k classes of image files."
     )
     parser.add_argument("images", nargs="+", help="image files or folders of images")

@@ -300,7 +300,7 @@ def _keys(records: list[dict]) -> list[str]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = inference.ArgumentParser(
         prog="python -m vit_jax.visualize", description="Pictures of a trained model (PNG)."
     )
     parser.add_argument("kind", choices=KINDS)
