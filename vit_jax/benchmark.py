@@ -1,18 +1,32 @@
-"""Model speed benchmarks, measured side by side in one process (ratios, not absolute times).
+"""Model speed benchmarks: ratios measured side by side in one run, not absolute times.
 
-`python -m vit_jax.benchmark attention --model ViT-B/16 --batch 8` compares the attention
-implementations on a jitted forward+backward step and prints JSON: the fused
-`jax.nn.dot_product_attention` (what the models use) against a plain einsum-softmax.
+`python -m vit_jax.benchmark step --model ViT-Ti/16 --batch 32 --compare timm` times the
+real `Trainer` train step (forward, backward, AdamW) and eval step on random inputs and
+prints JSON lines: images/s (median of timed steps after warm-up), compile time, peak host
+memory, XLA's FLOPs per step, achieved FLOP/s, and MFU against a large f32 matrix product
+timed in the same run (and against the nominal peak of a known GPU/TPU). `--compare timm`
+runs timm's model of the same variant in PyTorch eager in a child process
+(`vit_jax.benchmark_timm`), alternating rounds of ours and theirs, and prints the ratios.
+
+`python -m vit_jax.benchmark attention` compares the attention implementations on a
+jitted forward+backward of the bare model.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
+import subprocess
+import sys
 import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from vit_jax.models import create_model
@@ -27,6 +41,16 @@ def time_call(fn, *args, repeats: int = 5) -> float:
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
+
+
+def peak_host_mib() -> float:
+    """The peak resident memory of this process so far (MiB)."""
+    from vit_jax.benchmark_timm import peak_host_mib as peak
+
+    return peak()
+
+
+# --- attention implementations ------------------------------------------------------------
 
 
 def train_like_step(model_name: str, batch: int, img_size: int, dtype: str, attention_impl):
@@ -48,6 +72,7 @@ def train_like_step(model_name: str, batch: int, img_size: int, dtype: str, atte
 
 
 def attention(args: argparse.Namespace) -> dict:
+    """Seconds of a forward+backward step with each attention implementation."""
     results = {}
     fused = "xla" if jax.default_backend() == "cpu" else None  # None: cuDNN/TPU kernels
     for name, impl in (("dot_product_attention", fused), ("einsum_softmax", "einsum")):
@@ -68,16 +93,286 @@ def attention(args: argparse.Namespace) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("what", choices=["attention"])
-    parser.add_argument("--model", default="ViT-B/16")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--img_size", type=int, default=224)
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    print(json.dumps(attention(args), indent=2))
+# --- the trainer's steps ------------------------------------------------------------------
+
+
+def step_config(args: argparse.Namespace):
+    """The run config of the benchmarked step: the `small` recipe on the given variant,
+    with the image size, batch, dtype, mesh, remat and scan of the command line."""
+    from vit_jax.configuration import load_config
+
+    name = args.model if "-" in args.model else f"ViT-{args.model}"
+    overrides = [
+        f"model.img_size={args.img_size}",
+        f"batch_size={args.batch}",
+        f"eval_batch_size={args.batch}",
+        f"model.pool_type={args.pool}",
+        f"model.scan={args.scan}",
+        f"model.remat={args.remat}",
+    ]
+    if args.dtype != "float32":
+        overrides.append(f"model.dtype={args.dtype}")
+    overrides += [f"mesh.{part}" for part in args.mesh.split(",") if part]
+    return load_config(f"vit:{name},digits,small", overrides)
+
+
+class Steps:
+    """The compiled train and eval steps of one config, with random inputs and a state."""
+
+    def __init__(self, config):
+        from vit_jax import data, sharding
+        from vit_jax.steps import Trainer
+        from vit_jax.train import step_flops
+
+        self.config = config
+        mesh = sharding.make_mesh(config.mesh.to_dict())
+        self.trainer = Trainer(
+            config, mesh, num_classes=data.num_classes(config.data), total_steps=10_000
+        )
+        trainer, batch, size = self.trainer, config.batch_size, config.model.img_size
+        rng = np.random.default_rng(0)
+        labels = np.eye(trainer.num_classes, dtype=np.float32)[
+            rng.integers(0, trainer.num_classes, batch)
+        ]
+        host = {
+            "image": rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32),
+            "labels": labels,
+            "mask": np.ones((batch,), np.float32),
+        }
+        shardings = trainer.batch_shardings()
+        self.batch = {k: jax.device_put(v, shardings[k]) for k, v in host.items()}
+        self.train_batch = {k: self.batch[k] for k in ("image", "labels")}
+
+        abstract_state, _ = trainer.state_shardings
+        start = time.perf_counter()
+        self.train_step = (
+            trainer.make_train_step().lower(abstract_state, self.train_batch).compile()
+        )
+        self.train_compile_s = time.perf_counter() - start
+        start = time.perf_counter()
+        self.eval_step = (
+            trainer.make_eval_step().lower(abstract_state["params"], self.batch).compile()
+        )
+        self.eval_compile_s = time.perf_counter() - start
+        self.train_flops = step_flops(trainer)
+        self.eval_flops = _flops(self.eval_step)
+        self.state = trainer.init_state()
+        self.params = jax.tree.map(jnp.copy, self.state["params"])  # the state is donated
+
+    def train(self) -> None:
+        self.state, stats = self.train_step(self.state, self.train_batch)
+        jax.block_until_ready((self.state, stats))
+
+    def eval(self) -> None:
+        jax.block_until_ready(self.eval_step(self.params, self.batch))
+
+
+def _flops(compiled) -> float | None:
+    try:
+        analysis = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - some backends do not implement it
+        return None
+    if isinstance(analysis, list):
+        analysis = analysis[0] if analysis else None
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
+def timed(fn: Callable[[], None], steps: int) -> list[float]:
+    """Seconds of each of `steps` calls of `fn`."""
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def matmul_peak(size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a large f32 matrix product on the default backend (the measured peak)."""
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
+    seconds = time_call(jax.jit(jnp.matmul), a, b, repeats=repeats)
+    return 2 * size**3 / seconds
+
+
+class Timm:
+    """timm's model of the same variant in a child process, timed on request."""
+
+    def __init__(self, config, threads: int = 0):
+        model = config.model
+        spec = {
+            "img_size": model.img_size,
+            "patch_size": model.patch_size,
+            "width": model.width,
+            "depth": model.depth,
+            "num_heads": model.num_heads,
+            "mlp_dim": model.mlp_dim,
+            "pool_type": model.pool_type,
+            "num_classes": int(config.data.num_classes or 10),
+            "batch": config.batch_size,
+            "dtype": model.dtype or "float32",
+            "lr": config.schedule.base_lr,
+            "weight_decay": config.optim.weight_decay,
+            "clip_global_norm": config.optim.clip_global_norm,
+            "threads": threads,
+        }
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "vit_jax.benchmark_timm", json.dumps(spec)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.hello = self._reply()
+
+    def _reply(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            code = self.process.wait()
+            raise RuntimeError(f"the timm process ended with status {code} (see its stderr)")
+        reply = json.loads(line)
+        if "error" in reply:
+            self.process.wait()
+            raise SystemExit(f"error: {reply['error']}")
+        return reply
+
+    def timed(self, what: str, steps: int) -> list[float]:
+        self.process.stdin.write(json.dumps({"cmd": what, "steps": steps}) + "\n")
+        self.process.stdin.flush()
+        reply = self._reply()
+        self.peak_host_mib = reply["peak_host_mib"]
+        return reply["times"]
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+def _median_rate(times: Sequence[float], batch: int) -> float:
+    return batch / statistics.median(times)
+
+
+def step(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """JSON records: the train step, the eval step and (with --compare) the ratios."""
+    config = step_config(args)
+    steps = Steps(config)
+    batch = config.batch_size
+    device = jax.devices()[0]
+    peaks = [matmul_peak()]
+    from vit_jax.metric_logging import peak_flops
+
+    nominal = peak_flops(device) if device.platform != "cpu" else None
+    timm = Timm(config, args.timm_threads) if args.compare == "timm" else None
+    ours = {"train": [], "eval": []}
+    theirs = {"train": [], "eval": []}
+    try:
+        for what in ("train", "eval"):
+            fn = getattr(steps, what)
+            timed(fn, args.warmup)
+            for _ in range(args.rounds):
+                ours[what] += timed(fn, args.steps)
+                if timm is not None:
+                    time.sleep(0.2)  # let the other side's worker threads go idle
+                    theirs[what] += timm.timed(what, args.steps)
+                    time.sleep(0.2)
+                peaks.append(matmul_peak(repeats=2))
+    finally:
+        if timm is not None:
+            timm.close()
+
+    common = {
+        "model": config.model_name,
+        "batch": batch,
+        "img_size": config.model.img_size,
+        "dtype": config.model.dtype or "float32",
+        "mesh": config.mesh.to_dict(),
+        "remat": config.model.remat,
+        "scan": config.model.scan,
+        "backend": jax.default_backend(),
+        "device": getattr(device, "device_kind", device.platform),
+        "devices": jax.device_count(),
+    }
+    peak = max(peaks)  # the best of the run: the machine is shared
+    records = []
+    for what in ("train", "eval"):
+        flops = steps.train_flops if what == "train" else steps.eval_flops
+        rate = _median_rate(ours[what], batch)
+        achieved = flops * rate / batch if flops else None
+        record = {
+            "what": what,
+            **common,
+            "images_per_sec": rate,
+            "step_seconds": statistics.median(ours[what]),
+            "steps_timed": len(ours[what]),
+            "compile_seconds": steps.train_compile_s if what == "train" else steps.eval_compile_s,
+            "flops_per_step": flops,
+            "achieved_flops_per_sec": achieved,
+            "matmul_peak_flops_per_sec": peak * jax.device_count(),
+            "mfu_measured_peak": achieved / (peak * jax.device_count()) if achieved else None,
+            "mfu_nominal_peak": (
+                achieved / (nominal * jax.device_count()) if achieved and nominal else None
+            ),
+            "peak_host_mib": peak_host_mib(),
+        }
+        records.append(record)
+    if timm is not None:
+        record = {"what": "compare", "against": "timm", **common, "timm": timm.hello}
+        for what in ("train", "eval"):
+            ours_rate = _median_rate(ours[what], batch)
+            theirs_rate = _median_rate(theirs[what], batch)
+            rounds = zip(
+                _rounds(ours[what], args.steps), _rounds(theirs[what], args.steps), strict=True
+            )
+            per_round = [statistics.median(t) / statistics.median(o) for o, t in rounds]
+            record[what] = {
+                "ours_images_per_sec": ours_rate,
+                "timm_images_per_sec": theirs_rate,
+                "ratio": ours_rate / theirs_rate,
+                "ratio_per_round": per_round,
+            }
+        record["timm_peak_host_mib"] = timm.peak_host_mib
+        records.append(record)
+    return records
+
+
+def _rounds(times: list[float], size: int) -> list[list[float]]:
+    return [times[i : i + size] for i in range(0, len(times), size)]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("what", choices=["step", "attention"])
+    p.add_argument("--model", default="ViT-Ti/16", help="a zoo name or ViT size (Ti/16)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--img_size", type=int, default=224)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--pool", default="tok", choices=["tok", "gap", "map"])
+    p.add_argument("--mesh", default="", help="e.g. data=1,fsdp=1,model=1")
+    p.add_argument("--remat", default="none")
+    p.add_argument("--scan", action="store_true", help="scan one stacked block over depth")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=3, help="rounds (alternating with --compare)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
+    p.add_argument("--compare", choices=["timm"], default=None)
+    p.add_argument(
+        "--timm_threads",
+        type=int,
+        default=0,
+        help="PyTorch intra-op threads; 0 picks the faster of 1 and the default per step",
+    )
+    p.add_argument("--repeats", type=int, default=5, help="attention: timed repeats")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    if args.what == "attention":
+        print(json.dumps(attention(args), indent=2))
+        return
+    for record in step(args):
+        print(json.dumps(record), flush=True)
 
 
 if __name__ == "__main__":
