@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -205,3 +206,18 @@ def test_a_jpeg_goes_through_the_folder_eval_preprocessing(tmp_path):
     )
     image = loaded.preprocess(inference.read_image(paths["val"][0]))
     np.testing.assert_array_equal(image, batch["image"][0])
+
+
+def test_a_run_whose_dataset_is_gone_still_loads(run_dir, heldout, tmp_path):
+    """Trained on a folder that was moved away: the class count comes from the checkpoint,
+    and labels are class indices."""
+    moved = tmp_path / "moved"
+    shutil.copytree(run_dir, moved)
+    config = json.loads((moved / "config.json").read_text())
+    config["data"]["num_classes"] = None
+    config["data"]["train"].update(source="folder", data_dir=str(tmp_path / "gone"))
+    (moved / "config.json").write_text(json.dumps(config))
+    loaded = inference.load_run(str(moved))
+    assert loaded.num_classes == 10 and loaded.class_names is None
+    results = predict.predict(loaded, heldout[0][:2], top_k=2)
+    assert [type(t["label"]) for r in results for t in r["top"]] == [int] * 4

@@ -172,7 +172,9 @@ def _num_classes(config: ml_collections.ConfigDict, workdir: str, step: int) -> 
 
 def eval_pp(data_config: ml_collections.ConfigDict, num_classes: int, split: str = "") -> str:
     """The run's evaluation pp string for one image: placeholders filled, label ops dropped."""
-    name = split or next(iter(data_config.evals))
+    name = split or next(iter(data_config.evals), None)
+    if name is None:
+        raise UserError("the run's config has no evaluation split (data.evals) to copy")
     cfg = ml_collections.ConfigDict(data_config.to_dict())
     cfg.num_classes = num_classes
     spec = data.format_pp(cfg.evals[name].pp, cfg)
