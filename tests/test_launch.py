@@ -1,0 +1,295 @@
+"""launch/: the local, Cloud TPU VM and SLURM launchers run the very same vit_jax.main command.
+
+Dry runs are checked line by line (and the SLURM job is executed with stand-in srun,
+scontrol and python); a real two-process run on localhost logs the same losses as one
+process with as many devices.
+"""
+
+import json
+import os
+import shlex
+import stat
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH = os.path.join(ROOT, "launch")
+USER_FLAGS = ["--config=vit:B/16,imagenet2012,pretrain", "--workdir=/ckpt/b16"]
+MAIN = "python3 -m vit_jax.main " + " ".join(USER_FLAGS)
+
+
+def launch(script, *args, env=None, timeout=60):
+    return subprocess.run(
+        [os.path.join(LAUNCH, script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
+
+
+def dry_run(script, *options):
+    result = launch(script, *options, "--dry-run", "--", *USER_FLAGS)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+def fake_bin(tmp_path, name, body):
+    """An executable stand-in for a cluster command."""
+    path = tmp_path / "bin" / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(0o755)
+    return path
+
+
+@pytest.mark.parametrize("script", ["local.sh", "tpu_vm.sh", "slurm.sh"])
+def test_scripts_are_executable_and_documented(script):
+    path = os.path.join(LAUNCH, script)
+    assert os.stat(path).st_mode & stat.S_IXUSR
+    assert "set -euo pipefail" in open(path).read()
+    result = launch(script, "--help")
+    assert result.returncode == 0 and "--dry-run" in result.stdout and " -- " in result.stdout
+    bad = launch(script, "--no-such-option")
+    assert bad.returncode == 2 and "unknown option '--no-such-option'" in bad.stderr
+
+
+def test_local_dry_run_lists_every_process():
+    lines = dry_run(
+        "local.sh",
+        "--processes",
+        "3",
+        "--devices-per-process",
+        "2",
+        "--port",
+        "4321",
+        "--log-dir",
+        "/tmp/logs",
+    )
+    assert lines[0] == "mkdir -p /tmp/logs" and len(lines) == 4
+    ids = []
+    for line in lines[1:]:
+        assert line.startswith(MAIN + " ")
+        words = shlex.split(line)
+        assert "--local_device_count=2" in words and "--num_processes=3" in words
+        assert "--coordinator_address=127.0.0.1:4321" in words
+        ids.append(int(next(w for w in words if w.startswith("--process_id="))[13:]))
+        if ids[-1]:  # The others log to files in the background; process 0 is in front.
+            assert line.endswith(f"> /tmp/logs/process_{ids[-1]}.log 2>&1 &")
+    assert ids == [1, 2, 0]
+    assert dry_run("local.sh") == [MAIN]  # One process: the command alone.
+
+
+def test_local_stops_the_others_when_one_fails(tmp_path):
+    # Process 1 fails at once; process 0 would run for a minute.
+    python = fake_bin(
+        tmp_path,
+        "python",
+        'if [[ " $* " == *" --process_id=1 "* ]]; then echo broken >&2; exit 3; fi\nsleep 60\n',
+    )
+    result = launch(
+        "local.sh",
+        "--processes",
+        "2",
+        "--python",
+        str(python),
+        "--log-dir",
+        str(tmp_path / "logs"),
+        "--",
+        "--workdir=/x",
+        timeout=30,
+    )
+    assert result.returncode == 3
+    assert "process 1 exited" in result.stderr and "stopping the others" in result.stderr
+    assert (tmp_path / "logs" / "process_1.log").read_text() == "broken\n"
+
+
+def test_tpu_vm_dry_run_creates_installs_runs_streams_and_deletes():
+    lines = dry_run(
+        "tpu_vm.sh",
+        "--name",
+        "pod",
+        "--zone",
+        "us-central2-b",
+        "--project",
+        "proj",
+        "--accelerator-type",
+        "v4-64",
+        "--delete",
+    )
+    commands = [shlex.split(line) for line in lines]
+    where = ["--zone=us-central2-b", "--project=proj"]
+    describe, create = lines[0].split(" > /dev/null 2>&1 || ")
+    assert shlex.split(describe) == [
+        "gcloud",
+        "compute",
+        "tpus",
+        "tpu-vm",
+        "describe",
+        "pod",
+        *where,
+    ]
+    assert shlex.split(create) == [
+        "gcloud", "compute", "tpus", "tpu-vm", "create", "pod", *where,
+        "--accelerator-type=v4-64", "--version=tpu-ubuntu2204-base",
+    ]  # fmt: skip
+    assert "git -C" in lines[1] and "ls-files" in lines[1]
+    scp, install, start, follow, delete = commands[2:]
+    assert scp[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"] and "--worker=all" in scp
+    for cmd in (install, start):
+        assert cmd[4:6] == ["ssh", "pod"] and "--worker=all" in cmd
+    assert "pip install" in install[-1]
+    assert start[-1].startswith("--command=") and MAIN + " --distributed" in start[-1]
+    assert "--worker=0" in follow and "tail" in follow[-1]
+    assert delete == ["gcloud", "compute", "tpus", "tpu-vm", "delete", "pod", *where, "--quiet"]
+
+
+def test_tpu_vm_reuses_or_creates_the_slice_through_gcloud(tmp_path):
+    calls = tmp_path / "calls.jsonl"
+    fake_bin(
+        tmp_path,
+        "gcloud",
+        f'python3 -c "import json, sys; print(json.dumps(sys.argv[1:]))" "$@" >> {calls}\n'
+        'if [[ $4 == describe ]]; then exit "$DESCRIBE_STATUS"; fi\n',
+    )
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+    for missing in (True, False):
+        calls.write_text("")
+        result = launch(
+            "tpu_vm.sh",
+            "--name",
+            "pod",
+            "--zone",
+            "z",
+            "--no-install",
+            "--",
+            *USER_FLAGS,
+            env={**env, "DESCRIBE_STATUS": "1" if missing else "0"},
+        )
+        assert result.returncode == 0, result.stderr
+        verbs = [json.loads(line)[2:4] for line in calls.read_text().splitlines()]
+        created = [["tpu-vm", "create"]] if missing else []
+        assert verbs == [["tpu-vm", "describe"], *created, ["tpu-vm", "ssh"], ["tpu-vm", "ssh"]]
+
+
+@pytest.mark.parametrize("per_node, processes", [(False, 16), (True, 4)])
+def test_slurm_job_gives_each_process_its_id(tmp_path, per_node, processes):
+    options = [
+        "--nodes",
+        "4",
+        "--gpus-per-node",
+        "4",
+        "--partition",
+        "gpu",
+        "--time",
+        "2:00:00",
+        "--account",
+        "acct",
+        "--script",
+        str(tmp_path / "job.sbatch"),
+    ]
+    options += ["--per-node"] if per_node else []
+    lines = dry_run("slurm.sh", *options, "--python", str(tmp_path / "bin" / "python3"))
+    assert lines[0] == f"cat > {tmp_path / 'job.sbatch'} <<'SBATCH'"
+    assert lines[-2:] == ["SBATCH", f"sbatch {tmp_path / 'job.sbatch'}"]
+    for header in (
+        "--nodes=4",
+        "--partition=gpu",
+        "--time=2:00:00",
+        "--account=acct",
+        f"--ntasks-per-node={1 if per_node else 4}",
+    ):
+        assert f"#SBATCH {header}" in lines
+    (srun,) = [line for line in lines if line.startswith("srun ")]
+    assert "-m vit_jax.main " + " ".join(USER_FLAGS) + " --coordinator_address=" in srun
+    # Execute the pasted commands with stand-ins: srun starts every task with its SLURM_PROCID.
+    fake_bin(
+        tmp_path, "python3", 'python -c "import json, sys; print(json.dumps(sys.argv[1:]))" "$@"\n'
+    )
+    fake_bin(tmp_path, "python", f'exec {sys.executable} "$@"\n')
+    fake_bin(tmp_path, "scontrol", 'echo "gpu-a"; echo "gpu-b"; echo "gpu-c"; echo "gpu-d"\n')
+    fake_bin(tmp_path, "sbatch", 'SLURM_JOB_NODELIST="gpu-[a-d]" bash "$1"\n')
+    fake_bin(
+        tmp_path,
+        "srun",
+        "while [[ $1 == --* ]]; do shift; done\n"
+        f'for ((i = 0; i < {processes}; i++)); do SLURM_PROCID=$i "$@"; done\n',
+    )
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+    result = subprocess.run(
+        ["bash", "-c", "\n".join(lines)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    runs = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r[:4] for r in runs] == [["-m", "vit_jax.main", *USER_FLAGS]] * processes
+    assert {tuple(r[4:]) for r in runs} == {
+        ("--coordinator_address=gpu-a:12355", f"--num_processes={processes}", f"--process_id={i}")
+        for i in range(processes)
+    }
+
+
+def test_slurm_auto_passes_distributed():
+    (srun,) = [line for line in dry_run("slurm.sh", "--auto") if line.startswith("srun ")]
+    assert f"exec {MAIN} --distributed'" in srun and "--process_id" not in srun
+
+
+TINY = [
+    "--config.model.width=32",
+    "--config.model.depth=2",
+    "--config.model.mlp_dim=64",
+    "--config.model.num_heads=2",
+    "--config.model.img_size=8",
+    "--config.batch_size=32",
+    "--config.eval_batch_size=64",
+    "--config.total_steps=4",
+    "--config.schedule.warmup_steps=1",
+    "--config.log_every_steps=1",
+    "--config.eval_every_steps=4",
+    "--config.checkpoint.every_steps=4",
+    # The same 32 examples every step, preprocessed without randomness: the global batch is
+    # then the same however the processes split it.
+    "--config.data.train.split=train[:32]",
+    "--config.data.train.pp=decode(3)|resize({image_size})|value_range(-1, 1)"
+    "|onehot({num_classes})",
+]
+
+
+def train_losses(tmp_path, name, processes, devices):
+    workdir = tmp_path / name
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = ROOT
+    result = launch(
+        "local.sh",
+        "--processes",
+        str(processes),
+        "--devices-per-process",
+        str(devices),
+        "--log-dir",
+        str(tmp_path / f"{name}_logs"),
+        "--",
+        f"--workdir={workdir}",
+        *TINY,
+        env=env,
+        timeout=400,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "final evaluation" in result.stdout  # Process 0 prints to the terminal.
+    records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    return [r["train/loss"] for r in records if "train/loss" in r]
+
+
+def test_two_local_processes_log_the_losses_of_one_with_as_many_devices(tmp_path):
+    two = train_losses(tmp_path, "two", processes=2, devices=2)
+    one = train_losses(tmp_path, "one", processes=1, devices=4)
+    assert len(two) == len(one) == 4
+    assert two[-1] < two[0]  # It trains.
+    assert two == pytest.approx(one, rel=1e-5)
+    assert (tmp_path / "two_logs" / "process_1.log").stat().st_size > 0
