@@ -1,11 +1,15 @@
 """The run planner (`python -m vit_jax.plan`) on tiny models and the 8 simulated devices."""
 
 import json
+import os
+import re
+import shlex
 
 import jax
 import pytest
 
 from vit_jax import configuration, plan, train
+from vit_jax.main import split_overrides
 
 SPEC = "vit:Ti/16,cifar10,small"  # 10 classes, gap pooling, AdamW
 TINY = {"width": 32, "depth": 2, "mlp_dim": 64, "num_heads": 2, "img_size": 32, "patch_size": 16}
@@ -119,3 +123,26 @@ def test_cli_reruns_itself_with_the_requested_device_count(capfd):
     assert result["device_kind"] == "tpu-v5e" and result["mfu"] == 0.4
     assert result["memory_per_device_bytes"] == 16 * 2**30
     assert "4 simulated CPU devices" in result["measured"]
+
+
+def test_readme_plan_commands_parse_and_their_layouts_are_valid():
+    """Every `python -m vit_jax.plan` command in README.md: flags, config and mesh check out
+    (nothing is compiled here; the table's numbers come from running them)."""
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    commands = re.findall(r"`python3? -m vit_jax\.plan ([^`]+)`", readme)
+    assert len(commands) >= 10
+    for command in commands:
+        rest, overrides = split_overrides(shlex.split(command))
+        args = plan.parser().parse_args(rest)
+        config = configuration.load_config(args.config, overrides + plan._mesh_overrides(args.mesh))
+        shape = plan.check_layout(config, args.devices)
+        assert shape["data"] * shape["fsdp"] * shape["model"] == args.devices, command
+
+
+def test_deep_models_are_scanned_unless_the_command_line_says_otherwise():
+    deep = configuration.load_config("vit:L/16,cifar10,small")
+    assert plan._auto_scan(deep, []) and deep.model.scan
+    unscanned = configuration.load_config("vit:L/16,cifar10,small", ["model.scan=false"])
+    assert not plan._auto_scan(unscanned, ["model.scan=false"]) and not unscanned.model.scan
+    shallow = configuration.load_config("vit:B/16,cifar10,small")
+    assert not plan._auto_scan(shallow, []) and not shallow.model.scan

@@ -40,6 +40,7 @@ CHIPS = {
     "h200": ("NVIDIA H200", 141e9),
 }
 MAX_PROPOSAL_COMPILES = 2
+AUTO_SCAN_DEPTH = 24  # the CLI scans models this deep unless --config.model.scan is given
 
 
 def plan(
@@ -59,15 +60,12 @@ def plan(
     """
     import jax
 
-    from vit_jax import validate
-
     if device_kind not in CHIPS:
         raise _error(f"--device-kind={device_kind} is not one of: {', '.join(CHIPS)}")
     if not 0 < mfu <= 1:
         raise _error(f"--mfu={mfu} must be in (0, 1]")
     if devices > jax.device_count():
         raise _error(f"--devices={devices}: JAX was started with {jax.device_count()} devices")
-    validate.check_config(config)
     kind, memory = CHIPS[device_kind]
     budget = margin * (memory_bytes or memory)
     start = time.perf_counter()
@@ -122,13 +120,12 @@ def _error(message: str):
 # --- one layout ----------------------------------------------------------------------------
 
 
-def _trainer(config, devices: int):
-    """The run's Trainer on a mesh of the first `devices` devices."""
-    import jax
+def check_layout(config, devices: int) -> dict[str, int]:
+    """The mesh shape on `devices` devices; UserError when the mesh, the batch or the class
+    count does not allow a plan (nothing is compiled)."""
+    from vit_jax import validate
 
-    from vit_jax import sharding, validate
-    from vit_jax.steps import Trainer
-
+    validate.check_config(config)
     shape = validate.mesh_shape(config.mesh, devices)
     parallel = shape["data"] * shape["fsdp"] * config.optim.grad_accum_steps
     if config.batch_size % parallel:
@@ -137,15 +134,25 @@ def _trainer(config, devices: int):
             f"{shape['data'] * shape['fsdp']} data-parallel devices (data x fsdp) x "
             f"config.optim.grad_accum_steps={config.optim.grad_accum_steps}"
         )
-    classes = config.data.num_classes
-    if classes is None:
+    if config.data.num_classes is None:
         raise _error(
             f"the class count of {config.dataset} is read from its data, which the planner "
             "does not read: set --config.data.num_classes (e.g. 21843 for imagenet21k)"
         )
+    return shape
+
+
+def _trainer(config, devices: int):
+    """The run's Trainer on a mesh of the first `devices` devices."""
+    import jax
+
+    from vit_jax import sharding
+    from vit_jax.steps import Trainer
+
+    shape = check_layout(config, devices)
     mesh = sharding.make_mesh(shape, jax.devices()[:devices])
     steps = max(config.total_steps or 0, config.schedule.warmup_steps, 1)
-    return Trainer(config, mesh, num_classes=classes, total_steps=steps)
+    return Trainer(config, mesh, num_classes=config.data.num_classes, total_steps=steps)
 
 
 def _measure(trainer) -> dict[str, Any]:
@@ -200,7 +207,7 @@ def _state_bytes(trainer) -> dict[str, Any]:
     whole = [
         (jax.tree_util.keystr(path, simple=True, separator="/"), x.size * x.dtype.itemsize)
         for path, x in jax.tree_util.tree_leaves_with_path(params)
-        if x.sharding.is_fully_replicated and trainer.mesh.size > 1
+        if x.sharding.is_fully_replicated and trainer.mesh.size > trainer.mesh.shape["data"]
     ]
     return {
         "params": per_device(params),
@@ -401,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.devices < 1:
             raise UserError(f"--devices={args.devices} must be positive")
         config = configuration.load_config(args.config, overrides + _mesh_overrides(args.mesh))
+        scan_set = _auto_scan(config, overrides)
         memory = args.memory_gib * GIB if args.memory_gib else None
         result = plan(
             config,
@@ -411,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
             memory_bytes=memory,
             propose=not args.no_propose,
         )
+        if scan_set:
+            result["scan"] = "true (set by the planner: depth >= 24; --config.model.scan=false)"
     except UserError as e:
         if args.verbose:
             raise
@@ -418,6 +428,18 @@ def main(argv: list[str] | None = None) -> int:
         return USER_ERROR_STATUS
     print(json.dumps(result, indent=1))
     return 0
+
+
+def _auto_scan(config, overrides: list[str]) -> bool:
+    """Scans deep models (one compiled block instead of `depth`: compiles in a fraction of
+    the time) unless the command line says otherwise; True when it did."""
+    model = config.model
+    if "scan" not in model or any(o.startswith("model.scan") for o in overrides):
+        return False
+    if model.scan or model.get("depth", 0) < AUTO_SCAN_DEPTH:
+        return False
+    model.scan = True
+    return True
 
 
 def _mesh_overrides(text: str | None) -> list[str]:
