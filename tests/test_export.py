@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -13,6 +15,8 @@ from helpers import with_changes
 from configs.vit import demo_config
 from vit_jax import data, export, inference, train
 from vit_jax.checkpoint import npz_arrays, read_npz
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Runs in a fresh interpreter: JAX only, the project's code never imported.
 RUNNER = textwrap.dedent(
@@ -116,3 +120,36 @@ def test_export_needs_a_run(tmp_path, capsys):
     assert export.main(["--workdir", str(tmp_path), "--format", "jax"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --workdir") and "no config.json" in err
+
+
+def readme_commands(module: str) -> list[list[str]]:
+    """The arguments of every `python3 -m vit_jax.<module> ...` line in README.md."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    lines = re.findall(rf"^python3 -m vit_jax\.{module} .*$", text, re.M)
+    return [shlex.split(line)[3:] for line in lines]
+
+
+def as_in_readme(args: list[str], run_dir: str, **more: str) -> list[str]:
+    """README arguments pointed at the test's run (and other replacements)."""
+    swaps = {"workdir/digits": run_dir, "workdir/my_images": run_dir, **more}
+    for old, new in swaps.items():
+        args = [a.replace(old, new) for a in args]
+    return args
+
+
+def test_readme_export_commands_run(run_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    commands = readme_commands("export")
+    assert len(commands) == 3
+    for args in commands:
+        args = as_in_readme(args, run_dir, **{"--out=digits_vit": f"--out={tmp_path}/digits_vit"})
+        assert export.main(args) == 0
+    written = capsys.readouterr().out.split()
+    assert written == [
+        f"{tmp_path}/digits_vit.npz",
+        f"{tmp_path}/digits_vit.jax",
+        f"{tmp_path}/digits_vit.json",
+        os.path.join(run_dir, "export", "model.jax"),
+        os.path.join(run_dir, "export", "model.json"),
+    ]
+    assert all(os.path.getsize(path) > 0 for path in written)
