@@ -100,16 +100,28 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     if problems:
         raise UserError("; ".join(problems))
     validate.run_summary(config, jax.device_count())  # the schedule against the data's size
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes
+    _show_progress_messages()
     from vit_jax import train
 
     results = train.run(config, args.workdir)
     if jax.process_index() == 0:
         print("final evaluation: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
     return 0
+
+
+def _show_progress_messages() -> None:
+    """The trainer's INFO messages (resumed from, initialised from) on stderr; orbax, which
+    logs every file it writes through absl, only from WARNING on."""
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    log = logging.getLogger("vit_jax")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 
 def dry_run_report(config, args: argparse.Namespace, overrides: list[str], local: int) -> str:

@@ -1,0 +1,102 @@
+"""Fine-tuning from an .npz (another class count and resolution) on a user's image folder,
+and the transfer sweep: lr chosen on validation, VTAB retrained on 800+200, tables written."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from tests.data_fixtures.images import write_folder
+from tests.test_cli import TINY, cli_env, failure
+from vit_jax import configuration, export, train, transfer
+
+ARCH = ["model.width=32", "model.depth=2", "model.mlp_dim=64", "model.num_heads=2"]
+SHORT = ["total_steps=3", "schedule.warmup_steps=1", "batch_size=16", "eval_batch_size=16"]
+SHORT += ["log_every_steps=1", "eval_every_steps=3", "checkpoint.every_steps=3"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A tiny ViT-mu/4 trained on digits at 8 px (10 classes), exported as a public .npz."""
+    workdir = tmp_path_factory.mktemp("pretrain")
+    config = configuration.load_config("vit", [*ARCH, "model.img_size=8", *SHORT])
+    train.run(config, str(workdir))
+    path = str(workdir / "pretrained.npz")
+    assert export.main(["--workdir", str(workdir), "--format", "npz", "--out", path]) == 0
+    return path
+
+
+def test_finetune_on_an_image_folder_from_an_npz(pretrained, tmp_path):
+    """The README's worked example: a user's folder, another class count and resolution."""
+    root = tmp_path / "flowers"
+    write_folder(str(root), {"": {"iris": 10, "rose": 10, "tulip": 10}}, size=(20, 20))
+    args = [
+        "--config=vit:mu/4,folder:" + str(root) + ",finetune_short",
+        f"--workdir={tmp_path / 'run'}",
+        f"--config.init_from.path={pretrained}",
+        "--config.model.img_size=16",  # pre-trained at 8 px: the position embedding resizes
+        "--config.model.pool_type=gap",  # as pre-trained (the small recipe's pooling)
+        *[a for a in TINY if "img_size" not in a],
+        "--config.schedule.base_lr=0.01",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "vit_jax.main", *args],
+        cwd=tmp_path,
+        env=cli_env(2),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, failure(result.stderr)
+    log = result.stderr + result.stdout
+    assert "initialised from" in log and "head replaced" in log, log[-3000:]
+    saved = json.load(open(tmp_path / "run" / "config.json"))
+    assert saved["recipe"] == "finetune_short" and saved["optim"]["name"] == "sgd"
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert any("val/top1" in r for r in records)
+
+
+def test_transfer_sweep_selects_on_validation_and_writes_the_tables(pretrained, tmp_path):
+    out = tmp_path / "sweep"
+    argv = [f"--init_from={pretrained}", "--model=mu/4", f"--workdir={out}"]
+    argv += ["--tasks=cifar10,vtab/dtd", "--lrs=0.003,0.03", "--recipe=finetune_short"]
+    argv += [f"--config.{o}" for o in [*ARCH, "model.img_size=8", "model.pool_type=gap", *SHORT]]
+    argv += ["--config.checkpoint.async_save=false"]  # orbax's async writer and mock_data clash
+    with tfds.testing.mock_data(num_examples=64):
+        assert transfer.main(argv) == 0
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [r["task"] for r in rows] == ["cifar10", "vtab/dtd"]
+    # The chosen lr is the one with the best validation accuracy among the runs.
+    for row, select in zip(rows, ["cifar10", "vtab_dtd_hparam"], strict=True):
+        vals = {}
+        for lr in ("0.003", "0.03"):
+            records = [
+                json.loads(line) for line in open(out / select / f"lr_{lr}" / "metrics.jsonl")
+            ]
+            vals[lr] = [r["val/top1"] for r in records if "val/top1" in r][-1]
+        assert float(row["lr"]) == float(max(vals, key=vals.get))
+        assert np.isclose(float(row["val top-1 %"]), 100 * max(vals.values()), atol=0.01)
+    # VTAB: the chosen lr is trained again on train800+val200 and evaluated on test.
+    final = out / "vtab_dtd" / f"lr_{float(rows[1]['lr']):g}"
+    assert (final / "metrics.jsonl").exists()
+    assert "| cifar10 |" in open(out / "results.md").read()
+
+
+def test_sweep_checks_every_config_before_training(pretrained, tmp_path, capsys):
+    argv = [f"--init_from={pretrained}", "--model=mu/4", f"--workdir={tmp_path}"]
+    assert transfer.main([*argv, "--tasks=cifar10,cifar11"]) == 2
+    assert "unknown data preset 'cifar11'" in capsys.readouterr().err
+    assert transfer.main([*argv, "--tasks=digits"]) == 2  # no val split: lr chosen on what?
+    assert "digits has no 'val' split" in capsys.readouterr().err
+    assert transfer.main([*argv, "--lrs=fast"]) == 2
+    assert transfer.main([*argv, "--tasks=paper", "--dry_run"]) == 0
+    assert "oxford_flowers102: lrs" in capsys.readouterr().out
+    assert not os.listdir(tmp_path)  # nothing trained, nothing written
+    assert (
+        transfer.task_list("vtab")[0] == "vtab/caltech101" and len(transfer.task_list("all")) == 23
+    )
