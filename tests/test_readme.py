@@ -16,6 +16,11 @@ CONSOLE = "vit-jax-train"
 COVERED_ELSEWHERE = {
     "python3 -m pip install": "tests/test_readme.py::test_ci_runs_the_readme_test_command",
     "python3 -m pytest": "tests/test_readme.py::test_ci_runs_the_readme_test_command",
+    "python3 -m vit_jax.predict": "tests/test_predict.py::test_readme_predict_commands_run",
+    "python3 -m vit_jax.visualize": "tests/test_visualize.py::test_readme_visualize_commands_run",
+    "python3 -m vit_jax.export": "tests/test_export.py::test_readme_export_commands_run",
+    "python3 -m vit_jax.transfer": "tests/test_readme.py::test_readme_transfer_commands_dry_run",
+    "launch/": "tests/test_readme.py::test_readme_launch_commands_dry_run",
 }
 
 
@@ -86,6 +91,44 @@ def _images(tmp_path):
     root = tmp_path / "my_images"
     write_folder(str(root), {"": {"cat": 3, "dog": 3}})
     return root
+
+
+def _starting(prefix: str) -> list[str]:
+    return [c for c in README_COMMANDS if " ".join(_words(c)).startswith(prefix)]
+
+
+@pytest.mark.parametrize("command", _starting("python3 -m vit_jax.transfer"))
+def test_readme_transfer_commands_dry_run(command, tmp_path, monkeypatch, capsys):
+    from vit_jax import transfer
+
+    monkeypatch.chdir(tmp_path)
+    checkpoint = tmp_path / "checkpoint.npz"
+    checkpoint.write_bytes(b"")  # the dry run checks that it exists, not what it holds
+    args = [re.sub(r"=/data/\S+\.npz$", f"={checkpoint}", a) for a in _words(command)[3:]]
+    assert "--dry_run" in args
+    assert transfer.main(args) == 0, capsys.readouterr().err
+    assert "cifar10: lrs" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", _starting("launch/"))
+def test_readme_launch_commands_dry_run(command, tmp_path):
+    """The script prints the training command it would run; that command's flags pass
+    the trainer's own dry run."""
+    import subprocess
+
+    words = _words(command)
+    split = words.index("--")
+    cli = words[split + 1 :]
+    result = subprocess.run(
+        [os.path.join(ROOT, words[0]), *words[1:split], "--dry-run", "--", *cli],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "vit_jax.main" in result.stdout and cli[0] in result.stdout
+    assert main.main([*cli, "--dry_run"]) == 0
 
 
 def test_ci_runs_the_readme_test_command():
