@@ -128,13 +128,9 @@ def check_layout(config, devices: int) -> dict[str, int]:
 
     validate.check_config(config)
     shape = validate.mesh_shape(config.mesh, devices)
-    parallel = shape["data"] * shape["fsdp"] * config.optim.grad_accum_steps
-    if config.batch_size % parallel:
-        raise _error(
-            f"config.batch_size={config.batch_size} is not divisible by the "
-            f"{shape['data'] * shape['fsdp']} data-parallel devices (data x fsdp) x "
-            f"config.optim.grad_accum_steps={config.optim.grad_accum_steps}"
-        )
+    problems = validate.batch_problems(config, shape)
+    if problems:
+        raise _error(problems[0])
     if config.data.num_classes is None:
         raise _error(
             f"the class count of {config.dataset} is read from its data, which the planner "
@@ -161,7 +157,7 @@ def _measure(trainer) -> dict[str, Any]:
     from vit_jax import train
 
     abstract_state, _ = trainer.state_shardings
-    batch = train._abstract_batch(trainer)  # noqa: SLF001 - to be made public
+    batch = train.abstract_batch(trainer)
     start = time.perf_counter()
     compiled = trainer.make_train_step().lower(abstract_state, batch).compile()
     compile_s = time.perf_counter() - start

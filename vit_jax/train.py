@@ -289,7 +289,7 @@ def compile_train_step(trainer: Trainer):
     """The train step compiled ahead of time from abstract shapes (nothing is allocated),
     and the FLOPs of one step on the whole mesh."""
     abstract_state, _ = trainer.state_shardings
-    compiled = trainer.make_train_step().lower(abstract_state, _abstract_batch(trainer)).compile()
+    compiled = trainer.make_train_step().lower(abstract_state, abstract_batch(trainer)).compile()
     return compiled, step_flops(trainer)
 
 
@@ -304,7 +304,7 @@ def step_flops(trainer: Trainer) -> float | None:
             config, trainer.mesh, num_classes=trainer.num_classes, total_steps=trainer.total_steps
         )
     abstract_state, _ = trainer.state_shardings
-    lowered = trainer.make_train_step().lower(abstract_state, _abstract_batch(trainer))
+    lowered = trainer.make_train_step().lower(abstract_state, abstract_batch(trainer))
     try:
         analysis = lowered.cost_analysis()
     except Exception:  # noqa: BLE001 - some backends do not implement it
@@ -331,7 +331,8 @@ class StepProfiler:
             jax.profiler.stop_trace()
 
 
-def _abstract_batch(trainer: Trainer) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_batch(trainer: Trainer) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch of one train step as shapes with shardings (nothing allocated)."""
     config, shardings = trainer.config, trainer.batch_shardings_without_mask()
     size = config.data.image_size
     shapes = {

@@ -158,7 +158,7 @@ def check_machine(
     problems = []
     try:
         shape = mesh_shape(config.mesh, device_count)
-        problems += _batch_problems(config, shape)
+        problems += batch_problems(config, shape)
     except UserError as e:
         problems.append(str(e))
     for field, path in _paths(config):
@@ -170,7 +170,8 @@ def check_machine(
     return problems
 
 
-def _batch_problems(config, shape: dict[str, int]) -> list[str]:
+def batch_problems(config, shape: dict[str, int]) -> list[str]:
+    """The batch sizes against the data-parallel devices (data x fsdp) of a mesh shape."""
     parallel = math.prod(shape[a] for a in sharding.BATCH_AXES)
     accum = config.optim.grad_accum_steps
     problems = []
