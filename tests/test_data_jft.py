@@ -192,7 +192,8 @@ def test_resume_reads_at_most_one_round(synthetic):
         with jft.count_reads() as counter:
             batches_from(cfg, step, 1, process_index=1, process_count=2)
             reads[step] = int(counter.numpy())
-    assert all(0 < n <= round_records + 16 for n in reads.values()), reads
+    # Slack of a few windows (16 records) for what the prefetching reads ahead meanwhile.
+    assert all(0 < n <= round_records + 3 * 16 for n in reads.values()), reads
     # The old way (fixed file order, shuffle buffer, skip by reading) reads up to the position.
     with jft.count_reads() as counter:
         legacy = jft.open_split(cfg.train, 1, 2, epoch_order=False)
