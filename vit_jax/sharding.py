@@ -28,9 +28,11 @@ RULE_PRESETS: dict[str, tuple[tuple[str, Any], ...]] = {
     "dp": _ACTIVATIONS,
     # Parameters and optimizer state sharded along their `embed` dimension over `fsdp`.
     "fsdp": _ACTIVATIONS + (("embed", "fsdp"),),
-    # Attention heads and MLP hidden units split over `model` (Megatron-style).
-    "tp": _ACTIVATIONS + (("heads", "model"), ("mlp", "model")),
-    "fsdp_tp": _ACTIVATIONS + (("embed", "fsdp"), ("heads", "model"), ("mlp", "model")),
+    # Attention heads, MLP hidden units and the pre-logits layer's units split over `model`
+    # (Megatron-style), so a large head behind a representation layer is split too.
+    "tp": _ACTIVATIONS + (("heads", "model"), ("mlp", "model"), ("representation", "model")),
+    "fsdp_tp": _ACTIVATIONS
+    + (("embed", "fsdp"), ("heads", "model"), ("mlp", "model"), ("representation", "model")),
 }
 
 
