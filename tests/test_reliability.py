@@ -219,6 +219,23 @@ def test_half_written_checkpoint_is_never_picked_up_and_is_cleaned(tmp_path):
     assert sorted(os.listdir(directory)) == ["2", "3"]
 
 
+def test_reading_another_runs_checkpoints_leaves_its_save_in_progress_alone(tmp_path):
+    """predict/export/init_from open a run that may still be saving: nothing is cleaned."""
+    directory = str(tmp_path / "checkpoints")
+    writer = Checkpointer(directory, every_steps=1, async_save=False)
+    writer.save(2, {"w": np.ones(3, np.float32)}, {"step": 2})
+    writer.close()
+    in_progress = tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp-1700000000"
+    (in_progress / "state").mkdir(parents=True)
+    reader = Checkpointer(directory, every_steps=1, read_only=True)
+    assert reader.latest_step() == 2
+    reader.close()
+    assert in_progress.exists()
+    assert not os.path.exists(tmp_path / "elsewhere")
+    Checkpointer(str(tmp_path / "elsewhere"), every_steps=1, read_only=True).close()
+    assert not os.path.exists(tmp_path / "elsewhere")  # nothing created either
+
+
 # --- 3. full disks -------------------------------------------------------------------------
 
 

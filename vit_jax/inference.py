@@ -119,7 +119,7 @@ def load_run(workdir: str, step: int | None = None) -> LoadedModel:
     directory = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(directory):
         raise UserError(f"--workdir {workdir}: no checkpoints yet; train first")
-    checkpoints = Checkpointer(directory, every_steps=1)
+    checkpoints = Checkpointer(directory, every_steps=1, read_only=True)
     try:
         steps = checkpoints.all_steps()
         if not steps:

@@ -82,7 +82,7 @@ def initial_params(trainer: Trainer, config: ml_collections.ConfigDict) -> dict 
             f"config.init_from.path={path!r} is neither an .npz file nor a checkpoint directory"
         )
     abstract, _ = trainer.state_shardings
-    source = Checkpointer(path, every_steps=1, async_save=False)
+    source = Checkpointer(path, every_steps=1, async_save=False, read_only=True)
     params = source.restore_params(abstract["params"])
     source.close()
     return params

@@ -51,7 +51,10 @@ class Checkpointer:
         keep: int = 3,
         keep_every: int | None = None,
         async_save: bool = True,
+        read_only: bool = False,
     ):
+        """`read_only` opens another run's checkpoints (to restore parameters) without
+        creating or cleaning anything: a save in progress there is left alone."""
         if every_steps <= 0:
             raise ValueError(f"config.checkpoint.every_steps must be positive, got {every_steps}")
         self.directory = os.path.abspath(directory)
@@ -60,8 +63,9 @@ class Checkpointer:
             max_to_keep=keep,
             keep_period=keep_every,
             enable_async_checkpointing=async_save,
-            create=True,
-            cleanup_tmp_directories=True,  # half-written saves of a killed run
+            create=not read_only,
+            cleanup_tmp_directories=not read_only,  # half-written saves of a killed run
+            read_only=read_only,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
         self._pending: int | None = None  # the step of a save that may still be running

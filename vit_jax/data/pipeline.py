@@ -84,11 +84,16 @@ def num_bad_examples(data_config: ml_collections.ConfigDict, split_name: str = "
     return int(count(cfg)) if count is not None else 0
 
 
-def _named_errors(batches: Iterator, cfg) -> Iterator:
-    """Re-raises a label-range failure inside tf.data as a DataError naming the dataset."""
+def _named_errors(
+    batches: Iterator, cfg, invalid_argument: type = tf.errors.InvalidArgumentError
+) -> Iterator:
+    """Re-raises a label-range failure inside tf.data as a DataError naming the dataset.
+
+    The error class is bound when the function is defined: a generator closed at
+    interpreter exit evaluates the `except` clause after the `tf` module is torn down."""
     try:
         yield from batches
-    except tf.errors.InvalidArgumentError as e:
+    except invalid_argument as e:
         text = str(e)
         if "label out of range" not in text:
             raise
