@@ -231,3 +231,15 @@ def test_demo_trains_on_a_folder_named_on_the_command_line(tmp_path):
     saved = json.load(open(tmp_path / "run" / "config.json"))
     assert saved["dataset"] == f"folder:{root / 'x'}" and saved["model"]["img_size"] == 32
     assert "digits" not in json.dumps(saved["data"])
+
+
+def test_a_pickled_npz_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    import numpy as np
+
+    hostile = tmp_path / "hostile.npz"
+    np.savez(hostile, code=np.array([{"run": "me"}], dtype=object))
+    monkeypatch.chdir(tmp_path)
+    args = [f"--workdir={tmp_path / 'w'}", f"--config.init_from.path={hostile}", *TINY]
+    assert main.main(args) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and "pickled objects" in errors[0] and str(hostile) in errors[0]

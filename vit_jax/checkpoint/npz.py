@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from vit_jax.checkpoint.posemb import INTERPOLATIONS, resize_posemb
+from vit_jax.errors import UserError
 
 LAYOUTS = ("original", "big_vision")
 HEAD_POLICIES = ("auto", "keep", "replace", "drop")
@@ -46,7 +47,7 @@ _PICKLE_REFUSAL = (
 )
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint file that cannot be read (not an `.npz`, pickled content, bad dtype)."""
 
 
