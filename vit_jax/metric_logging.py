@@ -11,7 +11,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -116,6 +116,21 @@ class Progress:
         self.peak = peak_flops_total
         self._last_step = start_step
         self._last_time = time.perf_counter()
+        self._input_wait = 0.0
+
+    def next_batch(self, batches: Iterator[Any], previous: Any = None) -> Any:
+        """`next(batches)`, counting the wait as input wait when the device is idle.
+
+        `previous` is the last step's output: while it is not ready the device is still
+        computing and the host's wait overlaps that work. A wait is counted whole when the
+        device is idle at its end, so the reported share is an upper bound.
+        """
+        start = time.perf_counter()
+        batch = next(batches)
+        leaves = jax.tree.leaves(previous)
+        if not leaves or all(leaf.is_ready() for leaf in leaves if hasattr(leaf, "is_ready")):
+            self._input_wait += time.perf_counter() - start
+        return batch
 
     def update(self, step: int) -> dict[str, float]:
         now = time.perf_counter()
@@ -126,7 +141,10 @@ class Progress:
             "steps_per_sec": steps_per_sec,
             "images_per_sec": steps_per_sec * self.batch_size,
             "eta_seconds": (self.total_steps - step) / max(steps_per_sec, 1e-9),
+            # The share of wall time the device sat idle waiting for the next batch.
+            "input_wait_share": min(self._input_wait / elapsed, 1.0),
         }
+        self._input_wait = 0.0
         if self.flops_per_step and self.peak:
             stats["mfu"] = steps_per_sec * self.flops_per_step / self.peak
         return stats

@@ -146,11 +146,12 @@ def _run(config, workdir: str, stop_after_step: int | None, signals: StopSignals
     profiler = StepProfiler(workdir, config.profile, enabled=logger.is_main)
     skips = SkipCounter(config.max_consecutive_skips) if policy == "skip" else None
     bad_images = pipeline.num_bad_examples(config.data, "train")
-    finite, good_step, results, stopped = jnp.array(True), start_step, {}, None
+    finite, good_step, results, stopped, stats = jnp.array(True), start_step, {}, None, None
     try:
         for step in range(start_step + 1, steps + 1):
             with profiler.step(step):
-                state, stats = train_step(state, next(batches))
+                batch = progress.next_batch(batches, stats)  # times the device's input wait
+                state, stats = train_step(state, batch)
             step_finite = stats.pop("finite")
             if skips is None:
                 finite = finite & step_finite
