@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -119,7 +120,7 @@ def step_config(args: argparse.Namespace):
 class Steps:
     """The compiled train and eval steps of one config, with random inputs and a state."""
 
-    def __init__(self, config):
+    def __init__(self, config, *, allocate: bool = True):
         from vit_jax import data, sharding
         from vit_jax.steps import Trainer
         from vit_jax.train import step_flops
@@ -155,9 +156,25 @@ class Steps:
         )
         self.eval_compile_s = time.perf_counter() - start
         self.train_flops = step_flops(trainer)
-        self.eval_flops = _flops(self.eval_step)
+        self.eval_flops = self._eval_flops()
+        if not allocate:  # compile-only: no parameters, no optimizer state
+            return
         self.state = trainer.init_state()
         self.params = jax.tree.map(jnp.copy, self.state["params"])  # the state is donated
+
+    def _eval_flops(self) -> float | None:
+        """XLA's FLOPs of the eval step; a scanned model through an unrolled twin (lowered,
+        never compiled), since XLA counts a loop body once."""
+        trainer = self.trainer
+        if not self.config.model.scan:
+            return _flops(self.eval_step)
+        from vit_jax.steps import Trainer
+
+        config = ml_collections.ConfigDict(self.config.to_dict())
+        config.model.scan = False
+        twin = Trainer(config, trainer.mesh, num_classes=trainer.num_classes, total_steps=10_000)
+        abstract_state, _ = twin.state_shardings
+        return _flops(twin.make_eval_step().lower(abstract_state["params"], self.batch))
 
     def train(self) -> None:
         self.state, stats = self.train_step(self.state, self.train_batch)
@@ -257,10 +274,10 @@ def _median_rate(times: Sequence[float], batch: int) -> float:
 def step(args: argparse.Namespace) -> list[dict[str, Any]]:
     """JSON records: the train step, the eval step and (with --compare) the ratios."""
     config = step_config(args)
-    steps = Steps(config)
+    steps = Steps(config, allocate=args.rounds > 0)
     batch = config.batch_size
     device = jax.devices()[0]
-    peaks = [matmul_peak()]
+    peaks = [matmul_peak()] if args.rounds else []
     from vit_jax.metric_logging import peak_flops
 
     nominal = peak_flops(device) if device.platform != "cpu" else None
@@ -268,7 +285,7 @@ def step(args: argparse.Namespace) -> list[dict[str, Any]]:
     ours = {"train": [], "eval": []}
     theirs = {"train": [], "eval": []}
     try:
-        for what in ("train", "eval"):
+        for what in ("train", "eval") if args.rounds else ():
             fn = getattr(steps, what)
             timed(fn, args.warmup)
             for _ in range(args.rounds):
@@ -294,22 +311,22 @@ def step(args: argparse.Namespace) -> list[dict[str, Any]]:
         "device": getattr(device, "device_kind", device.platform),
         "devices": jax.device_count(),
     }
-    peak = max(peaks)  # the best of the run: the machine is shared
+    peak = max(peaks, default=None)  # the best of the run: the machine is shared
     records = []
     for what in ("train", "eval"):
         flops = steps.train_flops if what == "train" else steps.eval_flops
-        rate = _median_rate(ours[what], batch)
-        achieved = flops * rate / batch if flops else None
+        rate = _median_rate(ours[what], batch) if ours[what] else None
+        achieved = flops * rate / batch if flops and rate else None
         record = {
             "what": what,
             **common,
             "images_per_sec": rate,
-            "step_seconds": statistics.median(ours[what]),
+            "step_seconds": statistics.median(ours[what]) if ours[what] else None,
             "steps_timed": len(ours[what]),
             "compile_seconds": steps.train_compile_s if what == "train" else steps.eval_compile_s,
             "flops_per_step": flops,
             "achieved_flops_per_sec": achieved,
-            "matmul_peak_flops_per_sec": peak * jax.device_count(),
+            "matmul_peak_flops_per_sec": peak * jax.device_count() if peak else None,
             "mfu_measured_peak": achieved / (peak * jax.device_count()) if achieved else None,
             "mfu_nominal_peak": (
                 achieved / (nominal * jax.device_count()) if achieved and nominal else None
@@ -353,7 +370,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--remat", default="none")
     p.add_argument("--scan", action="store_true", help="scan one stacked block over depth")
     p.add_argument("--steps", type=int, default=3, help="timed steps per round")
-    p.add_argument("--rounds", type=int, default=3, help="rounds (alternating with --compare)")
+    p.add_argument(
+        "--rounds", type=int, default=3, help="rounds (alternating with --compare); 0: compile only"
+    )
     p.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
     p.add_argument("--compare", choices=["timm"], default=None)
     p.add_argument(

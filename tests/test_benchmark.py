@@ -1,0 +1,107 @@
+"""`python -m vit_jax.benchmark step` runs on a tiny model and prints well-formed JSON lines;
+the trainer's progress reports the device's input wait."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax.numpy as jnp
+import pytest
+
+from vit_jax import benchmark
+from vit_jax.metric_logging import Progress
+
+TINY = ["--model", "ViT-mu/4", "--img_size", "16", "--pool", "gap", "--batch", "8"]
+
+
+def run_benchmark(*args: str) -> list[dict]:
+    """The benchmark in a fresh process (torch and TensorFlow must not share one)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
+    result = subprocess.run(
+        [sys.executable, "-m", "vit_jax.benchmark", "step", *TINY, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def check_step_record(record: dict, what: str) -> None:
+    assert record["what"] == what
+    assert record["model"] == "ViT-mu/4" and record["batch"] == 8 and record["img_size"] == 16
+    assert record["images_per_sec"] > 0
+    assert record["steps_timed"] == 2
+    assert record["compile_seconds"] > 0
+    assert record["flops_per_step"] > 0
+    assert record["matmul_peak_flops_per_sec"] > 1e9
+    expected = record["flops_per_step"] * record["images_per_sec"] / 8
+    assert record["achieved_flops_per_sec"] == pytest.approx(expected)
+    assert 0 < record["mfu_measured_peak"]
+    assert record["mfu_nominal_peak"] is None  # no nominal peak for a CPU
+    assert record["peak_host_mib"] > 100
+
+
+def test_step_benchmark_compared_with_timm():
+    records = run_benchmark("--steps", "1", "--rounds", "2", "--compare", "timm")
+    train, evaluation, compare = records
+    check_step_record(train, "train")
+    check_step_record(evaluation, "eval")
+    # A train step (forward, backward, update) costs about three forward passes.
+    assert 2 < train["flops_per_step"] / evaluation["flops_per_step"] < 4
+    assert compare["what"] == "compare" and compare["against"] == "timm"
+    for what in ("train", "eval"):
+        side = compare[what]
+        assert side["timm_images_per_sec"] > 0
+        assert side["ratio"] == pytest.approx(
+            side["ours_images_per_sec"] / side["timm_images_per_sec"]
+        )
+        assert len(side["ratio_per_round"]) == 2
+    assert compare["timm"]["threads"]["train"] >= 1
+    assert compare["timm_peak_host_mib"] > 50
+
+
+def test_compile_only_scanned():
+    records = run_benchmark("--rounds", "0", "--scan", "--remat", "full")
+    train, evaluation = records
+    assert train["scan"] is True and train["remat"] == "full"
+    assert train["compile_seconds"] > 0 and train["images_per_sec"] is None
+    # FLOPs count every layer, not the scanned loop's body once.
+    assert 2 < train["flops_per_step"] / evaluation["flops_per_step"] < 5
+
+
+def test_step_config_follows_the_command_line():
+    args = benchmark.parser().parse_args(
+        ["step", *TINY, "--dtype", "bfloat16", "--mesh", "data=1,fsdp=1,model=1", "--scan"]
+    )
+    config = benchmark.step_config(args)
+    assert config.model_name == "ViT-mu/4"
+    assert (config.batch_size, config.model.img_size) == (8, 16)
+    assert config.model.dtype == "bfloat16" and config.model.scan is True
+    assert config.mesh.to_dict() == {"data": 1, "fsdp": 1, "model": 1}
+
+
+def test_progress_counts_input_wait_only_while_the_device_is_idle():
+    ready = jnp.zeros(()).block_until_ready()  # a finished step's output
+    progress = Progress(
+        total_steps=10, start_step=0, batch_size=4, flops_per_step=None, peak_flops_total=None
+    )
+
+    def slow_batches():
+        while True:
+            time.sleep(0.05)
+            yield {}
+
+    class Busy:  # a step output that is never ready: the device is still computing
+        def is_ready(self):
+            return False
+
+    batches = slow_batches()
+    progress.next_batch(batches, {"loss": Busy()})
+    assert progress.update(1)["input_wait_share"] == 0.0
+    progress.next_batch(batches, {"loss": ready})  # the device waits for the batch
+    share = progress.update(2)["input_wait_share"]
+    assert 0.3 < share <= 1.0
