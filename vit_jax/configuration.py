@@ -173,14 +173,15 @@ def parse_value(config: ml_collections.ConfigDict, field: str, text: str | None)
         if optional:
             return None
         raise UserError(f"config.{field} cannot be None: give a {name}")
+    parent, leaf = _parent(config, field)
     try:
-        return _convert(text, kind, parent_default=_parent(config, field)[0][field.split(".")[-1]])
+        return _convert(text, kind, default=parent[leaf])
     except (ValueError, SyntaxError, TypeError) as e:
         detail = f" ({e})" if str(e) else ""
         raise UserError(f"config.{field}={text!r} is not a valid {name}{detail}") from None
 
 
-def _convert(text: str, kind: type, parent_default: Any) -> Any:
+def _convert(text: str, kind: type, default: Any) -> Any:
     value = text.strip()
     if kind is bool:
         if value.lower() in _TRUE:
@@ -198,7 +199,7 @@ def _convert(text: str, kind: type, parent_default: Any) -> Any:
     if kind is str:
         return text
     if kind in (tuple, list):
-        return _convert_sequence(value, parent_default)
+        return _convert_sequence(value, default)
     if kind is type(None):
         raise ValueError("the field has no type (its default is None and is not a placeholder)")
     raise ValueError(f"fields of type {kind.__name__} cannot be set from the command line")

@@ -128,7 +128,7 @@ def check_layout(config, devices: int) -> dict[str, int]:
 
     validate.check_config(config)
     shape = validate.mesh_shape(config.mesh, devices)
-    problems = validate.batch_problems(config, shape)
+    problems = validate.batch_problems(config, shape, evaluation=False)  # train step only
     if problems:
         raise _error(problems[0])
     if config.data.num_classes is None:

@@ -170,8 +170,9 @@ def check_machine(
     return problems
 
 
-def batch_problems(config, shape: dict[str, int]) -> list[str]:
-    """The batch sizes against the data-parallel devices (data x fsdp) of a mesh shape."""
+def batch_problems(config, shape: dict[str, int], *, evaluation: bool = True) -> list[str]:
+    """The batch sizes (train, and eval with `evaluation`) against the data-parallel devices
+    (data x fsdp) of a mesh shape."""
     parallel = math.prod(shape[a] for a in sharding.BATCH_AXES)
     accum = config.optim.grad_accum_steps
     problems = []
@@ -180,7 +181,7 @@ def batch_problems(config, shape: dict[str, int]) -> list[str]:
             f"config.batch_size={config.batch_size} is not divisible by the {parallel} "
             f"data-parallel devices x config.optim.grad_accum_steps={accum}"
         )
-    if config.eval_batch_size % parallel:
+    if evaluation and config.eval_batch_size % parallel:
         problems.append(
             f"config.eval_batch_size={config.eval_batch_size} is not divisible by the "
             f"{parallel} data-parallel devices"
