@@ -1,4 +1,8 @@
-"""Small helpers shared by the trainer tests."""
+"""Small helpers shared by the tests: config changes, README commands."""
+
+import os
+import re
+import shlex
 
 import ml_collections
 
@@ -13,3 +17,33 @@ def with_changes(config: ml_collections.ConfigDict, **changes) -> ml_collections
                 target = target[parent]
             target[leaf] = value
     return config
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def shell_commands(text: str) -> list[str]:
+    """The commands of every ```bash block: continuation lines joined, split at `&&`."""
+    commands = []
+    for block in re.findall(r"```(?:bash|sh|shell)\n(.*?)```", text, re.S):
+        joined = re.sub(r"\s*\\\n\s*", " ", block)
+        for line in joined.splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                commands += [part.strip() for part in line.split("&&")]
+    return commands
+
+
+def readme_commands(module: str) -> list[list[str]]:
+    """The arguments of every `python3 -m vit_jax.<module> ...` command in README.md."""
+    commands = shell_commands(open(os.path.join(ROOT, "README.md")).read())
+    prefix = ["python3", "-m", f"vit_jax.{module}"]
+    return [words[3:] for words in map(shlex.split, commands) if words[:3] == prefix]
+
+
+def as_in_readme(args: list[str], run_dir: str, **more: str) -> list[str]:
+    """README arguments pointed at the test's run (and other replacements)."""
+    swaps = {"workdir/digits": run_dir, "workdir/my_images": run_dir, **more}
+    for old, new in swaps.items():
+        args = [a.replace(old, new) for a in args]
+    return args

@@ -2,15 +2,13 @@
 
 import json
 import os
-import re
-import shlex
 import subprocess
 import sys
 import textwrap
 
 import numpy as np
 import pytest
-from helpers import with_changes
+from helpers import as_in_readme, readme_commands, with_changes
 
 from configs.vit import demo_config
 from vit_jax import data, export, inference, train
@@ -120,21 +118,6 @@ def test_export_needs_a_run(tmp_path, capsys):
     assert export.main(["--workdir", str(tmp_path), "--format", "jax"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --workdir") and "no config.json" in err
-
-
-def readme_commands(module: str) -> list[list[str]]:
-    """The arguments of every `python3 -m vit_jax.<module> ...` line in README.md."""
-    text = open(os.path.join(ROOT, "README.md")).read()
-    lines = re.findall(rf"^python3 -m vit_jax\.{module} .*$", text, re.M)
-    return [shlex.split(line)[3:] for line in lines]
-
-
-def as_in_readme(args: list[str], run_dir: str, **more: str) -> list[str]:
-    """README arguments pointed at the test's run (and other replacements)."""
-    swaps = {"workdir/digits": run_dir, "workdir/my_images": run_dir, **more}
-    for old, new in swaps.items():
-        args = [a.replace(old, new) for a in args]
-    return args
 
 
 def test_readme_export_commands_run(run_dir, tmp_path, monkeypatch, capsys):

@@ -2,8 +2,6 @@
 
 import json
 import os
-import re
-import shlex
 import shutil
 
 import jax
@@ -11,7 +9,7 @@ import numpy as np
 import pytest
 from data_fixtures import tiny_tfds
 from data_fixtures.images import write_folder
-from helpers import with_changes
+from helpers import as_in_readme, readme_commands, with_changes
 from PIL import Image
 
 from configs.vit import demo_config
@@ -225,21 +223,6 @@ def test_a_run_whose_dataset_is_gone_still_loads(run_dir, heldout, tmp_path):
     assert loaded.num_classes == 10 and loaded.class_names is None
     results = predict.predict(loaded, heldout[0][:2], top_k=2)
     assert [type(t["label"]) for r in results for t in r["top"]] == [int] * 4
-
-
-def readme_commands(module: str) -> list[list[str]]:
-    """The arguments of every `python3 -m vit_jax.<module> ...` line in README.md."""
-    text = open(os.path.join(ROOT, "README.md")).read()
-    lines = re.findall(rf"^python3 -m vit_jax\.{module} .*$", text, re.M)
-    return [shlex.split(line)[3:] for line in lines]
-
-
-def as_in_readme(args: list[str], run_dir: str, **more: str) -> list[str]:
-    """README arguments pointed at the test's run (and other replacements)."""
-    swaps = {"workdir/digits": run_dir, "workdir/my_images": run_dir, **more}
-    for old, new in swaps.items():
-        args = [a.replace(old, new) for a in args]
-    return args
 
 
 def test_readme_predict_commands_run(run_dir, heldout, monkeypatch, capsys):

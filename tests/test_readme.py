@@ -7,9 +7,9 @@ import shlex
 
 import pytest
 
+from tests.helpers import ROOT, shell_commands
 from vit_jax import main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_PROGRAMS = (("python3", "-m", "vit_jax.main"), ("python", "-m", "vit_jax.main"))
 CONSOLE = "vit-jax-train"
 # Commands that are not training runs, and the test that runs each (file::function).
@@ -22,18 +22,6 @@ COVERED_ELSEWHERE = {
     "python3 -m vit_jax.transfer": "tests/test_readme.py::test_readme_transfer_commands_dry_run",
     "launch/": "tests/test_readme.py::test_readme_launch_commands_dry_run",
 }
-
-
-def shell_commands(text: str) -> list[str]:
-    """The commands of every ```bash block: continuation lines joined, split at `&&`."""
-    commands = []
-    for block in re.findall(r"```(?:bash|sh|shell)\n(.*?)```", text, re.S):
-        joined = re.sub(r"\s*\\\n\s*", " ", block)
-        for line in joined.splitlines():
-            line = line.strip()
-            if line and not line.startswith("#"):
-                commands += [part.strip() for part in line.split("&&")]
-    return commands
 
 
 def _words(command: str) -> list[str]:

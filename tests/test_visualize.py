@@ -2,12 +2,10 @@
 
 import math
 import os
-import re
-import shlex
 
 import numpy as np
 import pytest
-from helpers import with_changes
+from helpers import as_in_readme, readme_commands, with_changes
 from PIL import Image
 
 from configs.vit import demo_config
@@ -163,21 +161,6 @@ def test_user_mistakes_give_one_line(run_dir, digit_png, tmp_path, capsys):
         assert visualize.main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
-
-
-def readme_commands(module: str) -> list[list[str]]:
-    """The arguments of every `python3 -m vit_jax.<module> ...` line in README.md."""
-    text = open(os.path.join(ROOT, "README.md")).read()
-    lines = re.findall(rf"^python3 -m vit_jax\.{module} .*$", text, re.M)
-    return [shlex.split(line)[3:] for line in lines]
-
-
-def as_in_readme(args: list[str], run_dir: str, **more: str) -> list[str]:
-    """README arguments pointed at the test's run (and other replacements)."""
-    swaps = {"workdir/digits": run_dir, "workdir/my_images": run_dir, **more}
-    for old, new in swaps.items():
-        args = [a.replace(old, new) for a in args]
-    return args
 
 
 def test_readme_visualize_commands_run(run_dir, digit_png, monkeypatch, capsys):
