@@ -46,7 +46,9 @@ def check_step_record(record: dict, what: str) -> None:
 
 
 def test_step_benchmark_compared_with_timm():
-    records = run_benchmark("--steps", "1", "--rounds", "2", "--compare", "timm")
+    records = run_benchmark(
+        "--steps", "1", "--rounds", "2", "--compare", "timm", "--timm_threads", "1,2"
+    )
     train, evaluation, compare = records
     check_step_record(train, "train")
     check_step_record(evaluation, "eval")
@@ -60,7 +62,10 @@ def test_step_benchmark_compared_with_timm():
             side["ours_images_per_sec"] / side["timm_images_per_sec"]
         )
         assert len(side["ratio_per_round"]) == 2
-    assert compare["timm"]["threads"]["train"] >= 1
+        by_threads = side["timm_images_per_sec_by_threads"]
+        assert set(by_threads) == {"1", "2"}
+        assert side["timm_images_per_sec"] == max(by_threads.values())
+        assert by_threads[str(side["timm_threads"])] == side["timm_images_per_sec"]
     assert compare["timm_peak_host_mib"] > 50
 
 

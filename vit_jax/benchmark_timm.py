@@ -94,52 +94,28 @@ def peak_host_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def pick_threads(fn, candidates: list[int]) -> int:
-    """The intra-op thread count that runs `fn` fastest now. On a loaded machine PyTorch's
-    OpenMP barriers can make 2 threads many times slower than 1 on small models; timm gets
-    its best setting, so the comparison never flatters vit_jax."""
-    import torch
-
-    best, best_time = candidates[0], float("inf")
-    for threads in candidates:
-        torch.set_num_threads(threads)
-        fn()  # warm-up at this setting
-        seconds = min(_seconds(fn) for _ in range(2))
-        if seconds < best_time:
-            best, best_time = threads, seconds
-    return best
-
-
-def _seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def serve(spec: dict, requests, replies) -> None:
     """Answers timing requests until stdin closes."""
     import torch
 
     start = time.perf_counter()
-    steps = dict(zip(("train", "eval"), make_steps(spec), strict=True))
-    default = torch.get_num_threads()
+    # Set once, before any work: switching the count later slows PyTorch's CPU kernels.
     if spec.get("threads"):
-        candidates = [int(spec["threads"])]
-    else:
-        candidates = sorted({1, default})
-    threads = {name: pick_threads(fn, candidates) for name, fn in steps.items()}
+        torch.set_num_threads(int(spec["threads"]))
+    steps = dict(zip(("train", "eval"), make_steps(spec), strict=True))
+    for fn in steps.values():  # warm-up: allocator, kernels picked
+        fn()
+        fn()
     hello = {
         "ready": True,
         "setup_seconds": time.perf_counter() - start,
         "torch": torch.__version__,
-        "default_threads": default,
-        "threads": threads,
+        "threads": torch.get_num_threads(),
     }
     print(json.dumps(hello), file=replies, flush=True)
     for line in requests:
         request = json.loads(line)
         fn = steps[request["cmd"]]
-        torch.set_num_threads(threads[request["cmd"]])
         times = []
         for _ in range(int(request["steps"])):
             t0 = time.perf_counter()
