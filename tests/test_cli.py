@@ -2,13 +2,12 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
-from vit_jax import data, main
+from vit_jax import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -67,49 +66,6 @@ def test_main_command_trains_evaluates_and_writes_everything(tmp_path):
     again = run_cli([f"--workdir={tmp_path}", *TINY])  # complete: resumes, only evaluates
     assert again.returncode == 0, failure(again.stderr)
     assert "final evaluation" in again.stdout and "step 2/4 |" not in again.stdout
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_train_together(tmp_path):
-    """Two real processes (2 CPU devices each) on localhost: one global mesh of 4 devices."""
-    port = free_port()
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "vit_jax.main",
-                "--config=configs/vit.py",
-                f"--workdir={tmp_path}",
-                f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2",
-                f"--process_id={index}",
-                "--local_device_count=2",
-                *TINY,
-            ],
-            cwd=ROOT,
-            env=cli_env(2),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for index in range(2)
-    ]
-    outputs = [p.communicate(timeout=400) for p in procs]
-    for proc, (_, err) in zip(procs, outputs, strict=True):
-        assert proc.returncode == 0, failure(err)
-    assert "final evaluation" in outputs[0][0]
-    assert "step 4/4" not in outputs[1][0]  # only process 0 reports
-    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    test = [r for r in records if "test/count" in r]
-    expected = data.num_examples(data.get_data_config("digits"), "test")
-    assert len(test) == 1 and test[0]["test/count"] == expected  # each example exactly once
-    assert "4" in os.listdir(tmp_path / "checkpoints")
 
 
 def run_outside(args, tmp_path, devices=2, timeout=300):

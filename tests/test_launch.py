@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+from vit_jax import data
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch")
 USER_FLAGS = ["--config=vit:B/16,imagenet2012,pretrain", "--workdir=/ckpt/b16"]
@@ -283,6 +285,9 @@ def train_losses(tmp_path, name, processes, devices):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "final evaluation" in result.stdout  # Process 0 prints to the terminal.
     records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    test = [r for r in records if "test/count" in r]
+    expected = data.num_examples(data.get_data_config("digits"), "test")
+    assert len(test) == 1 and test[0]["test/count"] == expected  # each example exactly once
     return [r["train/loss"] for r in records if "train/loss" in r]
 
 
@@ -292,4 +297,5 @@ def test_two_local_processes_log_the_losses_of_one_with_as_many_devices(tmp_path
     assert len(two) == len(one) == 4
     assert two[-1] < two[0]  # It trains.
     assert two == pytest.approx(one, rel=1e-5)
-    assert (tmp_path / "two_logs" / "process_1.log").stat().st_size > 0
+    other = (tmp_path / "two_logs" / "process_1.log").read_text()
+    assert other and "step 4/4" not in other  # only process 0 reports
