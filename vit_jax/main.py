@@ -29,6 +29,10 @@ def parser() -> argparse.ArgumentParser:
         description="Train and evaluate a Vision Transformer. Any config field is set with "
         "--config.<field>=<value> (e.g. --config.model.dtype=bfloat16).",
         allow_abbrev=False,
+        epilog="Recipes: small (the demo), pretrain, plain_baseline, finetune, finetune_short. "
+        "Datasets: digits, cifar10, cifar100, imagenet2012, imagenet21k, jft, oxford_iiit_pet, "
+        "oxford_flowers102, vtab/<task>, tfds:<name>, folder:<root>. --dry_run prints every "
+        "field of the resolved config.",
     )
     p.add_argument(
         "--config",
