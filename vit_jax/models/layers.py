@@ -221,6 +221,8 @@ class Conv(nnx.Module):
     def convolve(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
         """Runs the convolution with a given (possibly transformed) kernel."""
         dtype = self.dtype or x.dtype
+        if self.padding == "VALID" and self.strides == kernel.shape[:2]:
+            return self._patchify(x.astype(dtype), kernel.astype(dtype))
         y = jax.lax.conv_general_dilated(
             x.astype(dtype),
             kernel.astype(dtype),
@@ -231,6 +233,20 @@ class Conv(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         return y
+
+    def _patchify(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+        """A convolution whose stride equals its kernel (ViT's patch embedding) as one 2-D
+        matmul over non-overlapping patches: on CPU its forward and kernel gradient run
+        faster than XLA's convolution (REFERENCE section 6: 30 ms against 48 ms)."""
+        kh, kw, channels, out = kernel.shape
+        batch, height, width = x.shape[:3]
+        gh, gw = height // kh, width // kw
+        x = x[:, : gh * kh, : gw * kw]  # what a VALID convolution reads
+        patches = x.reshape(batch, gh, kh, gw, kw, channels).transpose(0, 1, 3, 2, 4, 5)
+        y = patches.reshape(-1, kh * kw * channels) @ kernel.reshape(kh * kw * channels, out)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y.reshape(batch, gh, gw, out)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.convolve(x, self.kernel[...])
