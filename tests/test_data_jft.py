@@ -140,8 +140,9 @@ def synthetic(tmp_path_factory):
     return root
 
 
-def synthetic_config(root, window=16):
+def synthetic_config(root, window=16, cycle_length=4):
     s = {"data_dir": root, "split": "train", "pp": PP, "shuffle_buffer": window}
+    s["cycle_length"] = cycle_length
     return data.get_data_config("jft", image_size=8, train=s, evals={"val": s})
 
 
@@ -207,6 +208,14 @@ def test_resume_reads_at_most_one_round(synthetic):
             records=legacy,
         ).take(1).get_single_element()
         assert int(counter.numpy()) >= 27 * 8
+
+
+def test_resume_with_cycle_length_one_reads_at_most_one_shard(synthetic):
+    cfg = synthetic_config(synthetic, cycle_length=1)
+    for step in (3, 29, 60 * 7 + 28):
+        with jft.count_reads() as counter:
+            batches_from(cfg, step, 1, process_index=1, process_count=2)
+            assert 0 < int(counter.numpy()) <= SHARD + 3 * 16
 
 
 def test_epochs_visit_files_in_new_orders(synthetic):

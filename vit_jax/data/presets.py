@@ -4,7 +4,7 @@ Every preset returns a ConfigDict with the same fields, so trainers can lock it:
   name, num_classes (None: read from the source), multi_label, image_size,
   train: SPLIT, evals: {eval name: SPLIT}
 where SPLIT has: source, name, split, data_dir, pp, shuffle_buffer, cache, on_bad_image,
-heldout_examples, mask_empty_labels.
+heldout_examples, mask_empty_labels (and, for JFT-like shards, cycle_length).
 
 pp strings are templates: ``{image_size}``, ``{resize_size}`` (image_size * 8/7), ``{pad}``
 (image_size // 8) and ``{num_classes}`` are filled in when the pipeline is built, so
@@ -19,7 +19,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from vit_jax.data.sources import DataError, folder
+from vit_jax.data.sources import DataError, folder, jft
 
 TRAIN_PP = (
     "decode_jpeg_and_inception_crop({image_size})|flip_lr|value_range(-1, 1)|onehot({num_classes})"
@@ -169,7 +169,7 @@ def _imagenet21k(_: str) -> ml_collections.ConfigDict:
 
 def _jft(_: str) -> ml_collections.ConfigDict:
     multi = "onehot({num_classes}, multi=True)"
-    return data_config(
+    cfg = data_config(
         "jft",
         num_classes=None,
         image_size=224,
@@ -187,6 +187,11 @@ def _jft(_: str) -> ml_collections.ConfigDict:
             )
         },
     )
+    # Shard files interleaved per round: resuming re-reads at most one round per process,
+    # and a round's records are shuffled together (1: one shard, the least to re-read).
+    for split in (cfg.train, *cfg.evals.values()):
+        split.cycle_length = jft.CYCLE_LENGTH
+    return cfg
 
 
 def _cifar(name: str) -> ml_collections.ConfigDict:

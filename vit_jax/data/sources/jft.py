@@ -44,7 +44,7 @@ FEATURES = {
     "image/encoded": tf.io.FixedLenFeature([], tf.string),
     "image/labels": tf.io.VarLenFeature(tf.int64),
 }
-CYCLE_LENGTH = 4  # Files interleaved per round (``cfg.cycle_length`` overrides when present).
+CYCLE_LENGTH = 4  # Files interleaved per round: the jft preset's default `cycle_length`.
 SHUFFLE_BYTES = 1 << 30  # Byte budget of one shuffle window.
 DEFAULT_WINDOW = 10_000  # Shuffle window when ``cfg.shuffle_buffer`` is unset.
 
