@@ -55,6 +55,7 @@ def test_step_benchmark_compared_with_timm():
     # A train step (forward, backward, update) costs about three forward passes.
     assert 2 < train["flops_per_step"] / evaluation["flops_per_step"] < 4
     assert compare["what"] == "compare" and compare["against"] == "timm"
+    assert compare["timm"]["gelu"] == "erf"  # timm's default GELU
     for what in ("train", "eval"):
         side = compare[what]
         assert side["timm_images_per_sec"] > 0
@@ -62,6 +63,10 @@ def test_step_benchmark_compared_with_timm():
             side["ours_images_per_sec"] / side["timm_images_per_sec"]
         )
         assert len(side["ratio_per_round"]) == 2
+        assert side["target_met"] == (side["ratio"] >= side["target_ratio"])
+        assert side["shortfall"] == pytest.approx(
+            max(0.0, 1 - side["ratio"] / side["target_ratio"])
+        )
         by_threads = side["timm_images_per_sec_by_threads"]
         assert set(by_threads) == {"1", "2"}
         assert side["timm_images_per_sec"] == max(by_threads.values())

@@ -8,9 +8,9 @@ its own steps with rounds of these, so both sides see the same load on a shared 
 
 The model is timm's `VisionTransformer` built from the same variant (width, depth, heads,
 MLP size, patch, image size, pooling, class count) and trained with AdamW and the same
-gradient clipping, in eager mode. It keeps timm's default exact (erf) GELU: PyTorch's tanh
-GELU, the one vit_jax computes, runs ~3x slower on CPU, and the comparison should not
-handicap timm.
+gradient clipping, in eager mode. By default it keeps timm's exact (erf) GELU: PyTorch's
+tanh GELU, the one vit_jax computes, runs ~3x slower on CPU, and the comparison should not
+handicap timm (`--timm_gelu tanh` computes the same function as vit_jax).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import json
 import resource
 import sys
 import time
+from functools import partial
 
 
 def build(spec: dict):
@@ -39,6 +40,7 @@ def build(spec: dict):
         class_token=not gap,
         global_pool="avg" if gap else "token",
         fc_norm=False,
+        act_layer=partial(torch.nn.GELU, approximate=spec.get("gelu", "none")),
     )
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[spec["dtype"]]
     optimizer = torch.optim.AdamW(
