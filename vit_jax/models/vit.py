@@ -23,8 +23,6 @@ POOL_TYPES = ("tok", "gap", "map")
 POSEMB_TYPES = ("learn", "sincos2d")
 ATTENTION_IMPLS = (None, "xla", "cudnn", "einsum")
 TOKENS = ("batch", "tokens", "embed")
-# Self-attention computes q, k, v with one matmul (the parameters stay three kernels).
-FUSE_QKV = True
 
 
 def as_dtype(value: Any) -> Any:
@@ -112,22 +110,12 @@ class Attention(nnx.Module):
             # Measured with `python -m vit_jax.benchmark attention`: on CPU the plain einsum
             # path trains ViT-B/16 ~9% faster than jax.nn.dot_product_attention's XLA path.
             implementation = "einsum"
-        einsum = return_weights or use_dropout or implementation == "einsum"
-        if inputs_kv is None and FUSE_QKV:
-            # Self-attention: q, k and v from one matmul against the three kernels side by
-            # side, in the heads-major layout the batched matmuls below run fastest in.
-            qkv = self._fused_qkv(inputs_q)  # (B, N, 3, heads, head_dim)
-            if einsum:
-                q, k, v = jnp.moveaxis(qkv, (2, 3), (0, 2))  # 3 x (B, heads, N, head_dim)
-            else:
-                q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        else:
-            inputs_kv = inputs_q if inputs_kv is None else inputs_kv
-            q, k, v = self.query(inputs_q), self.key(inputs_kv), self.value(inputs_kv)
-            if einsum:  # heads-major: the batched matmuls run ~1.4x faster on CPU than "btnh"
-                q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
+        inputs_kv = inputs_q if inputs_kv is None else inputs_kv
+        q, k, v = self.query(inputs_q), self.key(inputs_kv), self.value(inputs_kv)
         weights = None
-        if einsum:
+        if return_weights or use_dropout or implementation == "einsum":
+            # Heads-major layout: the batched matmuls run ~1.4x faster on CPU than "btnh".
+            q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
             # The 1/sqrt(head_dim) scale on q (B*N*D values), not on the (B, H, N, N) logits.
             q = q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
             logits = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=jnp.float32)
@@ -137,17 +125,6 @@ class Attention(nnx.Module):
         else:
             out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
         return self.out(out), weights
-
-    def _fused_qkv(self, x: jax.Array) -> jax.Array:
-        """(B, N, D) -> (B, N, 3, heads, head_dim): one matmul for the three projections
-        (fewer, wider matmuls: small models spend much of a step in narrow ones)."""
-        parts = (self.query, self.key, self.value)
-        dtype = self.query.dtype or x.dtype
-        kernel = jnp.stack([p.kernel[...] for p in parts], axis=1).astype(dtype)
-        bias = jnp.stack([p.bias[...] for p in parts], axis=0).astype(dtype)
-        width, out_shape = x.shape[-1], kernel.shape[1:]
-        y = x.reshape(-1, width).astype(dtype) @ kernel.reshape(width, -1) + bias.reshape(-1)
-        return y.reshape(*x.shape[:-1], *out_shape)
 
 
 class EncoderBlock(nnx.Module):
