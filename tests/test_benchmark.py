@@ -38,6 +38,7 @@ def check_step_record(record: dict, what: str) -> None:
     assert record["compile_seconds"] > 0
     assert record["flops_per_step"] > 0
     assert record["matmul_peak_flops_per_sec"] > 1e9
+    assert 0 < record["matmul_peak_min_over_max"] <= 1
     expected = record["flops_per_step"] * record["images_per_sec"] / 8
     assert record["achieved_flops_per_sec"] == pytest.approx(expected)
     assert 0 < record["mfu_measured_peak"]

@@ -331,6 +331,9 @@ def step(args: argparse.Namespace) -> list[dict[str, Any]]:
             "flops_per_step": flops,
             "achieved_flops_per_sec": achieved,
             "matmul_peak_flops_per_sec": peak * jax.device_count() if peak else None,
+            # The large matmul timed between rounds: well under 1, the machine was busy
+            # with other work during the run and the ratios are not trustworthy.
+            "matmul_peak_min_over_max": min(peaks) / peak if peak else None,
             "mfu_measured_peak": achieved / (peak * jax.device_count()) if achieved else None,
             "mfu_nominal_peak": (
                 achieved / (nominal * jax.device_count()) if achieved and nominal else None
