@@ -3,6 +3,7 @@
 import os
 import re
 import shlex
+import socket
 
 import ml_collections
 
@@ -47,3 +48,10 @@ def as_in_readme(args: list[str], run_dir: str, **more: str) -> list[str]:
     for old, new in swaps.items():
         args = [a.replace(old, new) for a in args]
     return args
+
+
+def free_port() -> int:
+    """A TCP port free on localhost (for a multi-process coordinator)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -12,8 +12,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from data_fixtures.images import write_folder
+from helpers import free_port
 from orbax.checkpoint._src.path import atomicity
-from test_cli import ROOT, TINY, cli_env, failure, free_port
+from test_cli import ROOT, TINY, cli_env, failure
 from test_train import read_jsonl, restore_state, tiny_run_config
 
 from vit_jax import data, train
