@@ -55,3 +55,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+TINY_MODEL = (
+    "model.width=32",
+    "model.depth=2",
+    "model.mlp_dim=64",
+    "model.num_heads=2",
+    "model.img_size=8",
+)
+
+
+def tiny_config(*overrides: str) -> ml_collections.ConfigDict:
+    """The demo config with a tiny model at 8 px, through the command line's own parser."""
+    from vit_jax import configuration
+
+    return configuration.load_config("vit", [*TINY_MODEL, *overrides])

@@ -8,10 +8,9 @@ import textwrap
 
 import numpy as np
 import pytest
-from helpers import as_in_readme, readme_commands, with_changes
+from helpers import as_in_readme, readme_commands, tiny_config
 
-from configs.vit import demo_config
-from vit_jax import data, export, inference, train
+from vit_jax import export, inference, train
 from vit_jax.checkpoint import npz_arrays, read_npz
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,18 +36,14 @@ RUNNER = textwrap.dedent(
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A tiny gap-pooled ViT trained on digits for 4 steps."""
-    config = demo_config()
-    with config.unlocked():
-        config.model.update(dict(img_size=8, width=32, depth=2, mlp_dim=64, num_heads=2))
-        config.data = data.get_data_config("digits", image_size=8)
-    config = with_changes(
-        config,
-        batch_size=32,
-        eval_batch_size=128,
-        total_steps=4,
-        log_every_steps=4,
-        eval_every_steps=4,
-        **{"checkpoint.every_steps": 4, "schedule.warmup_steps": 1},
+    config = tiny_config(
+        "batch_size=32",
+        "eval_batch_size=128",
+        "total_steps=4",
+        "log_every_steps=4",
+        "eval_every_steps=4",
+        "checkpoint.every_steps=4",
+        "schedule.warmup_steps=1",
     )
     workdir = str(tmp_path_factory.mktemp("run"))
     train.run(config, workdir)

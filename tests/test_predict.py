@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 from data_fixtures import tiny_tfds
 from data_fixtures.images import write_folder
-from helpers import as_in_readme, readme_commands, with_changes
+from helpers import as_in_readme, readme_commands, tiny_config
 from PIL import Image
 
-from configs.vit import demo_config
 from vit_jax import data, inference, predict, train
 from vit_jax.checkpoint import save_npz
 from vit_jax.data.sources import digits
@@ -24,19 +23,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_digits_config(steps: int):
-    config = demo_config()
-    with config.unlocked():
-        config.model.update(dict(img_size=8, width=32, depth=2, mlp_dim=64, num_heads=2))
-        config.data = data.get_data_config("digits", image_size=8)
-    return with_changes(
-        config,
-        batch_size=64,
-        eval_batch_size=128,
-        total_steps=steps,
-        log_every_steps=steps,
-        eval_every_steps=steps,
-        **{"checkpoint.every_steps": steps, "checkpoint.async_save": False},
-        **{"schedule.warmup_steps": 5, "schedule.base_lr": 3e-3},
+    return tiny_config(
+        "batch_size=64",
+        "eval_batch_size=128",
+        f"total_steps={steps}",
+        f"log_every_steps={steps}",
+        f"eval_every_steps={steps}",
+        f"checkpoint.every_steps={steps}",
+        "checkpoint.async_save=false",
+        "schedule.warmup_steps=5",
+        "schedule.base_lr=3e-3",
     )
 
 

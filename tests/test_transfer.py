@@ -12,10 +12,11 @@ import pytest
 import tensorflow_datasets as tfds
 
 from tests.data_fixtures.images import write_folder
+from tests.helpers import TINY_MODEL
 from tests.test_cli import TINY, cli_env, failure
 from vit_jax import configuration, export, train, transfer
 
-ARCH = ["model.width=32", "model.depth=2", "model.mlp_dim=64", "model.num_heads=2"]
+ARCH = [o for o in TINY_MODEL if "img_size" not in o]
 SHORT = ["total_steps=3", "schedule.warmup_steps=1", "batch_size=16", "eval_batch_size=16"]
 SHORT += ["log_every_steps=1", "eval_every_steps=3", "checkpoint.every_steps=3"]
 

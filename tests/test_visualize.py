@@ -5,11 +5,10 @@ import os
 
 import numpy as np
 import pytest
-from helpers import as_in_readme, readme_commands, with_changes
+from helpers import as_in_readme, readme_commands, tiny_config
 from PIL import Image
 
-from configs.vit import demo_config
-from vit_jax import data, train, visualize
+from vit_jax import train, visualize
 from vit_jax.data.sources import digits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,20 +17,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A tiny class-token ViT trained on digits for 10 steps, evaluated twice."""
-    config = demo_config()
-    with config.unlocked():
-        config.model.update(
-            dict(img_size=8, width=32, depth=2, mlp_dim=64, num_heads=2, pool_type="tok")
-        )
-        config.data = data.get_data_config("digits", image_size=8)
-    config = with_changes(
-        config,
-        batch_size=32,
-        eval_batch_size=128,
-        total_steps=10,
-        log_every_steps=2,
-        eval_every_steps=5,
-        **{"checkpoint.every_steps": 10, "schedule.warmup_steps": 2},
+    config = tiny_config(
+        "model.pool_type=tok",
+        "batch_size=32",
+        "eval_batch_size=128",
+        "total_steps=10",
+        "log_every_steps=2",
+        "eval_every_steps=5",
+        "checkpoint.every_steps=10",
+        "schedule.warmup_steps=2",
     )
     workdir = str(tmp_path_factory.mktemp("run"))
     train.run(config, workdir)
