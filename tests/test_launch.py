@@ -14,6 +14,7 @@ import sys
 
 import pytest
 
+from tests.test_cli import TINY as CLI_TINY
 from vit_jax import data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -244,17 +245,8 @@ def test_slurm_auto_passes_distributed():
 
 
 TINY = [
-    "--config.model.width=32",
-    "--config.model.depth=2",
-    "--config.model.mlp_dim=64",
-    "--config.model.num_heads=2",
-    "--config.model.img_size=8",
-    "--config.batch_size=32",
-    "--config.eval_batch_size=64",
-    "--config.total_steps=4",
-    "--config.schedule.warmup_steps=1",
+    *CLI_TINY,  # later flags win: log every step, one checkpoint
     "--config.log_every_steps=1",
-    "--config.eval_every_steps=4",
     "--config.checkpoint.every_steps=4",
     # The same 32 examples every step, preprocessed without randomness: the global batch is
     # then the same however the processes split it.
