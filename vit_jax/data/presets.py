@@ -223,7 +223,9 @@ def _generic_tfds(name: str) -> ml_collections.ConfigDict:
 def _generic_folder(name: str) -> ml_collections.ConfigDict:
     root = name.split(":", 1)[1]
     if not os.path.isdir(root):
-        raise DataError(f"image folder {root!r} does not exist; expected root/<split>/<class>/")
+        raise DataError(
+            f"image folder {root!r} does not exist; expected root/<split>/<class>/ or root/<class>/"
+        )
     splits = folder.split_names(root)
     train = "train" if "train" in splits else (splits[0] if splits else "train")
     evals = {s: s for s in splits if s != train}
