@@ -7,3 +7,7 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+from vit_jax.host_memory import keep_freed_host_memory  # noqa: E402
+
+keep_freed_host_memory()  # what the commands do: freed step memory is reused, not refaulted

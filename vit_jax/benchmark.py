@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from vit_jax import host_memory
 from vit_jax.models import create_model
 
 
@@ -421,6 +422,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    host_memory.keep_freed_host_memory()  # before JAX starts its threads
     if args.what == "attention":
         print(json.dumps(attention(args), indent=2))
         return

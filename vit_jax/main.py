@@ -17,7 +17,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from vit_jax import configuration, validate  # noqa: E402
+from vit_jax import configuration, host_memory, validate  # noqa: E402
 from vit_jax.errors import UserError  # noqa: E402
 
 USER_ERROR_STATUS = 2
@@ -73,6 +73,7 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 def main(argv: list[str] | None = None) -> int:
     rest, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
     args = parser().parse_args(rest)
+    host_memory.keep_freed_host_memory()  # before JAX starts its threads
     try:
         return run(args, overrides)
     except UserError as e:

@@ -18,7 +18,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from vit_jax import configuration, validate
+from vit_jax import configuration, host_memory, validate
 from vit_jax.data.presets import VTAB_TASKS
 from vit_jax.errors import UserError
 from vit_jax.main import USER_ERROR_STATUS, split_overrides
@@ -147,6 +147,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     rest, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
     args = parser().parse_args(rest)
+    host_memory.keep_freed_host_memory()  # before JAX starts its threads
     try:
         args.lrs = _learning_rates(args.lrs)
         tasks = task_list(args.tasks)
