@@ -10,7 +10,7 @@ import time
 import jax.numpy as jnp
 import pytest
 
-from vit_jax import benchmark
+from vit_jax import benchmark, host_memory
 from vit_jax.metric_logging import Progress
 
 TINY = ["--model", "ViT-mu/4", "--img_size", "16", "--pool", "gap", "--batch", "8"]
@@ -48,7 +48,16 @@ def check_step_record(record: dict, what: str) -> None:
 
 def test_step_benchmark_compared_with_timm():
     records = run_benchmark(
-        "--steps", "1", "--rounds", "2", "--compare", "timm", "--timm_threads", "1,2"
+        "--steps",
+        "1",
+        "--rounds",
+        "2",
+        "--compare",
+        "timm",
+        "--timm_threads",
+        "1,2",
+        "--timm_malloc",
+        "same",
     )
     train, evaluation, compare = records
     check_step_record(train, "train")
@@ -57,6 +66,10 @@ def test_step_benchmark_compared_with_timm():
     assert 2 < train["flops_per_step"] / evaluation["flops_per_step"] < 4
     assert compare["what"] == "compare" and compare["against"] == "timm"
     assert compare["timm"]["gelu"] == "erf"  # timm's default GELU
+    # Our process keeps freed host memory; timm's child was given the same glibc settings.
+    assert train["host_malloc"] == compare["host_malloc"] == "keep_freed"
+    assert compare["timm"]["malloc"] == "same"
+    assert compare["timm"]["glibc_tunables"] == host_memory.GLIBC_TUNABLES
     for what in ("train", "eval"):
         side = compare[what]
         assert side["timm_images_per_sec"] > 0

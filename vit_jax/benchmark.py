@@ -217,8 +217,9 @@ def matmul_peak(size: int = 2048, repeats: int = 5) -> float:
 class Timm:
     """timm's model of the same variant in a child process, timed on request."""
 
-    def __init__(self, config, threads: int = 0, gelu: str = "none"):
-        """Starts the child process; `threads` 0 keeps PyTorch's default thread count."""
+    def __init__(self, config, threads: int = 0, gelu: str = "none", malloc: str = "default"):
+        """Starts the child process; `threads` 0 keeps PyTorch's default thread count;
+        `malloc` "same" gives it the glibc malloc settings this process runs with."""
         model = config.model
         spec = {
             "img_size": model.img_size,
@@ -238,6 +239,8 @@ class Timm:
             "gelu": gelu,
         }
         env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        if malloc == "same":
+            env["GLIBC_TUNABLES"] = host_memory.GLIBC_TUNABLES
         self.process = subprocess.Popen(
             [sys.executable, "-m", "vit_jax.benchmark_timm", json.dumps(spec)],
             stdin=subprocess.PIPE,
@@ -245,7 +248,7 @@ class Timm:
             text=True,
             env=env,
         )
-        self.hello = {**self._reply(), "gelu": "erf" if gelu == "none" else gelu}
+        self.hello = {**self._reply(), "gelu": "erf" if gelu == "none" else gelu, "malloc": malloc}
         self.peak_host_mib = 0.0
 
     def _reply(self) -> dict:
@@ -286,7 +289,11 @@ def step(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     nominal = peak_flops(device) if device.platform != "cpu" else None
     threads = [int(t) for t in args.timm_threads.split(",") if t] or [0]
-    timms = [Timm(config, t, args.timm_gelu) for t in threads] if args.compare == "timm" else []
+    timms = (
+        [Timm(config, t, args.timm_gelu, args.timm_malloc) for t in threads]
+        if args.compare == "timm"
+        else []
+    )
     ours = {"train": [], "eval": []}
     theirs = [{"train": [], "eval": []} for _ in timms]
     try:
@@ -315,6 +322,7 @@ def step(args: argparse.Namespace) -> list[dict[str, Any]]:
         "backend": jax.default_backend(),
         "device": getattr(device, "device_kind", device.platform),
         "devices": jax.device_count(),
+        "host_malloc": getattr(args, "host_malloc", "default"),
     }
     peak = max(peaks, default=None)  # the best of the run: the machine is shared
     records = []
@@ -416,13 +424,21 @@ def parser() -> argparse.ArgumentParser:
         choices=["none", "tanh"],
         help="timm's GELU: none = exact erf (timm's default), tanh = vit_jax's function",
     )
+    p.add_argument(
+        "--timm_malloc",
+        default="default",
+        choices=["default", "same"],
+        help="timm's glibc malloc: default, or the same freed-memory reuse as vit_jax's CPU "
+        "runs (vit_jax/host_memory.py)",
+    )
     p.add_argument("--repeats", type=int, default=5, help="attention: timed repeats")
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    host_memory.keep_freed_host_memory()  # before JAX starts its threads
+    kept = host_memory.keep_freed_host_memory()  # before JAX starts its threads
+    args.host_malloc = "keep_freed" if kept else "default"
     if args.what == "attention":
         print(json.dumps(attention(args), indent=2))
         return

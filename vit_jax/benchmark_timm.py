@@ -16,6 +16,7 @@ handicap timm (`--timm_gelu tanh` computes the same function as vit_jax).
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -113,6 +114,7 @@ def serve(spec: dict, requests, replies) -> None:
         "setup_seconds": time.perf_counter() - start,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
     }
     print(json.dumps(hello), file=replies, flush=True)
     for line in requests:
