@@ -13,6 +13,8 @@ import pytest
 from vit_jax import benchmark, host_memory
 from vit_jax.metric_logging import Progress
 
+from tests.helpers import readme_commands
+
 TINY = ["--model", "ViT-mu/4", "--img_size", "16", "--pool", "gap", "--batch", "8"]
 
 
@@ -129,3 +131,35 @@ def test_progress_counts_input_wait_only_while_the_device_is_idle():
     progress.next_batch(batches, {"loss": ready})  # the device waits for the batch
     share = progress.update(2)["input_wait_share"]
     assert 0.3 < share <= 1.0
+
+
+COMPILE_EACH = """
+import json, sys
+from vit_jax import benchmark
+for args in json.loads(sys.argv[1]):
+    for record in benchmark.step(benchmark.parser().parse_args([*args, "--rounds", "0"])):
+        print(json.dumps(record), flush=True)
+"""
+
+
+def test_readme_benchmark_commands_compile_their_steps():
+    """Every `python3 -m vit_jax.benchmark` command in README.md, compile only (later flags
+    win): its flags parse and the train and eval steps of its model compile."""
+    commands = readme_commands("benchmark")
+    assert len(commands) >= 6
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
+    result = subprocess.run(
+        [sys.executable, "-c", COMPILE_EACH, json.dumps(commands)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(records) == 2 * len(commands)  # train and eval; no comparison when compiling
+    for args, (train, evaluation) in zip(commands, zip(records[::2], records[1::2])):
+        assert (train["what"], evaluation["what"]) == ("train", "eval")
+        model = args[args.index("--model") + 1]
+        assert train["model"] == model and train["scan"] == ("--scan" in args)
+        assert train["compile_seconds"] > 0 and train["flops_per_step"] > 0
