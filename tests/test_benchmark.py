@@ -10,10 +10,9 @@ import time
 import jax.numpy as jnp
 import pytest
 
+from tests.helpers import readme_commands
 from vit_jax import benchmark, host_memory
 from vit_jax.metric_logging import Progress
-
-from tests.helpers import readme_commands
 
 TINY = ["--model", "ViT-mu/4", "--img_size", "16", "--pool", "gap", "--batch", "8"]
 
@@ -158,7 +157,8 @@ def test_readme_benchmark_commands_compile_their_steps():
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert len(records) == 2 * len(commands)  # train and eval; no comparison when compiling
-    for args, (train, evaluation) in zip(commands, zip(records[::2], records[1::2])):
+    pairs = zip(records[::2], records[1::2], strict=True)
+    for args, (train, evaluation) in zip(commands, pairs, strict=True):
         assert (train["what"], evaluation["what"]) == ("train", "eval")
         model = args[args.index("--model") + 1]
         assert train["model"] == model and train["scan"] == ("--scan" in args)

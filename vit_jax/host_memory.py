@@ -5,11 +5,14 @@ batch 32). glibc serves a block that large with its own `mmap` and unmaps it on 
 next step faults every page in again and the kernel zeroes it: 550,000 page faults and about
 1 s of kernel time per ViT-Ti/16 step on 2 cores, a fifth of the step. With one malloc arena,
 no `mmap` for large blocks and no trimming, a freed block stays in the heap and the next step
-reuses it: no faults, the same peak memory. The commands that run steps on the CPU call
-`keep_freed_host_memory()` first, before JAX or TensorFlow start their threads (a thread
-keeps the arena it first allocated from). Runs on a GPU or TPU keep glibc's defaults: their
-temporaries live on the device, and many input threads are better served by many arenas.
-`VIT_JAX_HOST_MALLOC=default` keeps glibc's defaults everywhere.
+reuses it: no faults. The cost: the process keeps its peak, and when other allocations come
+between steps the heap can fragment (README "Performance": up to 1.7x the peak measured with
+glibc's defaults in the benchmark, the same or lower in a plain train loop). The commands
+that run steps on the CPU call `keep_freed_host_memory()` first, before JAX or TensorFlow
+start their threads (a thread keeps the arena it first allocated from). Runs on a GPU or
+TPU keep glibc's defaults: their temporaries live on the device, and many input threads are
+better served by many arenas. `VIT_JAX_HOST_MALLOC=default` keeps glibc's defaults
+everywhere.
 """
 
 from __future__ import annotations
