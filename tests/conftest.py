@@ -11,3 +11,5 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 from vit_jax.host_memory import keep_freed_host_memory  # noqa: E402
 
 keep_freed_host_memory()  # what the commands do: freed step memory is reused, not refaulted
+
+pytest_plugins = ["storage_server"]  # the `storage_server` and `bucket` fixtures

@@ -1,0 +1,212 @@
+"""One path layer for every file vit_jax reads or writes: local paths and bucket URLs alike.
+
+Paths are strings at the edges (flags, config fields, JSON) and go through this module,
+never through `os.path` or `open`, so `--workdir=gs://bucket/run` reaches the bucket and
+a local path behaves as it always did. Underneath is `etils.epath`, which orbax uses too.
+
+Buckets (`gs://`, `s3://`) are served by fsspec (gcsfs for `gs://`), not by TensorFlow's
+own GCS file system: TensorFlow has Google's endpoint compiled in, so it cannot be pointed
+at a test server and what went through it would be untested. `EPATH_USE_TF=false` is set
+here (unless the user set it) before etils reads it; etils reads it on every call.
+Object stores have no appends and no renames: a single write of a whole object is atomic,
+so `write_*` is one upload there and a temporary file plus `os.replace` on a local disk.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from collections.abc import Iterator
+
+import logging
+import socket
+import urllib.parse
+
+os.environ.setdefault("EPATH_USE_TF", "false")
+
+import fsspec  # noqa: E402
+from etils import epath  # noqa: E402
+
+from vit_jax.errors import UserError  # noqa: E402
+
+# Several processes write one run: a listing must show what the others wrote since.
+fsspec.config.conf.setdefault("gs", {}).setdefault("use_listings_cache", False)
+# gcsfs logs each retry's traceback and a warning per bucket when no Cloud credentials are
+# found; a failure reaches the user as one StorageError line instead.
+logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
+
+URL_SCHEMES = ("gs://", "s3://")
+
+
+class StorageError(UserError):
+    """A bucket is missing, refuses writes, or its server does not answer."""
+
+
+def is_remote(path: str) -> bool:
+    """Whether `path` is a bucket URL (`gs://...`), which never goes through `os.path`."""
+    return str(path).startswith(URL_SCHEMES)
+
+
+def absolute(path: str) -> str:
+    """An absolute local path, or the URL unchanged."""
+    path = str(path)
+    return path.rstrip("/") if is_remote(path) else os.path.abspath(path)
+
+
+def join(base: str, *parts: str) -> str:
+    """`base/part/...` for a local path or a URL (no `os.path` on URLs)."""
+    base = str(base)
+    if is_remote(base):
+        return posixpath.join(base, *parts)
+    return os.path.join(base, *parts)
+
+
+def basename(path: str) -> str:
+    return posixpath.basename(str(path).rstrip("/")) if is_remote(path) else os.path.basename(path)
+
+
+def dirname(path: str) -> str:
+    """The parent of a file or folder; `.` for a bare local name."""
+    if is_remote(path):
+        return posixpath.dirname(str(path).rstrip("/"))
+    return os.path.dirname(os.path.abspath(path))
+
+
+def as_path(path: str) -> epath.Path:
+    """The `epath.Path` of a local path or URL."""
+    return epath.Path(str(path))
+
+
+def exists(path: str) -> bool:
+    return as_path(path).exists()
+
+
+def is_dir(path: str) -> bool:
+    return as_path(path).is_dir()
+
+
+def is_file(path: str) -> bool:
+    return as_path(path).is_file()
+
+
+def make_dirs(path: str) -> None:
+    """Creates a folder and its parents (a no-op on buckets, which have no folders)."""
+    if not is_remote(path):
+        os.makedirs(path, exist_ok=True)
+
+
+def list_dir(path: str) -> list[str]:
+    """The sorted names (not paths) in a folder."""
+    return sorted(child.name for child in as_path(path).iterdir())
+
+
+def walk_files(path: str) -> Iterator[str]:
+    """Every file under a folder, as full paths, sorted."""
+    for child in sorted(as_path(path).rglob("*")):
+        if child.is_file():
+            yield str(child)
+
+
+def size(path: str) -> int:
+    return as_path(path).stat().length
+
+
+def read_text(path: str) -> str:
+    return as_path(path).read_text()
+
+
+def read_bytes(path: str) -> bytes:
+    return as_path(path).read_bytes()
+
+
+def write_bytes(path: str, content: bytes) -> None:
+    """Writes a whole file atomically: readers see the old content or the new, never half."""
+    if is_remote(path):
+        as_path(path).write_bytes(content)  # one upload: the object appears complete or not
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(temporary, "wb") as f:
+            f.write(content)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def write_text(path: str, content: str) -> None:
+    """`write_bytes` for UTF-8 text."""
+    write_bytes(path, content.encode())
+
+
+def remove(path: str) -> None:
+    as_path(path).unlink(missing_ok=True)
+
+
+def check_writable(url: str) -> None:
+    """Writes and deletes a marker object under `url`; raises StorageError naming the URL
+    and what to do when the bucket is missing, refuses the write or does not answer."""
+    marker = join(url, f".vit_jax_write_check_{uuid.uuid4().hex}")
+    try:
+        _probe_endpoint(url)
+        write_bytes(marker, b"")
+        remove(marker)
+    except Exception as error:  # noqa: BLE001 - every storage failure becomes one line
+        raise storage_error(url, error) from error
+
+
+def _probe_endpoint(url: str, timeout: float = 10.0) -> None:
+    """Fails at once (instead of after gcsfs's half minute of retries) when nothing listens
+    at the storage endpoint of a `gs://` URL."""
+    if not url.startswith("gs://"):
+        return
+    endpoint = urllib.parse.urlparse(
+        os.environ.get("STORAGE_EMULATOR_HOST") or "https://storage.googleapis.com"
+    )
+    if not endpoint.hostname:  # a bare host:port
+        endpoint = urllib.parse.urlparse("http://" + os.environ["STORAGE_EMULATOR_HOST"])
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    with socket.create_connection((endpoint.hostname, port), timeout=timeout):
+        pass
+
+
+def storage_error(url: str, error: BaseException) -> StorageError:
+    """A one-line explanation of a failed bucket operation on `url`."""
+    bucket = url.split("://", 1)[1].split("/", 1)[0]
+    text = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+    kind = _classify(error)
+    if kind == "missing":
+        what = f"the bucket {bucket!r} does not exist; create it or fix the URL"
+    elif kind == "refused":
+        what = (
+            f"writing to the bucket {bucket!r} was refused; give this machine's credentials "
+            "write access (roles/storage.objectAdmin) or choose another bucket"
+        )
+    elif kind == "unreachable":
+        what = (
+            "the storage server does not answer; check the network (and STORAGE_EMULATOR_HOST "
+            "if you point gcsfs at another server)"
+        )
+    else:
+        what = "check the URL, the credentials and the network"
+    return StorageError(f"cannot write to {url}: {what} ({text})")
+
+
+def _classify(error: BaseException) -> str:
+    text = f"{type(error).__name__} {error}".lower()
+    chain = error
+    while chain is not None:
+        if isinstance(chain, FileNotFoundError) or "nosuchbucket" in text or "404" in text:
+            return "missing"
+        if isinstance(chain, PermissionError) or "403" in text or "401" in text:
+            return "refused"
+        if isinstance(chain, ConnectionError | TimeoutError) or any(
+            word in text for word in ("connect", "timeout", "timed out", "unreachable")
+        ):
+            return "unreachable"
+        chain = chain.__cause__ or chain.__context__
+        text = f"{type(chain).__name__} {chain}".lower() if chain is not None else text
+    return "other"
