@@ -14,14 +14,14 @@ so `write_*` is one upload there and a temporary file plus `os.replace` on a loc
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
+import socket
+import time
+import urllib.parse
 import uuid
 from collections.abc import Iterator
-
-import logging
-import socket
-import urllib.parse
 
 os.environ.setdefault("EPATH_USE_TF", "false")
 
@@ -210,3 +210,48 @@ def _classify(error: BaseException) -> str:
         chain = chain.__cause__ or chain.__context__
         text = f"{type(chain).__name__} {chain}".lower() if chain is not None else text
     return "other"
+
+
+class AppendFile:
+    """A file that only grows (`metrics.jsonl`, TensorBoard events), on a disk or a bucket.
+
+    A local file is appended to and flushed at every write. Objects in a bucket cannot be
+    appended to, so there the whole content is kept and uploaded again on `flush`, at most
+    every `min_upload_seconds` unless forced: the run forces one at each checkpoint, so
+    everything up to the checkpoint's step is in the bucket when the checkpoint is.
+    """
+
+    def __init__(self, path: str, *, initial: bytes = b"", min_upload_seconds: float = 30.0):
+        """Starts the file with `initial` (replacing what was there) and appends from it."""
+        self.path = path
+        self.remote = is_remote(path)
+        self.min_upload_seconds = min_upload_seconds
+        self._content = bytearray(initial) if self.remote else None
+        self._uploaded_at = float("-inf")
+        self._dirty = bool(initial)
+        write_bytes(path, bytes(initial))
+        self._file = None if self.remote else open(path, "ab")  # noqa: SIM115
+
+    def write(self, data: bytes) -> None:
+        if self._file is not None:
+            self._file.write(data)
+            self._file.flush()
+        else:
+            self._content.extend(data)
+            self._dirty = True
+            self.flush(force=False)
+
+    def flush(self, *, force: bool = True) -> None:
+        """Uploads a bucket object's content (now, or when the last upload is old enough)."""
+        if self._file is not None or not self._dirty:
+            return
+        if not force and time.monotonic() - self._uploaded_at < self.min_upload_seconds:
+            return
+        write_bytes(self.path, bytes(self._content))
+        self._uploaded_at, self._dirty = time.monotonic(), False
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        else:
+            self.flush()
