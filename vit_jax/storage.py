@@ -4,7 +4,7 @@ Paths are strings at the edges (flags, config fields, JSON) and go through this 
 never through `os.path` or `open`, so `--workdir=gs://bucket/run` reaches the bucket and
 a local path behaves as it always did. Underneath is `etils.epath`, which orbax uses too.
 
-Buckets (`gs://`, `s3://`) are served by fsspec (gcsfs for `gs://`), not by TensorFlow's
+Buckets (`gs://`) are served by fsspec (gcsfs for `gs://`), not by TensorFlow's
 own GCS file system: TensorFlow has Google's endpoint compiled in, so it cannot be pointed
 at a test server and what went through it would be untested. `EPATH_USE_TF=false` is set
 here (unless the user set it) before etils reads it; etils reads it on every call.
@@ -36,7 +36,7 @@ fsspec.config.conf.setdefault("gs", {}).setdefault("use_listings_cache", False)
 # found; a failure reaches the user as one StorageError line instead.
 logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
 
-URL_SCHEMES = ("gs://", "s3://")
+URL_SCHEMES = ("gs://",)  # what is tested; other fsspec schemes would need their package
 
 
 class StorageError(UserError):
@@ -103,9 +103,24 @@ def list_dir(path: str) -> list[str]:
 
 def walk_files(path: str) -> Iterator[str]:
     """Every file under a folder, as full paths, sorted."""
+    if is_remote(path):  # one listing of the prefix (gcsfs refuses recursive globs)
+        filesystem, root = fsspec.core.url_to_fs(str(path).rstrip("/"))
+        names = filesystem.find(root)
+        yield from sorted(filesystem.unstrip_protocol(name) for name in names)
+        return
     for child in sorted(as_path(path).rglob("*")):
         if child.is_file():
             yield str(child)
+
+
+def missing(path: str) -> str:
+    """Why `path` cannot be found, in words: no such file or folder, or no such bucket."""
+    if is_remote(path):
+        scheme, rest = str(path).split("://", 1)
+        bucket = rest.split("/", 1)[0]
+        if not exists(f"{scheme}://{bucket}"):
+            return f"the bucket {bucket!r} does not exist (or this machine may not read it)"
+    return "no such file or folder"
 
 
 def size(path: str) -> int:
@@ -173,8 +188,8 @@ def _probe_endpoint(url: str, timeout: float = 10.0) -> None:
         pass
 
 
-def storage_error(url: str, error: BaseException) -> StorageError:
-    """A one-line explanation of a failed bucket operation on `url`."""
+def storage_error(url: str, error: BaseException, action: str = "write to") -> StorageError:
+    """A one-line explanation of a failed bucket operation (`action`, e.g. "read") on `url`."""
     bucket = url.split("://", 1)[1].split("/", 1)[0]
     text = f"{type(error).__name__}: {error}".splitlines()[0][:300]
     kind = _classify(error)
@@ -192,7 +207,7 @@ def storage_error(url: str, error: BaseException) -> StorageError:
         )
     else:
         what = "check the URL, the credentials and the network"
-    return StorageError(f"cannot write to {url}: {what} ({text})")
+    return StorageError(f"cannot {action} {url}: {what} ({text})")
 
 
 def _classify(error: BaseException) -> str:
