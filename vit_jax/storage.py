@@ -14,6 +14,7 @@ so `write_*` is one upload there and a temporary file plus `os.replace` on a loc
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import posixpath
@@ -21,7 +22,8 @@ import socket
 import time
 import urllib.parse
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import BinaryIO
 
 os.environ.setdefault("EPATH_USE_TF", "false")
 
@@ -155,6 +157,29 @@ def write_bytes(path: str, content: bytes) -> None:
 def write_text(path: str, content: str) -> None:
     """`write_bytes` for UTF-8 text."""
     write_bytes(path, content.encode())
+
+
+def write_with(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """Writes a file atomically through `write(file)`, like `write_bytes`: on a local disk
+    into a temporary file (synced, then renamed into place), so a large file is never all
+    in memory; in a bucket into memory, then one upload."""
+    if is_remote(path):
+        buffer = io.BytesIO()
+        write(buffer)
+        write_bytes(path, buffer.getvalue())
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(temporary, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
 
 
 def remove(path: str) -> None:
