@@ -23,7 +23,7 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 os.environ.setdefault("EPATH_USE_TF", "false")
 
@@ -113,6 +113,36 @@ def walk_files(path: str) -> Iterator[str]:
     for child in sorted(as_path(path).rglob("*")):
         if child.is_file():
             yield str(child)
+
+
+def list_entries(path: str) -> tuple[list[str], dict[str, int]]:
+    """A folder's sorted sub-folder names and its files' sizes by name, from one listing
+    (one request in a bucket, where `is_dir` or `size` per name is one request each)."""
+    folders, files = [], {}
+    if is_remote(path):
+        filesystem, root = fsspec.core.url_to_fs(str(path).rstrip("/"))
+        for entry in filesystem.ls(root, detail=True):
+            name = entry["name"].rstrip("/")
+            if name == root.rstrip("/"):  # a folder's placeholder object
+                continue
+            if entry["type"] == "directory":
+                folders.append(posixpath.basename(name))
+            else:
+                files[posixpath.basename(name)] = int(entry["size"])
+    else:
+        with os.scandir(path) as entries:
+            for entry in entries:
+                if entry.is_dir():
+                    folders.append(entry.name)
+                elif entry.is_file():
+                    files[entry.name] = entry.stat().st_size
+    return sorted(folders), dict(sorted(files.items()))
+
+
+def open_file(path: str, mode: str = "rb") -> IO:
+    """A file object for streaming reads (seekable; in a bucket, ranges are fetched as
+    read), for reading part of a large file without downloading all of it."""
+    return as_path(path).open(mode)
 
 
 def missing(path: str) -> str:
