@@ -8,6 +8,13 @@ The regularizer is fixed (default ``2**10``, as in the paper's setup) rather tha
 k-shot task has no validation data, tuning on the test set would be optimistic, and the
 standardization makes one value usable across feature widths and models. It runs on the host
 in float64 NumPy (tiny systems: at most ``k * classes`` rows or ``dim`` columns).
+
+A class with fewer than k examples among those read refuses the run (``check_shots``, called
+before training) rather than drawing fewer shots: an accuracy logged as "k-shot" must come
+from k examples of every class, and silently using fewer would make numbers incomparable
+across runs and datasets, while failing at the first few-shot evaluation would throw away
+the training done until then. The one-line message names the dataset, the class and its
+count, and the two fixes (more examples read, or fewer shots).
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+
+from vit_jax.errors import UserError
 
 DEFAULT_SHOTS = (1, 5, 10, 25)
 DEFAULT_L2_REG = 2.0**10
@@ -41,6 +50,48 @@ def fit_ridge(
     else:
         w = xc.T @ np.linalg.solve(xc @ xc.T + l2_reg * np.eye(n), yc)
     return w, y_mean - x_mean @ w
+
+
+class NotEnoughShotsError(UserError, ValueError):
+    """A class of a few-shot dataset has fewer examples than the largest shot count."""
+
+
+def check_shots(
+    labels: np.ndarray,
+    num_classes: int,
+    shots: Sequence[int],
+    *,
+    dataset: str,
+    split: str = "train",
+    max_examples: int | None = None,
+) -> None:
+    """Raises `NotEnoughShotsError` unless every class 0..num_classes-1 has max(shots) labels.
+
+    ``labels`` are those of the examples the shots are drawn from; the message names the
+    class with the fewest (and how many others are short).
+    """
+    if not len(shots):
+        return
+    k = max(int(s) for s in shots)
+    counts = np.bincount(np.asarray(labels, np.int64), minlength=num_classes)
+    short = np.flatnonzero(counts < k)
+    if not len(short):
+        return
+    worst = int(short[np.argmin(counts[short])])
+    others = f" (and {len(short) - 1} other classes)" if len(short) > 1 else ""
+    bounded = bool(max_examples) and len(labels) >= max_examples  # the split has more
+    where = (
+        f"the {len(labels)} examples read from split {split!r} "
+        f"(config.fewshot.max_train_examples={max_examples})"
+        if bounded
+        else f"split {split!r} ({len(labels)} examples)"
+    )
+    fix = "raise config.fewshot.max_train_examples or " if bounded else ""
+    raise NotEnoughShotsError(
+        f"few-shot dataset {dataset!r}: class {worst}{others} has {int(counts[worst])} "
+        f"example(s) in {where}, fewer than the {k} shots asked; "
+        f"{fix}lower config.fewshot.shots"
+    )
 
 
 def sample_shots(labels: np.ndarray, shots: int, seed: int = 0) -> np.ndarray:
