@@ -105,14 +105,13 @@ def list_dir(path: str) -> list[str]:
 
 def walk_files(path: str) -> Iterator[str]:
     """Every file under a folder, as full paths, sorted."""
-    if is_remote(path):  # one listing of the prefix (gcsfs refuses recursive globs)
+    if is_remote(path):  # one listing of the prefix (epath refuses recursive globs)
         filesystem, root = fsspec.core.url_to_fs(str(path).rstrip("/"))
         names = filesystem.find(root)
         yield from sorted(filesystem.unstrip_protocol(name) for name in names)
         return
-    for child in sorted(as_path(path).rglob("*")):
-        if child.is_file():
-            yield str(child)
+    found = (os.path.join(root, name) for root, _, names in os.walk(path) for name in names)
+    yield from sorted(found)
 
 
 def list_entries(path: str) -> tuple[list[str], dict[str, int]]:
