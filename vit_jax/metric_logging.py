@@ -1,7 +1,9 @@
-"""Metrics out: TensorBoard (through clu), a JSON-lines file, and readable progress lines.
+"""Metrics out: TensorBoard events, a JSON-lines file, and readable progress lines.
 
-Only process 0 writes files; every process may print. Progress lines carry steps/s,
-images/s, the ETA and an MFU estimate from the compiled step's FLOP count.
+Only process 0 writes files, through `vit_jax.storage` (a disk or a bucket); every process
+may print. A resumed run keeps the rows of `metrics.jsonl` up to its checkpoint's step and
+drops the later ones, which it is about to replay: each step is logged once. Progress lines
+carry steps/s, images/s, the ETA and an MFU estimate from the compiled step's FLOP count.
 """
 
 from __future__ import annotations
@@ -9,14 +11,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
 import numpy as np
-from clu import metric_writers
+
+from vit_jax import storage
+from vit_jax.tensorboard_events import EventWriter
 
 log = logging.getLogger("vit_jax")
 
@@ -48,40 +51,70 @@ def peak_flops(device: jax.Device, override: float | None = None) -> float | Non
 
 
 class MetricLogger:
-    """Writes scalars to TensorBoard and `metrics.jsonl`, and prints progress lines."""
+    """Writes scalars to TensorBoard and `metrics.jsonl`, and prints progress lines.
 
-    def __init__(self, workdir: str, *, is_main: bool):
+    `start_step` is the step the run resumes from: rows logged after it by an earlier,
+    interrupted session are dropped. `write_files=False` keeps files as they are (a finished
+    run's rerun reports its evaluation without logging it twice).
+    """
+
+    def __init__(self, workdir: str, *, is_main: bool, start_step: int = 0, write_files=True):
         self.is_main = is_main
         self.workdir = workdir
-        self.writer = metric_writers.create_default_writer(
-            os.path.join(workdir, "tensorboard"), just_logging=not is_main, asynchronous=True
-        )
-        self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
-        self._jsonl = open(self.jsonl_path, "a") if is_main else None  # noqa: SIM115
+        self.jsonl_path = storage.join(workdir, "metrics.jsonl")
+        self.events = None
+        self._jsonl = None
+        if is_main and write_files:
+            self.events = EventWriter(storage.join(workdir, "tensorboard"), start_step=start_step)
+            kept = rows_up_to(self.jsonl_path, start_step)
+            self._jsonl = storage.AppendFile(self.jsonl_path, initial=kept.encode())
 
     def record_config(self, config) -> None:
         """Hyper-parameters to TensorBoard and the whole config to `config.json`."""
+        if self.events is None:
+            return
         flat = _flatten(config.to_dict())
-        self.writer.write_hparams(
+        self.events.hparams(
             {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in flat.items()}
         )
-        if self.is_main:
-            with open(os.path.join(self.workdir, "config.json"), "w") as f:
-                f.write(config.to_json_best_effort(indent=2))
+        storage.write_text(
+            storage.join(self.workdir, "config.json"), config.to_json_best_effort(indent=2)
+        )
 
     def scalars(self, step: int, values: Mapping[str, Any], *, prefix: str = "") -> None:
         floats = {prefix + k: float(np.asarray(v)) for k, v in values.items()}
-        self.writer.write_scalars(step, floats)
+        if self.events is not None:
+            self.events.scalars(step, floats)
         if self._jsonl is not None:
             record = {"step": step, **{k: _json_float(v) for k, v in floats.items()}}
-            self._jsonl.write(json.dumps(record) + "\n")
-            self._jsonl.flush()
+            self._jsonl.write((json.dumps(record) + "\n").encode())
+
+    def flush(self) -> None:
+        """Everything logged so far on disk or in the bucket (called at each checkpoint)."""
+        for file in (self.events, self._jsonl):
+            if file is not None:
+                file.flush()
 
     def close(self) -> None:
-        self.writer.flush()
-        self.writer.close()
-        if self._jsonl is not None:
-            self._jsonl.close()
+        for file in (self.events, self._jsonl):
+            if file is not None:
+                file.close()
+
+
+def rows_up_to(path: str, step: int) -> str:
+    """The complete rows of a `metrics.jsonl` whose step is at most `step` (a row cut short
+    by a killed process is dropped too)."""
+    if not storage.exists(path):
+        return ""
+    kept = []
+    for line in storage.read_text(path).splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line + "\n")
+    return "".join(kept)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

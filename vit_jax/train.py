@@ -17,14 +17,16 @@ import contextlib
 import logging
 import math
 import os
+import shutil
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from vit_jax import data, evaluate, sharding
+from vit_jax import data, evaluate, sharding, storage
 from vit_jax.checkpoint import Checkpointer, load_npz
 from vit_jax.checkpoint.manager import check_room
 from vit_jax.data import pipeline
@@ -62,7 +64,8 @@ def total_steps(config: ml_collections.ConfigDict) -> int:
 
 
 def initial_params(trainer: Trainer, config: ml_collections.ConfigDict) -> dict | None:
-    """Parameters from config.init_from.path (.npz or checkpoint dir), or None for scratch."""
+    """Parameters from config.init_from.path (an .npz, a run's directory or its
+    `checkpoints` folder, local or in a bucket), or None for scratch."""
     path = config.init_from.path
     if not path:
         return None
@@ -77,10 +80,12 @@ def initial_params(trainer: Trainer, config: ml_collections.ConfigDict) -> dict 
         )
         log.info("initialised from %s: %s", path, report)
         return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    if not os.path.isdir(path):
+    if not storage.is_dir(path):
         raise FileNotFoundError(
-            f"config.init_from.path={path!r} is neither an .npz file nor a checkpoint directory"
+            f"config.init_from.path={path!r} is neither an .npz file nor a run directory"
         )
+    if storage.is_dir(storage.join(path, "checkpoints")):
+        path = storage.join(path, "checkpoints")  # a run's directory
     abstract, _ = trainer.state_shardings
     source = Checkpointer(path, every_steps=1, async_save=False, read_only=True)
     params = source.restore_params(abstract["params"])
@@ -103,7 +108,7 @@ def run(
 
 def _run(config, workdir: str, stop_after_step: int | None, signals: StopSignals) -> dict:
     policy = nonfinite_policy(config)
-    os.makedirs(workdir, exist_ok=True)
+    storage.make_dirs(workdir)
     mesh = sharding.make_mesh(config.mesh.to_dict())
     if config.batch_size % sharding.data_parallel_size(mesh):
         raise ValueError(
@@ -112,10 +117,8 @@ def _run(config, workdir: str, stop_after_step: int | None, signals: StopSignals
         )
     steps = total_steps(config)
     trainer = Trainer(config, mesh, num_classes=data.num_classes(config.data), total_steps=steps)
-    logger = MetricLogger(workdir, is_main=jax.process_index() == 0)
-    logger.record_config(config)
     checkpointer = Checkpointer(
-        os.path.join(workdir, "checkpoints"),
+        storage.join(workdir, "checkpoints"),
         every_steps=config.checkpoint.every_steps,
         keep=config.checkpoint.keep,
         keep_every=config.checkpoint.keep_every,
@@ -124,6 +127,13 @@ def _run(config, workdir: str, stop_after_step: int | None, signals: StopSignals
     check_room(checkpointer.directory, trainer.state_shardings[0])
     state = initial_state(trainer, checkpointer, config)
     start_step = int(jax.device_get(state["step"]))
+    logger = MetricLogger(
+        workdir,
+        is_main=jax.process_index() == 0,
+        start_step=start_step,
+        write_files=start_step < steps,  # a finished run's rerun only reports
+    )
+    logger.record_config(config)
     train_step, flops = compile_train_step(trainer)
     peak = peak_flops(jax.devices()[0], config.peak_flops_per_device)
     progress = Progress(
@@ -178,6 +188,7 @@ def _run(config, workdir: str, stop_after_step: int | None, signals: StopSignals
                 if logger.is_main:
                     print(format_line(step, steps, values), flush=True)
             if save_now:
+                logger.flush()  # the metrics up to this step are stored with its checkpoint
                 checkpointer.save(step, state, {"step": step, "data_position": step}, force=last)
             if stopped is not None:
                 break
@@ -315,21 +326,34 @@ def step_flops(trainer: Trainer) -> float | None:
 
 
 class StepProfiler:
-    """Captures a profiler trace of `config.profile.num_steps` steps from `start_step`."""
+    """Captures a profiler trace of `config.profile.num_steps` steps from `start_step` into
+    `<workdir>/profile`. For a bucket workdir the trace is written to a local temporary
+    folder and then copied through `vit_jax.storage`, like every other file of the run."""
 
     def __init__(self, workdir: str, settings, *, enabled: bool):
-        self.directory = os.path.join(workdir, "profile")
+        self.directory = storage.join(workdir, "profile")
         self.start = settings.start_step if enabled else -1
         self.stop = self.start + settings.num_steps
+        self._local = None
 
     @contextlib.contextmanager
     def step(self, step: int):
         if step == self.start:
-            jax.profiler.start_trace(self.directory)
+            remote = storage.is_remote(self.directory)
+            self._local = tempfile.mkdtemp(prefix="vit_jax_profile_") if remote else None
+            jax.profiler.start_trace(self._local or self.directory)
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
             yield
         if step == self.stop - 1 and self.start >= 0:
             jax.profiler.stop_trace()
+            if self._local:
+                for root, _, files in os.walk(self._local):
+                    for name in files:
+                        local = os.path.join(root, name)
+                        relative = os.path.relpath(local, self._local).split(os.sep)
+                        with open(local, "rb") as f:
+                            storage.write_bytes(storage.join(self.directory, *relative), f.read())
+                shutil.rmtree(self._local, ignore_errors=True)
 
 
 def abstract_batch(trainer: Trainer) -> dict[str, jax.ShapeDtypeStruct]:

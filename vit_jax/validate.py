@@ -16,7 +16,7 @@ from typing import Any
 
 import ml_collections
 
-from vit_jax import data, losses, optim, sharding
+from vit_jax import data, losses, optim, sharding, storage
 from vit_jax.checkpoint.npz import HEAD_POLICIES
 from vit_jax.checkpoint.posemb import INTERPOLATIONS
 from vit_jax.errors import UserError
@@ -153,7 +153,9 @@ def check_machine(
     """What does not fit this machine, one line each (empty: all fits).
 
     With `create`, the workdir is made and a file written into it; otherwise only the
-    nearest existing folder is checked for write permission.
+    nearest existing folder is checked for write permission. A bucket workdir is checked
+    for real either way (a marker object written and deleted): its problems raise
+    `storage.StorageError` at once, since nothing else can be checked without the bucket.
     """
     problems = []
     try:
@@ -161,10 +163,10 @@ def check_machine(
         problems += batch_problems(config, shape)
     except UserError as e:
         problems.append(str(e))
-    for field, path in _paths(config):
-        if path and not path.startswith(REMOTE_PREFIXES) and not os.path.exists(path):
-            problems.append(f"config.{field}={path!r} does not exist")
     problem = _workdir_problem(workdir, create=create)
+    for field, path in _paths(config):
+        if path and not _exists(path, check_buckets=create):
+            problems.append(f"config.{field}={path!r} does not exist")
     if problem:
         problems.append(problem)
     return problems
@@ -196,9 +198,25 @@ def _paths(config) -> list[tuple[str, str | None]]:
     return paths
 
 
+def _exists(path: str, *, check_buckets: bool) -> bool:
+    """Whether a local path exists; a bucket path is looked up only with `check_buckets`
+    (other URLs, such as hf://, are left to the code that reads them)."""
+    if storage.is_remote(path):
+        if not check_buckets:
+            return True
+        try:
+            return storage.exists(path)
+        except Exception as error:  # noqa: BLE001 - no answer, no access: one line
+            raise storage.storage_error(path, error, action="read") from error
+    return path.startswith(REMOTE_PREFIXES) or os.path.exists(path)
+
+
 def _workdir_problem(workdir: str, *, create: bool) -> str | None:
-    if workdir.startswith(REMOTE_PREFIXES):
+    if storage.is_remote(workdir):
+        storage.check_writable(workdir)  # StorageError: one line naming the URL
         return None
+    if workdir.startswith(REMOTE_PREFIXES):
+        return f"--workdir={workdir}: only local folders and gs:// buckets hold runs"
     if create:
         try:
             os.makedirs(workdir, exist_ok=True)

@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint.checkpoint_manager import StepAlreadyExistsError
 
+from vit_jax import storage
 from vit_jax.errors import UserError
 
 _MAX_LISTED = 20
@@ -57,7 +58,7 @@ class Checkpointer:
         creating or cleaning anything: a save in progress there is left alone."""
         if every_steps <= 0:
             raise ValueError(f"config.checkpoint.every_steps must be positive, got {every_steps}")
-        self.directory = os.path.abspath(directory)
+        self.directory = storage.absolute(directory)
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=every_steps,
             max_to_keep=keep,
@@ -106,8 +107,9 @@ class Checkpointer:
         kept_text = f"the checkpoint of step {kept} is kept" if kept is not None else "none kept"
         return CheckpointSaveError(
             f"could not save the checkpoint of step {step} to "
-            f"{os.path.join(self.directory, str(step))}: {error} ({kept_text}). Free disk "
-            "space or fix the permissions, then run the same command again to resume."
+            f"{storage.join(self.directory, str(step))}: {_first_line(error)} ({kept_text}). "
+            "Free disk space or fix the permissions (for a bucket: the credentials' write "
+            "access), then run the same command again to resume."
         )
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
@@ -160,7 +162,7 @@ class Checkpointer:
 
     def _saved_arrays(self, step: int) -> dict[str, tuple[int, ...]] | None:
         """Shapes of the state arrays saved at `step` by path, from the metadata only."""
-        path = os.path.join(self.directory, str(step), "state")
+        path = storage.join(self.directory, str(step), "state")
         try:
             metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path))
         except Exception:  # noqa: BLE001 - no readable metadata: orbax checks on restore
@@ -256,9 +258,10 @@ def state_bytes(abstract_state: Any) -> int:
 def check_room(directory: str, abstract_state: Any, margin: float = 1.1) -> None:
     """Raises NoRoomError if `directory`'s file system cannot hold one more checkpoint.
 
-    Remote paths (gs://...) are not checked.
+    Buckets have no fixed size and are not checked here (`storage.check_writable` checks
+    that one can be written).
     """
-    if "://" in directory:
+    if storage.is_remote(directory):
         return
     existing = directory
     while not os.path.isdir(existing):
@@ -271,6 +274,10 @@ def check_room(directory: str, abstract_state: Any, margin: float = 1.1) -> None
             f"(parameters and optimizer state), the disk has {_mib(free)} free. Free some "
             "space or choose another --workdir."
         )
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).splitlines() or [type(error).__name__])[0][:300]
 
 
 def _mib(n: int) -> str:
