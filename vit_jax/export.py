@@ -11,7 +11,8 @@ with the parameters inside and a symbolic batch dimension; running it needs only
     logits = exported.call(images)  # images: (any batch, H, W, 3) float32
 
 The input contract (shape, dtype, value range, class names, the preprocessing that makes
-such images from files) is written next to it as `model.json`.
+such images from files) is written next to it as `model.json`. The run and `--out` may be
+bucket URLs (gs://...).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from vit_jax import inference  # noqa: E402
+from vit_jax import inference, storage  # noqa: E402
 from vit_jax.checkpoint import save_npz  # noqa: E402
 from vit_jax.data import pp_parse  # noqa: E402
 from vit_jax.errors import UserError  # noqa: E402
@@ -50,16 +51,16 @@ def export_jax(
     size = loaded.image_size
     spec = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
     exported = jax.export.export(jax.jit(logits), platforms=platforms)(spec)
-    with open(path, "wb") as f:
-        f.write(exported.serialize())
-    contract = input_contract(loaded, exported, os.path.basename(path))
-    with open(contract_path(path), "w") as f:
-        json.dump(contract, f, indent=2)
+    storage.write_bytes(path, exported.serialize())
+    contract = input_contract(loaded, exported, storage.basename(path))
+    storage.write_text(contract_path(path), json.dumps(contract, indent=2))
     return contract
 
 
 def contract_path(path: str) -> str:
-    return os.path.splitext(path)[0] + ".json"
+    """`model.json` beside `model.jax` (a local path or a URL)."""
+    extension = os.path.splitext(storage.basename(path))[1]
+    return path[: len(path) - len(extension)] + ".json"
 
 
 def input_contract(loaded: inference.LoadedModel, exported: jax.export.Exported, name: str):
@@ -106,8 +107,8 @@ def value_range(pp: str) -> list[float] | None:
 
 
 def default_out(args: argparse.Namespace) -> str:
-    folder = os.path.join(args.workdir, "export") if args.workdir else "export"
-    return os.path.join(folder, "model" + FORMATS[args.format])
+    folder = storage.join(args.workdir, "export") if args.workdir else "export"
+    return storage.join(folder, "model" + FORMATS[args.format])
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -129,7 +130,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     def run() -> int:
         loaded = inference.load_from_args(args)
         out = args.out or default_out(args)
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        if storage.is_remote(out):
+            storage.check_writable(storage.dirname(out))  # before the export's work
+        else:
+            storage.make_dirs(storage.dirname(out))
         if args.format == "npz":
             try:
                 save_npz(loaded.model, out)

@@ -11,22 +11,22 @@ The commands `predict`, `visualize` and `export` start from here.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import io
 import json
 import logging
-import os
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 from flax import nnx
 
-from vit_jax import data
-from vit_jax.checkpoint import Checkpointer, CheckpointError, load_npz
+from vit_jax import data, storage
+from vit_jax.checkpoint import Checkpointer, CheckpointError, load_npz, read_npz
 from vit_jax.data import label_ops, pp_parse, presets, registry
 from vit_jax.data._tf import tf
 from vit_jax.errors import UserError
@@ -97,31 +97,55 @@ class LoadedModel:
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
-    """The run's config as the trainer saved it in `config.json`."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isdir(workdir):
-        raise UserError(f"--workdir {workdir}: no such directory; give a training run's workdir")
-    if not os.path.isfile(path):
-        raise UserError(
-            f"--workdir {workdir}: no config.json, so not a training run's workdir "
-            "(`python -m vit_jax.main --workdir=...` writes it)"
-        )
+    """The run's config as the trainer saved it in `config.json` (a folder or a bucket URL)."""
+    path = storage.join(workdir, "config.json")
+    with reading(f"--workdir {workdir}"):
+        if not storage.is_dir(workdir):
+            what = storage.missing(workdir)
+            if what == "no such file or folder":
+                what = "no such directory"
+            raise UserError(f"--workdir {workdir}: {what}; give a training run's workdir")
+        if not storage.is_file(path):
+            raise UserError(
+                f"--workdir {workdir}: no config.json, so not a training run's workdir "
+                "(`python -m vit_jax.main --workdir=...` writes it)"
+            )
+        text = storage.read_text(path)
     try:
-        with open(path) as f:
-            return ml_collections.ConfigDict(json.load(f))
-    except (OSError, ValueError) as e:
+        return ml_collections.ConfigDict(json.loads(text))
+    except ValueError as e:
         raise UserError(f"{path}: not a readable config ({e})") from None
+
+
+@contextlib.contextmanager
+def reading(what: str) -> Iterator[None]:
+    """Turns a failure to read a file or bucket (FileNotFoundError, a refused or unanswered
+    request) into one UserError line that starts with `what`."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any storage failure becomes one line
+        raise read_failure(what, e) from e
+
+
+def read_failure(what: str, error: BaseException) -> UserError:
+    """`what: cannot read it (the error's first line)`."""
+    text = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+    return UserError(f"{what}: cannot read it ({text})")
 
 
 def load_run(workdir: str, step: int | None = None) -> LoadedModel:
     """The model of a training run at its newest complete checkpoint (or at `step`)."""
     config = read_config(workdir)
-    directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
-        raise UserError(f"--workdir {workdir}: no checkpoints yet; train first")
-    checkpoints = Checkpointer(directory, every_steps=1, read_only=True)
+    directory = storage.join(workdir, "checkpoints")
+    with reading(f"--workdir {workdir}"):
+        if not storage.is_dir(directory):
+            raise UserError(f"--workdir {workdir}: no checkpoints yet; train first")
+        checkpoints = Checkpointer(directory, every_steps=1, read_only=True)
     try:
-        steps = checkpoints.all_steps()
+        with reading(f"--workdir {workdir}"):
+            steps = checkpoints.all_steps()
         if not steps:
             raise UserError(f"--workdir {workdir}: no complete checkpoint yet; train longer")
         if step is not None and step not in steps:
@@ -165,7 +189,7 @@ def _num_classes(config: ml_collections.ConfigDict, workdir: str, step: int) -> 
     except (data.DataError, OSError):
         import orbax.checkpoint as ocp
 
-        path = os.path.join(workdir, "checkpoints", str(step), "state")
+        path = storage.as_path(storage.join(workdir, "checkpoints", str(step), "state"))
         tree = ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree
         return int(tree["params"]["head"]["bias"].shape[0])
 
@@ -222,8 +246,9 @@ def load_npz_model(
     labels_file: str | None = None,
 ) -> LoadedModel:
     """A public-layout `.npz` as a model, with the release's resize-to-size preprocessing."""
-    if not os.path.isfile(path):
-        raise UserError(f"--checkpoint {path}: no such file")
+    with reading(f"--checkpoint {path}"):
+        if not storage.is_file(path):
+            raise UserError(f"--checkpoint {path}: {storage.missing(path)}")
     names = read_labels(labels_file) if labels_file else None
     if num_classes is None:
         num_classes = len(names) if names else _npz_num_classes(path)
@@ -251,20 +276,21 @@ def load_npz_model(
 
 
 def _npz_num_classes(path: str) -> int:
-    with np.load(path, allow_pickle=False) as archive:
-        head = [k for k in archive.files if k.endswith("head/bias")]
-        if not head:
-            raise UserError(f"--checkpoint {path}: the file has no classifier head; --num_classes")
-        return int(archive[head[0]].shape[0])
+    with reading(f"--checkpoint {path}"):
+        head = read_npz(path, lambda keys: [k for k in keys if k.endswith("head/bias")])
+    if not head:
+        raise UserError(f"--checkpoint {path}: the file has no classifier head; --num_classes")
+    return int(next(iter(head.values())).shape[0])
 
 
 def read_labels(path: str) -> tuple[str, ...]:
     """One class name per line."""
     try:
-        with open(path) as f:
-            names = [line.strip() for line in f]
-    except OSError as e:
-        raise UserError(f"--labels {path}: cannot read it ({e.strerror})") from None
+        names = [line.strip() for line in storage.read_text(path).splitlines()]
+    except FileNotFoundError:
+        raise UserError(f"--labels {path}: {storage.missing(path)}") from None
+    except Exception as e:  # noqa: BLE001 - a bucket's failures become one line too
+        raise read_failure(f"--labels {path}", e) from None
     while names and not names[-1]:
         names.pop()
     if not names:
@@ -276,25 +302,28 @@ def read_labels(path: str) -> tuple[str, ...]:
 
 
 def list_images(paths: Iterable[str]) -> list[str]:
-    """Files as given, folders expanded to the image files under them (sorted)."""
+    """Files as given, folders expanded to the image files under them (sorted); local paths
+    or bucket URLs."""
     files: list[str] = []
     for path in paths:
-        if os.path.isdir(path):
-            found = sorted(
-                os.path.join(root, name)
-                for root, _, names in os.walk(path)
-                for name in names
-                if name.lower().endswith(IMAGE_EXTENSIONS)
-            )
-            if not found:
-                raise UserError(
-                    f"{path}: the folder holds no image files ({', '.join(IMAGE_EXTENSIONS)})"
+        with reading(path):
+            if storage.is_dir(path):
+                found = sorted(
+                    name
+                    for name in storage.walk_files(path)
+                    if storage.basename(name).lower().endswith(IMAGE_EXTENSIONS)
                 )
-            files.extend(found)
-        elif os.path.isfile(path):
-            files.append(path)
-        else:
-            raise UserError(f"{path}: no such image file or folder")
+                if not found:
+                    raise UserError(
+                        f"{path}: the folder holds no image files ({', '.join(IMAGE_EXTENSIONS)})"
+                    )
+                files.extend(found)
+            elif storage.is_file(path):
+                files.append(path)
+            elif storage.is_remote(path):
+                raise UserError(f"{path}: no such image file or folder ({storage.missing(path)})")
+            else:
+                raise UserError(f"{path}: no such image file or folder")
     return files
 
 
@@ -303,8 +332,12 @@ def read_image(path: str) -> bytes:
     from PIL import Image
 
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = storage.read_bytes(path)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such image file") from None
+    except Exception as e:  # noqa: BLE001 - a bucket's failures become one line too
+        raise read_failure(path, e) from None
+    try:
         with Image.open(io.BytesIO(raw)) as image:
             image.load()
             if image.format in _TF_FORMATS:
@@ -312,8 +345,6 @@ def read_image(path: str) -> bytes:
             out = io.BytesIO()
             image.convert("RGB").save(out, "PNG")
             return out.getvalue()
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such image file") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise UserError(f"{path}: not a readable image ({e}); give a JPEG or PNG file") from None
 

@@ -6,13 +6,15 @@
     python -m vit_jax.visualize distance  --workdir RUN             # mean attention distance
     python -m vit_jax.visualize curves    --workdir RUN             # metrics.jsonl
 
-PNG files go to RUN/pictures/ (or `--out`: a folder, or a .png file for one picture);
-`--show` prints their paths. The NumPy functions below do the arithmetic; `draw_*` renders.
+PNG files go to RUN/pictures/ (or `--out`: a folder, or a .png file for one picture); RUN
+and `--out` may be bucket URLs (gs://...). `--show` prints the pictures' paths. The NumPy
+functions below do the arithmetic; `draw_*` renders.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -25,7 +27,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from vit_jax import data, inference  # noqa: E402
+from vit_jax import data, inference, storage  # noqa: E402
 from vit_jax.errors import UserError  # noqa: E402
 from vit_jax.models.vit import VisionTransformer, posemb_sincos_2d  # noqa: E402
 
@@ -154,17 +156,29 @@ def head_distances(loaded: inference.LoadedModel, images: np.ndarray, chunk: int
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        raise UserError(f"--workdir {workdir}: no metrics.jsonl; train first (or another run)")
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    """The records of the run's `metrics.jsonl` (a folder or a bucket URL)."""
+    path = storage.join(workdir, "metrics.jsonl")
+    with inference.reading(f"--workdir {workdir}"):
+        if not storage.is_file(path):
+            raise UserError(f"--workdir {workdir}: no metrics.jsonl; train first (or another run)")
+        text = storage.read_text(path)
+    try:
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except ValueError as e:
+        raise UserError(f"{path}: not JSON lines ({e})") from None
     if not records:
         raise UserError(f"{path} is empty: the run logged nothing yet")
     return records
 
 
 # --- drawing ---------------------------------------------------------------------------------
+
+
+def save_figure(figure, path: str) -> None:
+    """Writes the figure as a PNG file to a local path or a bucket URL, in one piece."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    storage.write_bytes(path, buffer.getvalue())
 
 
 def new_figure(kind: str):
@@ -207,7 +221,7 @@ def draw_attention(loaded: inference.LoadedModel, path: str, image: np.ndarray, 
         axis.imshow(picture, cmap="inferno" if picture.ndim == 2 else None, vmin=0, vmax=1)
         axis.set_title(text, fontsize=9)
         axis.axis("off")
-    figure.savefig(path)
+    save_figure(figure, path)
 
 
 def _mosaic(tiles: np.ndarray, columns: int, gap: int = 1) -> np.ndarray:
@@ -233,7 +247,7 @@ def draw_posemb(loaded: inference.LoadedModel, path: str) -> None:
     axis.set_title("position embedding similarity (one tile per patch position)", fontsize=9)
     axis.axis("off")
     figure.tight_layout()
-    figure.savefig(path)
+    save_figure(figure, path)
 
 
 def draw_filters(loaded: inference.LoadedModel, path: str, count: int) -> None:
@@ -248,7 +262,7 @@ def draw_filters(loaded: inference.LoadedModel, path: str, count: int) -> None:
     axis.imshow(np.nan_to_num(_mosaic(tiles, 7), nan=1.0))
     axis.set_title(f"first {len(tiles)} principal components of the patch filters", fontsize=9)
     axis.axis("off")
-    figure.savefig(path)
+    save_figure(figure, path)
 
 
 def draw_distance(loaded: inference.LoadedModel, path: str, images: np.ndarray) -> None:
@@ -267,11 +281,11 @@ def draw_distance(loaded: inference.LoadedModel, path: str, images: np.ndarray) 
     if heads <= 16:
         axis.legend(fontsize=6, ncol=2)
     figure.tight_layout()
-    figure.savefig(path)
+    save_figure(figure, path)
 
 
-def draw_curves(workdir: str, path: str) -> None:
-    records = read_metrics(workdir)
+def draw_curves(workdir: str, path: str, records: list[dict] | None = None) -> None:
+    records = read_metrics(workdir) if records is None else records
     panels = {
         "loss": [k for k in _keys(records) if k.endswith("/loss")],
         "accuracy (top-1)": [k for k in _keys(records) if k.endswith("top1")],
@@ -289,7 +303,7 @@ def draw_curves(workdir: str, path: str) -> None:
         if keys:
             axis.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path)
+    save_figure(figure, path)
 
 
 def _keys(records: list[dict]) -> list[str]:
@@ -314,15 +328,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def output_paths(args: argparse.Namespace, names: list[str]) -> list[str]:
-    """Where each picture goes: --out (folder or one .png), else <workdir>/pictures."""
-    out = args.out or os.path.join(args.workdir or ".", "pictures")
+    """Where each picture goes: --out (folder or one .png), else <workdir>/pictures; local
+    folders are created, a bucket is checked to take writes."""
+    out = args.out or storage.join(args.workdir or ".", "pictures")
     if out.lower().endswith(".png"):
         if len(names) != 1:
             raise UserError(f"--out {out}: {len(names)} pictures need a folder, not one file")
-        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        prepare_folder(storage.dirname(out))
         return [out]
-    os.makedirs(out, exist_ok=True)
-    return [os.path.join(out, name) for name in names]
+    prepare_folder(out)
+    return [storage.join(out, name) for name in names]
+
+
+def prepare_folder(folder: str) -> None:
+    """Creates a local folder; checks that a bucket folder can be written (StorageError)."""
+    if storage.is_remote(folder):
+        storage.check_writable(folder)
+    else:
+        storage.make_dirs(folder)
 
 
 def make_pictures(args: argparse.Namespace) -> list[str]:
@@ -330,19 +353,20 @@ def make_pictures(args: argparse.Namespace) -> list[str]:
     if args.kind == "curves":
         if not args.workdir:
             raise UserError("visualize curves: give --workdir <run>")
+        records = read_metrics(args.workdir)  # before anything is written
         (path,) = output_paths(args, ["curves.png"])
-        draw_curves(args.workdir, path)
+        draw_curves(args.workdir, path, records)
         return [path]
     if args.kind == "attention" and not args.images:
         raise UserError("visualize attention: give one or more image files")
     files = inference.list_images(args.images) if args.images else []
     loaded = inference.load_from_args(args)
     if args.kind == "attention":
-        names = [f"attention_{os.path.splitext(os.path.basename(f))[0]}.png" for f in files]
-        paths = output_paths(args, names)
+        stems = [os.path.splitext(storage.basename(f))[0] for f in files]
+        paths = output_paths(args, [f"attention_{stem}.png" for stem in stems])
         for file, path in zip(files, paths, strict=True):
             image = loaded.preprocess(inference.read_image(file))
-            draw_attention(loaded, path, image, os.path.basename(file))
+            draw_attention(loaded, path, image, storage.basename(file))
         return paths
     (path,) = output_paths(args, [f"{args.kind}.png"])
     if args.kind == "posemb":
@@ -368,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.show:
             print("\n".join(paths))
         else:
-            print(f"wrote {len(paths)} picture(s) to {os.path.dirname(paths[0])}", file=sys.stderr)
+            print(f"wrote {len(paths)} picture(s) to {storage.dirname(paths[0])}", file=sys.stderr)
         return 0
 
     return inference.run_main(run)

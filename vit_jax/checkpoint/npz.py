@@ -14,21 +14,20 @@ file when unpickled.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
 import re
-import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, BinaryIO
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vit_jax import storage
 from vit_jax.checkpoint.posemb import INTERPOLATIONS, resize_posemb
 from vit_jax.errors import UserError
 
@@ -115,17 +114,26 @@ class LoadReport:
 def read_npz(
     path: str | os.PathLike, select: Callable[[list[str]], list[str]] | None = None
 ) -> dict[str, np.ndarray]:
-    """Reads the arrays of an `.npz` file with pickles refused; clear errors otherwise.
+    """Reads the arrays of an `.npz` file (a local path or a bucket URL) with pickles
+    refused; clear errors otherwise.
 
-    `select`, given the archive's keys, picks the ones to read (default: all).
+    `select`, given the archive's keys, picks the ones to read (default: all). Members are
+    read one at a time from the file (ranges of the object in a bucket), never all at once.
     """
     path = os.fspath(path)
-    if not os.path.exists(path):
+    if not storage.exists(path):
         raise FileNotFoundError(f"checkpoint file {path!r} does not exist")
-    if os.path.isdir(path):
+    if storage.is_dir(path):
         raise CheckpointError(f"checkpoint path {path!r} is a directory, not an .npz file")
-    with open(path, "rb") as f:
-        magic = f.read(6)
+    with storage.open_file(path) as f:
+        return _read_archive(path, f, select)
+
+
+def _read_archive(
+    path: str, f: BinaryIO, select: Callable[[list[str]], list[str]] | None
+) -> dict[str, np.ndarray]:
+    magic = f.read(6)
+    f.seek(0)
     if magic.startswith(_NPY_MAGIC):
         raise CheckpointError(
             f"{path!r} is a single-array .npy file, not an .npz archive of named arrays"
@@ -135,7 +143,7 @@ def read_npz(
             raise CheckpointError(f"{path!r} {_PICKLE_REFUSAL}")
         raise CheckpointError(f"{path!r} is not an .npz file (no zip archive header)")
     try:
-        archive = np.load(path, allow_pickle=False)
+        archive = np.load(f, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise CheckpointError(f"{path!r} is not a readable .npz file: {e}") from None
     arrays: dict[str, np.ndarray] = {}
@@ -596,34 +604,24 @@ def npz_arrays(model: nnx.Module, *, layout: str = "original") -> dict[str, np.n
 
 
 def save_npz(model: nnx.Module, path: str | os.PathLike, *, layout: str = "original") -> None:
-    """Writes the model's parameters as a public-layout `.npz` (plain float arrays).
+    """Writes the model's parameters as a public-layout `.npz` (plain float arrays) to a
+    local path or a bucket URL.
 
-    The file is written to a temporary file in the same directory and renamed into place, so
-    a crash never leaves a half-written checkpoint at `path`.
+    The file is written in one piece (`storage.write_with`: a temporary file renamed into
+    place, or one upload), so a crash never leaves a half-written checkpoint at `path`.
     """
     write_npz(path, npz_arrays(model, layout=layout))
 
 
 def write_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
     """Atomically writes `{key: array}` as an uncompressed `.npz` (no pickles)."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED) as archive:
-                for key, value in arrays.items():
-                    with archive.open(f"{key}.npy", mode="w", force_zip64=True) as member:
-                        np.lib.format.write_array(
-                            member, np.ascontiguousarray(value), allow_pickle=False
-                        )
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+
+    def write(f: BinaryIO) -> None:
+        with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED) as archive:
+            for key, value in arrays.items():
+                with archive.open(f"{key}.npy", mode="w", force_zip64=True) as member:
+                    np.lib.format.write_array(
+                        member, np.ascontiguousarray(value), allow_pickle=False
+                    )
+
+    storage.write_with(os.fspath(path), write)
