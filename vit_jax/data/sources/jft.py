@@ -25,17 +25,21 @@ the current round before the current window are read again (at most one round, i
 
 Evaluation, sliced splits (``train[:1000]``) and splits with fewer files than processes read
 records in file order (every ``process_count``-th record when files are fewer than processes).
+
+The folder may be local or a ``gs://`` URL. The metadata, the folder listing and the shard
+sizes go through ``vit_jax.storage``; the records themselves are read by
+``tf.data.TFRecordDataset``, i.e. TensorFlow's own file system (its GCS client for ``gs://``).
 """
 
 import contextlib
 import functools
 import json
 import math
-import os
 from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from vit_jax import storage
 from vit_jax.data import splits
 from vit_jax.data._tf import tf
 from vit_jax.data.sources.base import DataError, Records
@@ -85,21 +89,50 @@ def _counted(ds: tf.data.Dataset) -> tf.data.Dataset:
 
 @functools.lru_cache(maxsize=16)
 def load_metadata(root: str, split: str) -> dict:
-    """Reads ``root/split.json``."""
-    path = os.path.join(root or "", f"{split}.json")
-    if not tf.io.gfile.exists(path):
-        have = (
-            sorted(f[:-5] for f in tf.io.gfile.listdir(root) if f.endswith(".json"))
-            if root and tf.io.gfile.isdir(root)
-            else []
-        )
+    """Reads ``root/split.json`` (a local folder or a ``gs://`` URL, through vit_jax.storage)."""
+    path = storage.join(root or "", f"{split}.json")
+    try:
+        text = storage.read_text(path)
+    except (FileNotFoundError, NotADirectoryError):
+        have = sorted(f[: -len(".json")] for f in _listing(root) if f.endswith(".json"))
         raise DataError(
             f"no metadata {path!r} for JFT-like split {split!r} (splits found: {have}); write "
             "shards with `python -m vit_jax.data.write_shards --input ... --output DIR "
             f"--split {split}` and set data_dir to DIR"
-        )
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
+        ) from None
+    try:
+        meta = json.loads(text)
+        if not isinstance(meta, dict) or not isinstance(meta.get("shards"), list):
+            raise ValueError("no 'shards' list")
+    except ValueError as e:
+        raise DataError(
+            f"metadata {path!r} is not valid JFT-like metadata ({e}); rewrite it with "
+            "`python -m vit_jax.data.write_shards`"
+        ) from None
+    return meta
+
+
+def _listing(root: str) -> dict[str, int]:
+    """The files directly in ``root`` and their sizes ({} when it is not a folder)."""
+    try:
+        return storage.list_entries(root)[1] if root else {}
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+
+
+def _shard_paths(root: str, meta: dict) -> list[str]:
+    """The split's shard files; raises DataError naming missing ones (one listing of
+    ``root``, not one request per shard)."""
+    present = _listing(root)
+    files = [storage.join(root, s["file"]) for s in meta["shards"]]
+    missing = [
+        path
+        for s, path in zip(meta["shards"], files, strict=True)
+        if s["file"] not in present and not storage.exists(path)  # Names in sub-folders.
+    ]
+    if missing:
+        raise DataError(f"JFT-like shard files missing: {missing[:5]}")
+    return files
 
 
 def parse_record(serialized: tf.Tensor) -> dict:
@@ -191,7 +224,13 @@ def _record_bytes(root: str, meta: dict) -> float:
     if all("num_bytes" in s for s in shards):
         nbytes = sum(int(s["num_bytes"]) for s in shards)
     else:
-        nbytes = sum(tf.io.gfile.stat(os.path.join(root, s["file"])).length for s in shards)
+        present = _listing(root)
+        nbytes = sum(
+            present[s["file"]]
+            if s["file"] in present
+            else storage.size(storage.join(root, s["file"]))
+            for s in shards
+        )
     return nbytes / max(1, sum(int(s["num_examples"]) for s in shards))
 
 
@@ -211,11 +250,8 @@ def open_split(cfg, process_index: int, process_count: int, *, epoch_order: bool
     root = cfg.data_dir or cfg.name
     name, start, stop = splits.parse_split(cfg.split)
     meta = load_metadata(root, name)
-    files = [os.path.join(root, s["file"]) for s in meta["shards"]]
+    files = _shard_paths(root, meta)
     sizes = [int(s["num_examples"]) for s in meta["shards"]]
-    missing = [f for f in files if not tf.io.gfile.exists(f)]
-    if missing:
-        raise DataError(f"JFT-like shard files missing: {missing[:5]}")
     sliced = start is not None or stop is not None
     if not sliced and len(files) >= process_count:
         mine = list(range(process_index, len(files), process_count))
