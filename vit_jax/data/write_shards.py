@@ -8,17 +8,25 @@ sorted order) or a CSV of ``path,labels`` rows with space-separated label ids
 (``img/1.jpg,3 17 42``; relative paths are relative to the CSV; a header row is skipped).
 Examples are shuffled with ``--seed`` before sharding so every shard mixes all classes.
 The record schema and metadata layout are documented in ``vit_jax.data.sources.jft``.
+
+Input and output may be local paths or ``gs://`` URLs; every file goes through
+``vit_jax.storage``. Shards are written by TensorFlow's ``TFRecordWriter`` into the output
+folder when it is local, or into a local temporary file that is then uploaded whole; the
+metadata is written last and atomically, so a split is visible only once complete.
 """
 
 import argparse
 import csv
+import io
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from vit_jax import storage
 from vit_jax.data.sources.folder import EXTENSIONS
 
 Example = tuple[str, list[int]]
@@ -26,22 +34,22 @@ Example = tuple[str, list[int]]
 
 def read_folder(root: str) -> tuple[list[Example], list[str]]:
     """(path, [label]) for every image of a ``<class>/*`` folder, and the class names."""
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    classes, _ = storage.list_entries(root)
     if not classes:
         raise ValueError(f"no class folders in {root!r}; expected {root}/<class>/*.jpg")
     examples = []
     for i, cls in enumerate(classes):
-        for fname in sorted(os.listdir(os.path.join(root, cls))):
+        for fname in storage.list_entries(storage.join(root, cls))[1]:
             if fname.lower().endswith(EXTENSIONS):
-                examples.append((os.path.join(root, cls, fname), [i]))
+                examples.append((storage.join(root, cls, fname), [i]))
     return examples, classes
 
 
 def read_csv(path: str) -> list[Example]:
     """(path, labels) rows of a CSV ``path,labels`` file (labels space-separated ints)."""
-    base = os.path.dirname(os.path.abspath(path))
+    base = storage.dirname(storage.absolute(path))
     examples = []
-    with open(path, newline="") as f:
+    with io.StringIO(storage.read_text(path), newline="") as f:
         for row_no, row in enumerate(csv.reader(f)):
             if not row or not row[0].strip():
                 continue
@@ -54,7 +62,8 @@ def read_csv(path: str) -> list[Example]:
                     continue  # Header.
                 raise ValueError(f"{path}:{row_no + 1}: labels must be ints: {row[1]!r}") from None
             image = row[0].strip()
-            examples.append((image if os.path.isabs(image) else os.path.join(base, image), labels))
+            absolute = storage.is_remote(image) or os.path.isabs(image)
+            examples.append((image if absolute else storage.join(base, image), labels))
     return examples
 
 
@@ -94,8 +103,7 @@ def write_shards(
 
     def record(i: int) -> bytes:
         path, labels = examples[i]
-        with open(path, "rb") as f:
-            return _example(f.read(), list(labels), os.path.basename(path))
+        return _example(storage.read_bytes(path), list(labels), storage.basename(path))
 
     order = np.random.default_rng(seed).permutation(len(examples))
     return write_records(
@@ -125,17 +133,23 @@ def write_records(
 
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-    os.makedirs(output, exist_ok=True)
+    storage.make_dirs(output)
     shards = []
-    for k, part in enumerate(np.array_split(np.asarray(order), num_shards)):
-        fname = f"{split}-{k:05d}-of-{num_shards:05d}.tfrecord"
-        path = os.path.join(output, fname)
-        with tf.io.TFRecordWriter(path) as writer:
-            for i in part:
-                writer.write(record(int(i)))
-        shards.append(
-            {"file": fname, "num_examples": int(len(part)), "num_bytes": os.path.getsize(path)}
-        )
+    with tempfile.TemporaryDirectory() as scratch:
+        for k, part in enumerate(np.array_split(np.asarray(order), num_shards)):
+            fname = f"{split}-{k:05d}-of-{num_shards:05d}.tfrecord"
+            # TFRecordWriter writes local files only here (never through TF's GCS client).
+            local = os.path.join(scratch, fname) if storage.is_remote(output) else None
+            path = local or storage.join(output, fname)
+            with tf.io.TFRecordWriter(path) as writer:
+                for i in part:
+                    writer.write(record(int(i)))
+            num_bytes = os.path.getsize(path)
+            if local:
+                with open(local, "rb") as f:
+                    storage.write_bytes(storage.join(output, fname), f.read())
+                os.remove(local)
+            shards.append({"file": fname, "num_examples": int(len(part)), "num_bytes": num_bytes})
     meta = {
         "split": split,
         "num_classes": int(num_classes),
@@ -144,8 +158,7 @@ def write_records(
     }
     if class_names is not None:
         meta["class_names"] = list(class_names)
-    with open(os.path.join(output, f"{split}.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+    storage.write_text(storage.join(output, f"{split}.json"), json.dumps(meta, indent=1))
     return meta
 
 
@@ -197,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     names = None
-    if os.path.isdir(args.input):
+    if storage.is_dir(args.input):
         examples, names = read_folder(args.input)
     else:
         examples = read_csv(args.input)
