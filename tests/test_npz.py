@@ -19,6 +19,7 @@ from vit_jax.checkpoint import (
     resize_posemb,
     save_npz,
 )
+from vit_jax.checkpoint.npz import write_npz
 from vit_jax.models import create_model
 
 TINY = dict(width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=8, img_size=32, num_classes=5)
@@ -402,3 +403,39 @@ def test_abstract_model_needs_every_parameter(source_file):
     with pytest.raises(CheckpointError, match="built abstractly .*pre_logits/kernel"):
         load_npz(model, source_file, pre_logits="drop")
     assert isinstance(model.pre_logits.kernel.get_value(), jax.ShapeDtypeStruct)
+
+
+# --- buckets ---------------------------------------------------------------------------------
+
+
+def test_save_and_load_through_a_bucket(
+    storage_server, bucket, source, images, tmp_path, monkeypatch
+):
+    """A gs:// URL works like a path: one object written, read back bit-identically, and
+    nothing created locally (the current directory is tmp_path)."""
+    monkeypatch.chdir(tmp_path)
+    url = f"gs://{bucket}/weights/vit.npz"
+    save_npz(source, url)
+    assert storage_server.objects(bucket) == ["weights/vit.npz"]
+    assert_same_arrays(read_npz(url), npz_arrays(source))
+    model = shell()
+    report = load_npz(model, url)
+    assert report.path == url and report.head == "loaded"
+    np.testing.assert_array_equal(forward(model, images), forward(source, images))
+    with pytest.raises(FileNotFoundError, match="nope.npz"):
+        load_npz(shell(), f"gs://{bucket}/weights/nope.npz")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_failed_save_leaves_the_old_file(storage_server, bucket, tmp_path):
+    """An array that cannot be written (an object array: no pickles) fails the save before
+    anything replaces the file, on a disk and in a bucket."""
+    good = {"a": np.arange(3.0)}
+    bad = {"a": np.zeros(3), "b": np.empty(1, dtype=object)}
+    for path in (str(tmp_path / "w.npz"), f"gs://{bucket}/w.npz"):
+        write_npz(path, good)
+        with pytest.raises(ValueError, match="allow_pickle"):
+            write_npz(path, bad)
+        assert_same_arrays(read_npz(path), good)
+    assert os.listdir(tmp_path) == ["w.npz"]  # no temporary file left behind
+    assert storage_server.objects(bucket) == ["w.npz"]

@@ -100,11 +100,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     """The run's config as the trainer saved it in `config.json` (a folder or a bucket URL)."""
     path = storage.join(workdir, "config.json")
     with reading(f"--workdir {workdir}"):
-        if not storage.is_dir(workdir):
-            what = storage.missing(workdir)
-            if what == "no such file or folder":
-                what = "no such directory"
-            raise UserError(f"--workdir {workdir}: {what}; give a training run's workdir")
+        check_workdir(workdir)
         if not storage.is_file(path):
             raise UserError(
                 f"--workdir {workdir}: no config.json, so not a training run's workdir "
@@ -115,6 +111,16 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.loads(text))
     except ValueError as e:
         raise UserError(f"{path}: not a readable config ({e})") from None
+
+
+def check_workdir(workdir: str) -> None:
+    """Raises a UserError unless `workdir` is a folder (or a prefix with objects in a bucket)
+    saying what is missing: the folder, or the bucket."""
+    if not storage.is_dir(workdir):
+        what = storage.missing(workdir)
+        if what == "no such file or folder":
+            what = "no such directory"
+        raise UserError(f"--workdir {workdir}: {what}; give a training run's workdir")
 
 
 @contextlib.contextmanager

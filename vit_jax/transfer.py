@@ -8,17 +8,18 @@ VTAB, on the 800/200 split (`vtab/<task>/hparam`), then the chosen lr is trained
 1,000 examples (`vtab/<task>`) and evaluated on test, as in the paper. Results go to
 `<workdir>/results.md` and `results.csv` (the layout of the paper's Table 2), next to the
 paper's figures with `--paper`. Every run has its own workdir, so a stopped sweep resumes.
+`--workdir` and `--init_from` may be bucket URLs (gs://...).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import os
+import io
 import sys
 from dataclasses import dataclass
 
-from vit_jax import configuration, host_memory, validate
+from vit_jax import configuration, host_memory, storage, validate
 from vit_jax.data.presets import VTAB_TASKS
 from vit_jax.errors import UserError
 from vit_jax.main import USER_ERROR_STATUS, split_overrides
@@ -66,7 +67,9 @@ def _config(args, dataset: str, lr: float, overrides: list[str]):
 
 
 def _workdir(args, dataset: str, lr: float) -> str:
-    return os.path.join(args.workdir, dataset.replace("/", "_").replace(":", "_"), f"lr_{lr:g}")
+    """`<workdir>/<dataset with / and : as _>/lr_<lr>`: a local path or a URL."""
+    name = dataset.replace("/", "_").replace(":", "_")
+    return storage.join(args.workdir, name, f"lr_{lr:g}")
 
 
 def sweep_task(args, task: str, overrides: list[str]) -> TaskResult:
@@ -88,7 +91,8 @@ def sweep_task(args, task: str, overrides: list[str]) -> TaskResult:
 
 
 def write_tables(results: list[TaskResult], workdir: str, paper: str | None) -> str:
-    """results.csv and results.md in `workdir`; returns the Markdown."""
+    """results.csv and results.md in `workdir` (a folder or a bucket URL); returns the
+    Markdown."""
     reference = PAPER.get(paper or "", {})
     rows = [(r.task, r.lr, 100 * r.val_top1, 100 * r.test_top1, reference.get(r.task))
             for r in results]  # fmt: skip
@@ -97,17 +101,17 @@ def write_tables(results: list[TaskResult], workdir: str, paper: str | None) -> 
         mean = 100 * sum(r.test_top1 for r in vtab) / len(vtab)
         rows.append(("VTAB-19 mean", None, None, mean, reference.get("vtab")))
     header = ["task", "lr", "val top-1 %", "test top-1 %", f"paper ({paper}) %"]
-    with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(header)
+    writer.writerows(rows)
+    storage.write_text(storage.join(workdir, "results.csv"), table.getvalue())
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [_cell(v) for v in row]
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write(text)
+    storage.write_text(storage.join(workdir, "results.md"), text)
     return text
 
 
@@ -117,6 +121,19 @@ def _cell(value) -> str:
     if isinstance(value, str):
         return value
     return f"{value:.2f}" if value >= 0.1 else f"{value:g}"
+
+
+def check_init_from(path: str) -> None:
+    """Raises a UserError unless the checkpoint (.npz or a run's folder) exists."""
+    try:
+        found = storage.exists(path)
+    except Exception as e:  # noqa: BLE001 - a bucket that cannot be read: one line
+        raise UserError(f"--init_from={path}: cannot read it ({type(e).__name__}: {e})") from e
+    if not found:
+        what = storage.missing(path)
+        if what == "no such file or folder":
+            raise UserError(f"--init_from={path} does not exist")
+        raise UserError(f"--init_from={path} does not exist: {what}")
 
 
 def _learning_rates(text: str) -> tuple[float, ...]:
@@ -151,8 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.lrs = _learning_rates(args.lrs)
         tasks = task_list(args.tasks)
-        if not os.path.exists(args.init_from):
-            raise UserError(f"--init_from={args.init_from} does not exist")
+        check_init_from(args.init_from)
         for task in tasks:  # every config is checked before the first run starts
             for lr in args.lrs:
                 select = f"{task}/hparam" if task.startswith("vtab/") else task
@@ -161,7 +177,10 @@ def main(argv: list[str] | None = None) -> int:
             for task in tasks:
                 print(f"{task}: lrs {', '.join(map(str, args.lrs))} -> {_workdir(args, task, 0)}")
             return 0
-        os.makedirs(args.workdir, exist_ok=True)
+        if storage.is_remote(args.workdir):
+            storage.check_writable(args.workdir)
+        else:
+            storage.make_dirs(args.workdir)
         results = []
         for task in tasks:
             results.append(sweep_task(args, task, overrides))

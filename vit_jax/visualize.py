@@ -159,6 +159,7 @@ def read_metrics(workdir: str) -> list[dict]:
     """The records of the run's `metrics.jsonl` (a folder or a bucket URL)."""
     path = storage.join(workdir, "metrics.jsonl")
     with inference.reading(f"--workdir {workdir}"):
+        inference.check_workdir(workdir)
         if not storage.is_file(path):
             raise UserError(f"--workdir {workdir}: no metrics.jsonl; train first (or another run)")
         text = storage.read_text(path)
