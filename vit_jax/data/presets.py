@@ -12,13 +12,13 @@ overriding ``image_size`` or ``num_classes`` after ``get_data_config`` takes eff
 """
 
 import copy
-import os
 from collections.abc import Callable
 from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
 
+from vit_jax import storage
 from vit_jax.data.sources import DataError, folder, jft
 
 TRAIN_PP = (
@@ -222,7 +222,7 @@ def _generic_tfds(name: str) -> ml_collections.ConfigDict:
 
 def _generic_folder(name: str) -> ml_collections.ConfigDict:
     root = name.split(":", 1)[1]
-    if not os.path.isdir(root):
+    if not storage.is_dir(root):
         raise DataError(
             f"image folder {root!r} does not exist; expected root/<split>/<class>/ or root/<class>/"
         )

@@ -6,21 +6,28 @@ agrees on them. Files are listed once, checked cheaply (size, header magic and e
 no decoding) so that truncated, empty or non-image files can be skipped with one warning or
 reported as an error, and put in a fixed pseudo-random order so that sliced splits
 (``train[:90%]``) mix all classes. Reading and decoding is pure tf.data.
+
+``root`` may be a local folder or a ``gs://`` URL: listing and checking go through
+``vit_jax.storage`` (in a bucket, one listing per folder and the checks run in parallel);
+the images themselves are read by ``tf.io.read_file``, i.e. TensorFlow's own file system.
 """
 
 import dataclasses
 import functools
-import os
 import warnings
+from collections.abc import Callable, Iterable
+from concurrent import futures
 
 import numpy as np
 
+from vit_jax import storage
 from vit_jax.data import splits
 from vit_jax.data._tf import tf
 from vit_jax.data.sources.base import DataError, Records
 
 EXTENSIONS = (".jpg", ".jpeg", ".png")
 _MAX_LISTED = 20
+_REMOTE_THREADS = 32  # Parallel listings and checks in a bucket (each is a request).
 _warned: set[str] = set()  # Splits whose bad files were already reported in this process.
 
 
@@ -39,7 +46,7 @@ class FolderSplit:
 
 def _root(cfg) -> str:
     root = cfg.data_dir or cfg.name
-    if not root or not os.path.isdir(root):
+    if not root or not storage.is_dir(root):
         raise DataError(
             f"image folder {root!r} does not exist; set data_dir to a folder laid out as "
             "root/<split>/<class>/*.jpg"
@@ -51,7 +58,19 @@ ALL = "all"  # The one split of a folder of class folders.
 
 
 def _subfolders(folder: str) -> list[str]:
-    return sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    return storage.list_entries(folder)[0]
+
+
+def _files(folder: str) -> list[str]:
+    return list(storage.list_entries(folder)[1])
+
+
+def _map(fn: Callable, items: Iterable, remote: bool) -> list:
+    """``[fn(x) for x in items]``, in parallel threads for a bucket (I/O-bound requests)."""
+    if not remote:
+        return [fn(x) for x in items]
+    with futures.ThreadPoolExecutor(_REMOTE_THREADS) as pool:
+        return list(pool.map(fn, items))
 
 
 @functools.lru_cache(maxsize=16)
@@ -60,12 +79,12 @@ def has_class_layout(root: str) -> bool:
     return any(
         f.lower().endswith(EXTENSIONS)
         for d in _subfolders(root)
-        for f in os.listdir(os.path.join(root, d))
+        for f in _files(storage.join(root, d))
     )
 
 
 def _split_dir(root: str, split: str) -> str:
-    return root if split == ALL and has_class_layout(root) else os.path.join(root, split)
+    return root if split == ALL and has_class_layout(root) else storage.join(root, split)
 
 
 @functools.lru_cache(maxsize=16)
@@ -94,15 +113,16 @@ def check_image_file(path: str) -> str | None:
     (no JPEG end marker / PNG IEND chunk) are caught without decoding.
     """
     try:
-        size = os.path.getsize(path)
-        if size == 0:
-            return "empty file"
-        with open(path, "rb") as f:
+        with storage.open_file(path) as f:
+            size = f.seek(0, 2)
+            if size == 0:
+                return "empty file"
+            f.seek(0)
             head = f.read(16)
             f.seek(max(0, size - 1024))
             tail = f.read()
     except OSError as e:
-        return f"unreadable ({e.strerror})"
+        return f"unreadable ({e.strerror or e})"
     if head.startswith(b"\xff\xd8\xff"):
         return None if b"\xff\xd9" in tail else "truncated JPEG (no end marker)"
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
@@ -114,30 +134,32 @@ def check_image_file(path: str) -> str | None:
 def scan_split(root: str, split: str) -> FolderSplit:
     """Lists and checks the files of split folder ``root/split``."""
     split_dir = _split_dir(root, split)
-    if not os.path.isdir(split_dir):
+    if not storage.is_dir(split_dir):
         raise DataError(
             f"split folder {split_dir!r} does not exist; splits under {root!r}: {split_names(root)}"
         )
     index = {c: i for i, c in enumerate(class_names(root))}
-    paths, labels, bad = [], [], []
-    for cls in sorted(os.listdir(split_dir)):
-        cls_dir = os.path.join(split_dir, cls)
-        if not os.path.isdir(cls_dir):
-            continue
-        names = [f for f in sorted(os.listdir(cls_dir)) if f.lower().endswith(EXTENSIONS)]
+    remote = storage.is_remote(root)
+    classes = _subfolders(split_dir)
+    listings = _map(_files, [storage.join(split_dir, c) for c in classes], remote)
+    candidates = []  # (path, class)
+    for cls, files in zip(classes, listings, strict=True):
+        names = [f for f in files if f.lower().endswith(EXTENSIONS)]
         if not names:
             raise DataError(
-                f"class folder {cls_dir!r} has no {'/'.join(EXTENSIONS)} images; add images "
-                "or remove the folder (class indices come from the folder names)"
+                f"class folder {storage.join(split_dir, cls)!r} has no {'/'.join(EXTENSIONS)} "
+                "images; add images or remove the folder (class indices come from the folder "
+                "names)"
             )
-        for fname in names:
-            path = os.path.join(cls_dir, fname)
-            reason = check_image_file(path)
-            if reason is None:
-                paths.append(path)
-                labels.append(index[cls])
-            else:
-                bad.append((path, reason))
+        candidates += [(storage.join(split_dir, cls, f), cls) for f in names]
+    reasons = _map(check_image_file, [path for path, _ in candidates], remote)
+    paths, labels, bad = [], [], []
+    for (path, cls), reason in zip(candidates, reasons, strict=True):
+        if reason is None:
+            paths.append(path)
+            labels.append(index[cls])
+        else:
+            bad.append((path, reason))
     order = splits.deterministic_order(len(paths))
     return FolderSplit(tuple(paths[i] for i in order), tuple(labels[i] for i in order), tuple(bad))
 
@@ -173,7 +195,7 @@ def _read(record: dict) -> dict:
 def open_split(cfg, process_index: int, process_count: int) -> Records:
     """Records (path, label) of ``cfg.split`` for one process; files are read after shuffling."""
     paths, labels, found = _select(cfg)
-    _report_bad(found, cfg.on_bad_image or "skip", os.path.join(_root(cfg), cfg.split))
+    _report_bad(found, cfg.on_bad_image or "skip", storage.join(_root(cfg), cfg.split))
     if len(paths) == 0:
         raise DataError(f"no readable images in split {cfg.split!r} of {_root(cfg)!r}")
     idx = splits.shard(np.arange(len(paths)), process_index, process_count)
