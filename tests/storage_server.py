@@ -67,10 +67,35 @@ class StorageServer:
                 return sorted(names)
 
 
+# Real GCS names an object's generation in the `x-goog-generation` header of every media
+# download, and tensorstore's OCDBT driver (orbax's checkpoint format) relies on it for its
+# conditional writes; the emulator omits it, so the launcher adds it to its download handler.
+LAUNCHER = """
+import sys
+from gcp_storage_emulator.handlers import objects
+
+original = objects.download
+
+def download(request, response, storage, *args, **kwargs):
+    try:
+        found = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+        response["x-goog-generation"] = found["generation"]
+        response["x-goog-metageneration"] = found["metageneration"]
+    except Exception:
+        pass  # a missing object: the handler answers 404
+    return original(request, response, storage, *args, **kwargs)
+
+objects.download = download
+from gcp_storage_emulator.__main__ import main
+
+main(sys.argv[1:])
+"""
+
+
 def start_server() -> StorageServer:
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "gcp_storage_emulator", "start", f"--port={port}", "--in-memory"],
+        [sys.executable, "-c", LAUNCHER, "start", f"--port={port}", "--in-memory"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
