@@ -1,4 +1,5 @@
-"""Image-folder datasets: any split names, format conversion, bad files, multi-host."""
+"""Image-folder datasets: any split names, format conversion, bad files, multi-host, and
+folders in a bucket."""
 
 import os
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 from data_fixtures.images import encode, pattern, write_folder
 
-from vit_jax import data
+from vit_jax import data, storage
 from vit_jax.data.sources import folder
 
 PP = "decode|resize(8)|value_range(0, 1)|onehot({num_classes})"
@@ -176,3 +177,54 @@ def test_top_level_data_dir_moves_a_dataset_with_one_field(root, tmp_path_factor
     assert data.num_examples(cfg) == 12 and data.num_examples(cfg, "holdout_2024") == 5
     batch = next(data.train_batches(cfg, global_batch_size=4, seed=0))
     assert batch["image"].shape[0] == 4
+
+
+# Folders in a bucket: listing and checks go through vit_jax.storage (images are read by TF).
+
+
+def upload_tree(local, url):
+    """Copies every file under a local folder to the same relative names under ``url``."""
+    for folder_path, _, names in os.walk(local):
+        for name in names:
+            path = os.path.join(folder_path, name)
+            with open(path, "rb") as f:
+                storage.write_bytes(storage.join(url, os.path.relpath(path, local)), f.read())
+
+
+def clear_caches():
+    for cached in (folder.scan_split, folder.class_names, folder.has_class_layout):
+        cached.cache_clear()
+
+
+def test_folder_in_a_bucket(root, storage_server, bucket):
+    bad = write_bad_files(root)
+    url = f"gs://{bucket}/images"
+    upload_tree(root, url)
+    assert len(storage_server.objects(bucket, "images/")) == 12 + 5 + 4
+    clear_caches()
+    cfg = data.get_data_config(f"folder:{url}")
+    assert cfg.train.data_dir == url and list(cfg.evals) == ["holdout_2024"]
+    assert data.num_classes(cfg) == 3
+    assert data.num_examples(cfg) == 12 and data.num_examples(cfg, "holdout_2024") == 5
+    found = folder.scan_split(url, "train")
+    local = folder.scan_split(root, "train")
+    assert found.paths == tuple(p.replace(root, url) for p in local.paths)
+    assert found.labels == local.labels
+    assert [(os.path.basename(p), r) for p, r in found.bad] == [
+        (os.path.basename(p), r) for p, r in local.bad
+    ]
+    assert sorted(os.path.basename(p) for p, _ in found.bad) == bad
+    with pytest.raises(data.DataError, match="does not exist"):
+        data.get_data_config(f"folder:gs://{bucket}/nothing-here")
+
+
+def test_class_folders_in_a_bucket(tmp_path, bucket):
+    write_folder(str(tmp_path), {"x": {"b": 2, "a": 3}})
+    url = f"gs://{bucket}/flat"
+    upload_tree(str(tmp_path / "x"), url)
+    clear_caches()
+    assert folder.split_names(url) == [folder.ALL]
+    assert folder.class_names(url) == ("a", "b")
+    found = folder.scan_split(url, folder.ALL)
+    assert sorted(found.labels) == [0, 0, 0, 1, 1] and not found.bad
+    assert all(p.startswith(url + "/") for p in found.paths)
