@@ -1,4 +1,5 @@
-"""JFT-like multi-label shards: the writer (folder and CSV input) and the sharded reader."""
+"""JFT-like multi-label shards: the writer (folder and CSV input), the sharded reader, and
+shards in a bucket."""
 
 import json
 import os
@@ -9,8 +10,9 @@ import numpy as np
 import pytest
 from data_fixtures.images import encode, pattern, write_folder
 
-from vit_jax import data
+from vit_jax import data, storage
 from vit_jax.data import write_shards
+from vit_jax.data._tf import tf
 from vit_jax.data.sources import jft
 
 PP = "decode|value_range(0, 255)|onehot({num_classes}, multi=True)"
@@ -252,3 +254,96 @@ def test_shuffle_window_fits_the_byte_budget(synthetic, monkeypatch):
     assert jft.shuffle_window(cfg.train, synthetic, meta) == 1000
     monkeypatch.setattr(jft, "SHUFFLE_BYTES", int(per_record * 50))
     assert jft.shuffle_window(cfg.train, synthetic, meta) in (49, 50)
+
+
+# Shards in a bucket: metadata, listing and sizes go through vit_jax.storage. The records are
+# read by tf.data (TensorFlow's own GCS client), which cannot reach the test server.
+
+
+def upload_tree(local, url):
+    """Copies every file under a local folder to the same relative names under ``url``."""
+    for folder_path, _, names in os.walk(local):
+        for name in names:
+            path = os.path.join(folder_path, name)
+            with open(path, "rb") as f:
+                storage.write_bytes(storage.join(url, os.path.relpath(path, local)), f.read())
+
+
+def test_writer_to_a_bucket_matches_local(csv_shards, tmp_path, storage_server, bucket):
+    out, meta = csv_shards
+    url = f"gs://{bucket}/shards"
+    examples = write_shards.read_csv(str(tmp_path / "labels.csv"))
+    assert write_shards.write_shards(examples, url, num_shards=4, num_classes=7) == meta
+    names = sorted(os.listdir(out))
+    assert storage_server.objects(bucket) == [f"shards/{n}" for n in names]
+    for name in names:  # The same bytes as written locally.
+        with open(os.path.join(out, name), "rb") as f:
+            assert storage.read_bytes(f"{url}/{name}") == f.read(), name
+
+
+def test_cli_reads_a_folder_in_a_bucket_and_writes_to_one(tmp_path, storage_server, bucket):
+    write_folder(str(tmp_path / "src"), {"x": {"a": 3, "b": 2}})
+    upload_tree(str(tmp_path / "src/x"), f"gs://{bucket}/src")
+    url = f"gs://{bucket}/out"
+    args = ["--input", f"gs://{bucket}/src", "--output", url, "--num_shards", "2"]
+    assert write_shards.main([*args, "--split", "val"]) == 0
+    assert [n for n in storage_server.objects(bucket) if n.startswith("out/")] == [
+        "out/val-00000-of-00002.tfrecord",
+        "out/val-00001-of-00002.tfrecord",
+        "out/val.json",
+    ]
+    jft.load_metadata.cache_clear()
+    meta = jft.load_metadata(url, "val")
+    assert meta["class_names"] == ["a", "b"] and meta["num_examples"] == 5
+    # The records came from the bucket's images: one shard downloaded and parsed here.
+    local = str(tmp_path / "shard.tfrecord")
+    with open(local, "wb") as f:
+        f.write(storage.read_bytes(f"{url}/val-00000-of-00002.tfrecord"))
+    records = list(tf.data.TFRecordDataset(local).map(jft.parse_record).as_numpy_iterator())
+    assert len(records) == meta["shards"][0]["num_examples"] == 3
+    pngs = {storage.read_bytes(p) for p in storage.walk_files(f"gs://{bucket}/src")}
+    assert all(r["image"] in pngs for r in records)
+
+
+def test_split_in_a_bucket_is_opened_from_its_metadata(csv_shards, bucket):
+    out, _ = csv_shards
+    url = f"gs://{bucket}/jft"
+    upload_tree(out, url)
+    jft.load_metadata.cache_clear()
+    cfg = jft_config(url)
+    assert data.num_classes(cfg) == 7 and data.num_examples(cfg) == 10
+    records = jft.open_split(cfg.train, 1, 2)  # Listing, sizes, epochs; no record is read.
+    assert records.num_examples == 5 and records.max_examples == 5
+    assert records.epochs is not None
+    cfg.train.split = "train[2:7]"
+    assert data.num_examples(cfg) == 5
+    with pytest.raises(data.DataError, match=r"splits found: \['train'\]"):
+        jft.load_metadata(url, "validation")
+
+
+def test_missing_shard_and_sizes_in_a_bucket(csv_shards, bucket, storage_server):
+    out, meta = csv_shards
+    url = f"gs://{bucket}/jft"
+    for shard in meta["shards"]:
+        del shard["num_bytes"]  # Shard sizes then come from the bucket's listing.
+    storage.write_text(f"{url}/train.json", json.dumps(meta))
+    for shard in meta["shards"][1:]:
+        with open(os.path.join(out, shard["file"]), "rb") as f:
+            storage.write_bytes(f"{url}/{shard['file']}", f.read())
+    jft.load_metadata.cache_clear()
+    cfg = jft_config(url)
+    with pytest.raises(data.DataError, match="missing.*train-00000-of-00004"):
+        jft.open_split(cfg.train, 0, 1)
+    with open(os.path.join(out, meta["shards"][0]["file"]), "rb") as f:
+        storage.write_bytes(f"{url}/{meta['shards'][0]['file']}", f.read())
+    total = sum(os.path.getsize(os.path.join(out, s["file"])) for s in meta["shards"])
+    assert jft._record_bytes(url, meta) == total / 10
+    assert jft.open_split(cfg.train, 0, 1).num_examples == 10
+
+
+@pytest.mark.parametrize("content", ["", "{not json", "[1, 2]", '{"split": "train"}'])
+def test_invalid_metadata_is_explained(tmp_path, content):
+    jft.load_metadata.cache_clear()
+    (tmp_path / "train.json").write_text(content)
+    with pytest.raises(data.DataError, match="not valid JFT-like metadata.*write_shards"):
+        data.num_classes(jft_config(str(tmp_path)))
