@@ -225,6 +225,17 @@ def test_cache_of_other_tars_is_replaced(root):
     assert cached is not None and len(cached[0]) == 20
 
 
+def test_read_only_folder_is_scanned_without_a_cache(root, monkeypatch, caplog):
+    def refuse(path, content):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(storage, "write_bytes", refuse)
+    with caplog.at_level(logging.WARNING, logger=imagenet21k.__name__):
+        assert data.num_examples(config(root)) == 12
+    assert "cannot write" in caplog.text
+    assert not os.path.exists(os.path.join(root, INDEX))
+
+
 def upload(local_root, url):
     for name in sorted(os.listdir(local_root)):
         with open(os.path.join(local_root, name), "rb") as f:

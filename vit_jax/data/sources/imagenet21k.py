@@ -51,14 +51,14 @@ Arrays = tuple[np.ndarray, np.ndarray, np.ndarray]  # tar_id, offset, size (scan
 def _tars(root: str) -> dict[str, int]:
     """The class tars under ``root`` (name -> bytes, sorted by name), from one listing."""
     try:
-        if not root:
-            raise FileNotFoundError(root)
-        _, files = storage.list_entries(root)
+        _, files = storage.list_entries(root) if root else (None, None)
     except (FileNotFoundError, NotADirectoryError):
+        files = None
+    if files is None:
         raise DataError(
             f"ImageNet-21k folder {root!r} does not exist; set data_dir to the folder holding "
             "the per-class tars (n01440764.tar, ...)"
-        ) from None
+        )
     tars = {name: size for name, size in files.items() if name.endswith(".tar")}
     if not tars:
         raise DataError(f"no per-class .tar files found in {root!r}")
