@@ -86,7 +86,10 @@ def gathered_examples(
     label). ``max_examples`` bounds the pass: whole global batches are read until at least
     that many real examples are in, and the first ``max_examples`` in canonical order (a
     pseudo-random subset of what was read) are kept. The stop test uses the global count,
-    so all processes stop at the same batch.
+    so all processes stop at the same batch. Sources that deal examples to processes
+    round-robin (digits, folders, ImageNet-21k) then read the same examples for any process
+    count; TFDS and JFT-like shards give each process a contiguous part, so a bounded pass
+    reads another, equally arbitrary, subset (a pass over the whole split reads them all).
     """
     replicate = jax.jit(_identity, out_shardings=sharding.replicated(image_sharding.mesh))
     parts, seen = [], 0
