@@ -14,7 +14,7 @@ import tensorflow_datasets as tfds
 from tests.data_fixtures.images import write_folder
 from tests.helpers import TINY_MODEL
 from tests.test_cli import TINY, cli_env, failure
-from vit_jax import configuration, export, train, transfer
+from vit_jax import configuration, export, storage, train, transfer
 
 ARCH = [o for o in TINY_MODEL if "img_size" not in o]
 SHORT = ["total_steps=3", "schedule.warmup_steps=1", "batch_size=16", "eval_batch_size=16"]
@@ -101,3 +101,32 @@ def test_sweep_checks_every_config_before_training(pretrained, tmp_path, capsys)
     assert (
         transfer.task_list("vtab")[0] == "vtab/caltech101" and len(transfer.task_list("all")) == 23
     )
+
+
+def test_transfer_sweep_in_a_bucket(pretrained, storage_server, bucket, tmp_path, monkeypatch):
+    """--init_from and --workdir as gs:// URLs: the run folders, checkpoints and tables are
+    objects in the bucket, and nothing appears in the current directory (no `gs:` folder)."""
+    monkeypatch.chdir(tmp_path)
+    init_from = f"gs://{bucket}/pretrained.npz"
+    storage.write_bytes(init_from, open(pretrained, "rb").read())
+    sweep = f"gs://{bucket}/sweep"
+    argv = [f"--init_from={init_from}", "--model=mu/4", f"--workdir={sweep}"]
+    argv += ["--tasks=cifar10", "--lrs=0.03", "--recipe=finetune_short"]
+    argv += [f"--config.{o}" for o in [*ARCH, "model.img_size=8", "model.pool_type=gap", *SHORT]]
+    argv += ["--config.checkpoint.async_save=false"]
+    with tfds.testing.mock_data(num_examples=64):
+        assert transfer.main(argv) == 0
+    objects = storage_server.objects(bucket, "sweep/")
+    run = "sweep/cifar10/lr_0.03/"
+    assert {"sweep/results.csv", "sweep/results.md", f"{run}config.json"} <= set(objects)
+    assert f"{run}metrics.jsonl" in objects
+    assert any(name.startswith(f"{run}checkpoints/3/") for name in objects), objects
+    rows = list(csv.DictReader(storage.read_text(f"{sweep}/results.csv").splitlines()))
+    assert [(r["task"], float(r["lr"])) for r in rows] == [("cifar10", 0.03)]
+    records = [
+        json.loads(line)
+        for line in storage.read_text(f"gs://{bucket}/{run}metrics.jsonl").splitlines()
+    ]
+    val = [r["val/top1"] for r in records if "val/top1" in r][-1]
+    assert np.isclose(float(rows[0]["val top-1 %"]), 100 * val, atol=0.01)
+    assert os.listdir(tmp_path) == []
