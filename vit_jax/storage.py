@@ -270,7 +270,9 @@ def _classify(error: BaseException) -> str:
     while chain is not None:
         if isinstance(chain, FileNotFoundError) or "nosuchbucket" in text or "404" in text:
             return "missing"
-        if isinstance(chain, PermissionError) or "403" in text or "401" in text:
+        if isinstance(chain, PermissionError) or any(
+            word in text for word in ("403", "401", "forbidden", "unauthorized", "permission")
+        ):
             return "refused"
         if isinstance(chain, ConnectionError | TimeoutError) or any(
             word in text for word in ("connect", "timeout", "timed out", "unreachable")

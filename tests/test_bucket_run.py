@@ -1,0 +1,294 @@
+"""A run whose workdir is a bucket, end to end against a GCS-protocol server on localhost:
+SIGTERM and resume, kill -9 during an asynchronous save, two processes, and every way a
+bucket can fail (missing, refusing writes, not answering, a save refused mid-run).
+
+Commands run as real processes from an empty folder, which must stay empty: every file of
+the run is an object in the bucket.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from helpers import free_port
+from test_cli import ROOT, TINY, cli_env, failure
+
+from vit_jax import storage
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+# The tiny model for 6 steps, a checkpoint every 3, a log line every step.
+FLAGS = [
+    *(f for f in TINY if not f.startswith(("--config.total_steps", "--config.log_every"))),
+    "--config.total_steps=6",
+    "--config.log_every_steps=1",
+    "--config.checkpoint.every_steps=3",
+    "--config.eval_every_steps=6",
+]
+
+
+def main_command(workdir: str, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "vit_jax.main", "--config=vit", f"--workdir={workdir}", *flags]
+
+
+def env_for(server, devices: int = 2, **more: str) -> dict:
+    return {**cli_env(devices), **server.env, **more}
+
+
+def saved_arrays(directory: str, step: int) -> list[np.ndarray]:
+    state = ocp.StandardCheckpointer().restore(storage.join(directory, str(step), "state"))
+    return [np.asarray(leaf) for leaf in jax.tree.leaves(state)]
+
+
+def assert_same(a: list[np.ndarray], b: list[np.ndarray]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def logged_steps(text: str) -> list[int]:
+    return [row["step"] for row in map(json.loads, text.splitlines()) if "train/loss" in row]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """The same run on a local disk, uninterrupted: what every bucket run must equal."""
+    workdir = str(tmp_path_factory.mktemp("straight") / "run")
+    done = subprocess.run(
+        main_command(workdir, *FLAGS), cwd=ROOT, env=cli_env(2), capture_output=True, text=True
+    )
+    assert done.returncode == 0, failure(done.stderr)
+    return workdir
+
+
+def test_sigterm_in_a_bucket_exits_143_and_the_same_command_resumes_bit_identically(
+    storage_server, bucket, tmp_path, straight_run
+):
+    workdir, empty = f"gs://{bucket}/run", tmp_path / "cwd"
+    empty.mkdir()
+    command = main_command(workdir, *FLAGS, "--config.total_steps=200")
+    command += ["--config.checkpoint.every_steps=200", "--config.eval_every_steps=200"]
+    proc = subprocess.Popen(
+        command, cwd=empty, env=env_for(storage_server), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    for line in proc.stdout:  # trains (and logs) a few steps first
+        if line.startswith("step 3/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    proc.stdout.read()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=300) == 143, failure(stderr)
+    assert f"in {workdir}/checkpoints" in stderr and "run the same command again" in stderr
+    objects = storage_server.objects(bucket)
+    stopped = sorted({int(n.split("/")[2]) for n in objects if n.startswith("run/checkpoints/")})
+    assert len(stopped) == 1 and 3 <= stopped[0] < 200
+
+    again = subprocess.run(
+        command, cwd=empty, env=env_for(storage_server), capture_output=True, text=True
+    )
+    assert again.returncode == 0, failure(again.stderr)
+    assert list(empty.iterdir()) == []  # nothing local: no `gs:` folder
+    objects = storage_server.objects(bucket)
+    for name in ("run/config.json", "run/metrics.jsonl", "run/checkpoints/200/state/_METADATA"):
+        assert name in objects
+    assert sum(n.startswith("run/tensorboard/events.out.tfevents.") for n in objects) == 2
+    steps = logged_steps(storage.read_text(f"{workdir}/metrics.jsonl"))
+    assert steps == list(range(1, 201))  # each step logged once across the two sessions
+
+    straight = str(tmp_path / "straight")
+    whole = subprocess.run(
+        main_command(straight, *command[5:]), cwd=ROOT, env=cli_env(2), capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert whole.returncode == 0, failure(whole.stderr)
+    assert_same(
+        saved_arrays(f"{workdir}/checkpoints", 200),
+        saved_arrays(os.path.join(straight, "checkpoints"), 200),
+    )
+
+
+KILL_DURING_SAVE = """
+import os, signal, sys
+from orbax.checkpoint._src.path import atomicity
+
+def killing(finalize):
+    async def finalize_then_die(self):  # the data of step 6 is written, the commit is not
+        if self.get_final().name == "6":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return await finalize(self)
+    return finalize_then_die
+
+for kind in (atomicity.AtomicRenameTemporaryPath, atomicity.CommitFileTemporaryPath):
+    kind.finalize = killing(kind.finalize)
+from vit_jax import main
+sys.exit(main.main(sys.argv[1:]))
+"""
+
+
+def test_kill_9_during_a_save_to_the_bucket_never_reads_the_half_written_step(
+    storage_server, bucket, tmp_path, straight_run
+):
+    workdir = f"gs://{bucket}/run"
+    empty = tmp_path / "cwd"
+    empty.mkdir()
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_DURING_SAVE, *main_command(workdir, *FLAGS)[3:]],
+        cwd=empty, env=env_for(storage_server), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, failure(killed.stderr)
+    half = [n for n in storage_server.objects(bucket) if n.startswith("run/checkpoints/6/")]
+    assert half and "run/checkpoints/6/commit_success.txt" not in half  # data, no commit
+
+    resumed = subprocess.run(
+        main_command(workdir, *FLAGS), cwd=empty, env=env_for(storage_server),
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert resumed.returncode == 0, failure(resumed.stderr)
+    assert "resumed from step 3" in resumed.stderr
+    assert list(empty.iterdir()) == []
+    assert_same(
+        saved_arrays(f"{workdir}/checkpoints", 6),
+        saved_arrays(os.path.join(straight_run, "checkpoints"), 6),
+    )
+    # Steps 4-6 ran twice; metrics.jsonl holds each once, in order.
+    assert logged_steps(storage.read_text(f"{workdir}/metrics.jsonl")) == [1, 2, 3, 4, 5, 6]
+
+
+def test_two_processes_write_one_run_into_the_bucket(storage_server, bucket, tmp_path):
+    workdir = f"gs://{bucket}/run"
+    launched = subprocess.run(
+        [os.path.join(ROOT, "launch", "local.sh"), "--processes", "2", "--devices-per-process",
+         "2", "--log-dir", str(tmp_path / "logs"), "--", f"--workdir={workdir}", *FLAGS],
+        cwd=ROOT, env={**os.environ, **storage_server.env, "PYTHONPATH": ROOT},
+        capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    objects = storage_server.objects(bucket, "run/")
+    for process in (0, 1):  # each process wrote its own shards of the state
+        assert any(f"/state/ocdbt.process_{process}/" in n for n in objects if "/6/" in n)
+    assert sum("tensorboard/events" in n for n in objects) == 1  # written once, by process 0
+    assert logged_steps(storage.read_text(f"{workdir}/metrics.jsonl")) == [1, 2, 3, 4, 5, 6]
+
+
+# --- a bucket that fails -------------------------------------------------------------------
+
+
+class RefusingProxy:
+    """An HTTP proxy in front of the storage server that answers 403 to every write whose
+    URL contains one of `refused` (a bucket without write access, or one path of it)."""
+
+    def __init__(self, upstream_port: int, refused: tuple[str, ...]):
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # tensorstore's client expects it
+
+            def log_message(self, *args):
+                pass
+
+            def _relay(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                writes = self.command in ("POST", "PUT", "PATCH", "DELETE")
+                if writes and any(part in self.path for part in proxy.refused):
+                    message = json.dumps({"error": {"code": 403, "message": "Forbidden"}})
+                    self.send_response(403)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(message)))
+                    self.end_headers()
+                    self.wfile.write(message.encode())
+                    return
+                upstream = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                upstream.request(self.command, self.path, body=body, headers=headers)
+                response = upstream.getresponse()
+                content = response.read()
+                self.send_response(response.status)
+                for key, value in response.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(content)))
+                self.end_headers()
+                self.wfile.write(content)
+                upstream.close()
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _relay  # noqa: N815
+
+        self.refused = refused
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def env(self) -> dict:
+        return {"STORAGE_EMULATOR_HOST": self.url, "TENSORSTORE_GCS_HTTP_URL": self.url}
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, failure(result.stderr)
+    # tensorstore notes the test token (GOOGLE_AUTH_TOKEN_FOR_TESTING) once; it is not ours.
+    lines = [line for line in result.stderr.strip().splitlines() if "FOR_TESTING" not in line]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_missing_refusing_or_silent_bucket_is_one_line_before_anything_runs(
+    storage_server, bucket, tmp_path
+):
+    def dry_run(workdir: str, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            main_command(workdir, *FLAGS, "--dry_run"), cwd=tmp_path,
+            env=env_for(storage_server, **env), capture_output=True, text=True,
+        )  # fmt: skip
+
+    assert dry_run(f"gs://{bucket}/run").returncode == 0
+    assert storage_server.objects(bucket) == []  # the marker was written and deleted
+    assert_one_line_error(
+        dry_run("gs://no-such-bucket/run"), "gs://no-such-bucket/run", "does not exist"
+    )
+    silent = f"http://127.0.0.1:{free_port()}"
+    assert_one_line_error(
+        dry_run(f"gs://{bucket}/run", STORAGE_EMULATOR_HOST=silent),
+        f"gs://{bucket}/run",
+        "does not answer",
+    )
+    proxy = RefusingProxy(storage_server.port, refused=(f"/b/{bucket}/",))
+    try:
+        assert_one_line_error(dry_run(f"gs://{bucket}/run", **proxy.env()), "was refused")
+    finally:
+        proxy.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_save_refused_mid_run_keeps_the_last_checkpoint_and_says_so(
+    storage_server, bucket, tmp_path
+):
+    proxy = RefusingProxy(
+        storage_server.port, refused=("run%2Fcheckpoints%2F6", "run/checkpoints/6")
+    )
+    try:
+        result = subprocess.run(
+            main_command(f"gs://{bucket}/run", *FLAGS, "--config.checkpoint.async_save=false"),
+            cwd=tmp_path, env=env_for(storage_server, **proxy.env()), capture_output=True,
+            text=True, timeout=300,
+        )  # fmt: skip
+    finally:
+        proxy.close()
+    assert_one_line_error(
+        result, "could not save the checkpoint of step 6", "the checkpoint of step 3 is kept"
+    )
+    assert "run/checkpoints/3/state/_METADATA" in storage_server.objects(bucket)
