@@ -22,6 +22,8 @@ setup(
         "numpy>=1.26,<3",
         "pillow>=10",
         "matplotlib>=3.8,<4",
+        # gs:// workdirs, checkpoints and data listings (vit_jax.storage, through etils.epath)
+        "gcsfs>=2025.1",
     ],
     entry_points={"console_scripts": ["vit-jax-train=vit_jax.main:entry"]},
     extras_require={
@@ -30,6 +32,8 @@ setup(
             "hypothesis>=6.100,<7",
             "pytest-xdist>=3.5,<4",
             "ruff>=0.6",
+            # a Cloud Storage server on localhost for the bucket tests (no network, no Docker)
+            "gcp-storage-emulator>=2026.7,<2027",
             # PyTorch interop: files written by save_npz load in timm with identical logits.
             "torch>=2.14,<2.15",
             "torchvision>=0.29,<0.30",

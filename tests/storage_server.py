@@ -47,10 +47,14 @@ class StorageServer:
             raw = response.read()
         return json.loads(raw) if raw else {}
 
-    def new_bucket(self) -> str:
-        """Creates an empty bucket with a unique name; returns the name."""
-        name = f"bucket-{uuid.uuid4().hex[:12]}"
-        self._call("POST", "/storage/v1/b?project=test", {"name": name})
+    def new_bucket(self, name: str | None = None) -> str:
+        """Creates a bucket (a unique name unless given; an existing one is kept)."""
+        name = name or f"bucket-{uuid.uuid4().hex[:12]}"
+        try:
+            self._call("POST", "/storage/v1/b?project=test", {"name": name})
+        except urllib.error.HTTPError as error:
+            if error.code != 409:  # 409: it exists already
+                raise
         return name
 
     def objects(self, bucket: str, prefix: str = "") -> list[str]:
@@ -58,9 +62,7 @@ class StorageServer:
         names, token = [], None
         while True:
             query = {"prefix": prefix, **({"pageToken": token} if token else {})}
-            listing = self._call(
-                "GET", f"/storage/v1/b/{bucket}/o?{urllib.parse.urlencode(query)}"
-            )
+            listing = self._call("GET", f"/storage/v1/b/{bucket}/o?{urllib.parse.urlencode(query)}")
             names += [item["name"] for item in listing.get("items", [])]
             token = listing.get("nextPageToken")
             if not token:
@@ -132,3 +134,9 @@ def storage_server():
 def bucket(storage_server) -> str:
     """A new, empty bucket's name on the session's server."""
     return storage_server.new_bucket()
+
+
+@pytest.fixture
+def readme_bucket(storage_server) -> str:
+    """The bucket the README's commands name (`gs://bucket/...`), on the session's server."""
+    return storage_server.new_bucket("bucket")

@@ -65,8 +65,11 @@ def test_the_readme_has_commands_and_every_one_is_run_by_a_test():
 
 
 @pytest.mark.parametrize("command", TRAIN_COMMANDS)
-def test_readme_training_command_passes_a_dry_run(command, tmp_path, monkeypatch, capsys):
-    """From outside the repository, as a user who installed the package runs it."""
+def test_readme_training_command_passes_a_dry_run(
+    command, tmp_path, monkeypatch, capsys, readme_bucket
+):
+    """From outside the repository, as a user who installed the package runs it (a
+    `gs://bucket/...` workdir is checked for real, against the local storage server)."""
     monkeypatch.chdir(tmp_path)
     args = [a.replace("/data/my_images", str(_images(tmp_path))) for a in _train_args(command)]
     status = main.main([*args, "--dry_run"])
@@ -102,7 +105,7 @@ def test_readme_transfer_commands_dry_run(command, tmp_path, monkeypatch, capsys
 
 
 @pytest.mark.parametrize("command", _starting("launch/"))
-def test_readme_launch_commands_dry_run(command, tmp_path):
+def test_readme_launch_commands_dry_run(command, tmp_path, readme_bucket):
     """The script prints the training command it would run; that command's flags pass
     the trainer's own dry run."""
     import subprocess

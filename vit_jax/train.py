@@ -195,7 +195,7 @@ def _run(config, workdir: str, stop_after_step: int | None, signals: StopSignals
             if due(step, config.eval_every_steps, end):
                 results = evaluator.classification(step, state["params"])
             if due(step, config.fewshot.every_steps or config.eval_every_steps, end):
-                results.update(evaluator.fewshot(step, state["params"]))
+                results = {**results, **evaluator.fewshot(step, state["params"])}
             if step == stop_after_step:
                 break
     finally:
