@@ -105,7 +105,8 @@ def test_dry_run_prints_the_resolved_run_and_writes_nothing(tmp_path):
     assert not workdir.exists()  # nothing written
 
 
-def test_dry_run_of_a_pod_command_on_this_machine(tmp_path, monkeypatch, capsys):
+def test_dry_run_of_a_pod_command_on_this_machine(tmp_path, monkeypatch, capsys, readme_bucket):
+    """The bucket is checked for real (on the local storage server); the pod is not here."""
     monkeypatch.chdir(tmp_path)
     status = main.main(
         [
@@ -125,6 +126,7 @@ def test_dry_run_of_a_pod_command_on_this_machine(tmp_path, monkeypatch, capsys)
     assert "config.data.data_dir='/data/imagenet21k' does not exist" in out
     assert "steps: 90 epochs" in out
     assert "jax.distributed is not started in a dry run" in out
+    assert list(tmp_path.iterdir()) == []  # no local `gs:` folder
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ COVERED_ELSEWHERE = {
     "python3 -m vit_jax.transfer": "tests/test_readme.py::test_readme_transfer_commands_dry_run",
     "launch/": "tests/test_readme.py::test_readme_launch_commands_dry_run",
     "python3 -m vit_jax.benchmark": (
-        "tests/test_benchmark.py::test_readme_benchmark_commands_compile_their_steps"
+        "tests/test_benchmark.py::test_readme_benchmark_commands_parse_and_the_smallest_compiles"
     ),
 }
 

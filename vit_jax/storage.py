@@ -170,17 +170,8 @@ def write_bytes(path: str, content: bytes) -> None:
     """Writes a whole file atomically: readers see the old content or the new, never half."""
     if is_remote(path):
         as_path(path).write_bytes(content)  # one upload: the object appears complete or not
-        return
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    temporary = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(temporary, "wb") as f:
-            f.write(content)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    else:
+        write_with(path, lambda file: file.write(content))
 
 
 def write_text(path: str, content: str) -> None:
