@@ -2,6 +2,9 @@
 
 from setuptools import find_packages, setup
 
+# The one jax version range: the base install and every accelerator extra below use it.
+JAX_VERSIONS = ">=0.10,<0.11"
+
 setup(
     name="vit_jax",
     version="0.1.0",
@@ -9,7 +12,7 @@ setup(
     packages=find_packages(include=["vit_jax", "vit_jax.*", "configs"]),
     python_requires=">=3.11",
     install_requires=[
-        "jax>=0.10,<0.11",
+        f"jax{JAX_VERSIONS}",
         "flax>=0.12.8,<0.13",
         "optax>=0.2.6,<0.3",
         "tensorflow-cpu>=2.20,<2.22",
@@ -27,6 +30,11 @@ setup(
     ],
     entry_points={"console_scripts": ["vit-jax-train=vit_jax.main:entry"]},
     extras_require={
+        # Accelerator builds of the same jax: jax's own extras bring the matching jaxlib and
+        # libtpu (Cloud TPU VM) or CUDA plugin with its CUDA libraries (NVIDIA GPUs).
+        "tpu": [f"jax[tpu]{JAX_VERSIONS}"],
+        "cuda12": [f"jax[cuda12]{JAX_VERSIONS}"],
+        "cuda13": [f"jax[cuda13]{JAX_VERSIONS}"],
         "test": [
             "pytest>=8,<10",
             "hypothesis>=6.100,<7",

@@ -26,6 +26,10 @@ Options:
   --port PORT            coordinator port on the first node (default 12355)
   --auto                 pass --distributed instead of explicit process flags
   --setup CMD            shell line run first in the job (e.g. 'source ~/venv/bin/activate')
+  --install EXTRA        cuda12, cuda13 or none (default): first install the repository into
+                         the job's environment (after --setup, once, from the first node;
+                         a shared file system) with `pip install -e SOURCE[EXTRA]`
+  --source DIR           repository to install (default: the one holding this script)
   --python PY            Python interpreter on the nodes (default python3)
   --script PATH          where to write the sbatch script (default ./<job name>.sbatch)
   --dry-run              print the commands (writing the script, then sbatch) and run nothing
@@ -48,6 +52,8 @@ port=12355
 auto=0
 setup=""
 python="python3"
+install="none"
+source_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 script=""
 dry_run=0
 while (($#)); do
@@ -62,6 +68,8 @@ while (($#)); do
     --port) port=$(value "$1" "${2-}"); shift 2 ;;
     --setup) setup=$(value "$1" "${2-}"); shift 2 ;;
     --python) python=$(value "$1" "${2-}"); shift 2 ;;
+    --install) install=$(value "$1" "${2-}"); shift 2 ;;
+    --source) source_dir=$(value "$1" "${2-}"); shift 2 ;;
     --script) script=$(value "$1" "${2-}"); shift 2 ;;
     --per-node) per_node=1; shift ;;
     --auto) auto=1; shift ;;
@@ -76,6 +84,10 @@ flags=("$@")
 positive --nodes "$nodes"
 positive --gpus-per-node "$gpus"
 positive --port "$port"
+case $install in
+  cuda12 | cuda13 | none) ;;
+  *) die "--install must be cuda12, cuda13 or none, got '$install'" ;;
+esac
 script=${script:-./$job_name.sbatch}
 
 if ((per_node)); then
@@ -107,6 +119,11 @@ sbatch_script() {
   echo "#SBATCH --output=vit_jax_%j.log"
   echo "set -euo pipefail"
   [[ -z $setup ]] || echo "$setup"
+  if [[ $install != none ]]; then
+    echo "# vit_jax[$install]: jax with its CUDA plugin, in setup.py's jax range."
+    quote "$python" -m pip install -q -e "$source_dir[$install]"
+    echo
+  fi
   echo "# Process 0 runs on the first node; its address is the coordinator's."
   echo "first_node=\$(scontrol show hostnames \"\$SLURM_JOB_NODELIST\" | sed -n 1p)"
   echo "export COORDINATOR=\"\$first_node:$port\""

@@ -10,8 +10,9 @@ Usage: launch/tpu_vm.sh --name NAME --zone ZONE [options] -- VIT_JAX_MAIN_FLAGS.
 
 On a Cloud TPU VM slice (through `gcloud compute tpus tpu-vm`):
   1. creates the slice unless one named NAME exists,
-  2. copies this repository (tracked files) to every worker and installs it with
-     jax[tpu] (--worker=all),
+  2. copies this repository (tracked files) to every worker and installs it with its `tpu`
+     extra, `pip install -e ~/vit_jax[tpu]`: jax with libtpu, in setup.py's jax range
+     (--worker=all),
   3. starts `python3 -m vit_jax.main VIT_JAX_MAIN_FLAGS... --distributed` on all workers,
      detached (a dropped connection does not stop the run), each logging to ~/vit_jax.log,
   4. streams worker 0's log until its process ends and exits with its status,
@@ -102,7 +103,7 @@ if ((${#flags[@]})); then
   if ((install)); then
     step_line "git -C $(quote "$source_dir") ls-files -z | tar -C $(quote "$source_dir") --null -T - -czf $(quote "$archive")"
     step "${tpu[@]}" scp "$archive" "$name:vit_jax.tar.gz" "${where[@]}" --worker=all
-    ssh_all "rm -rf ~/vit_jax && mkdir -p ~/vit_jax && tar -xzf ~/vit_jax.tar.gz -C ~/vit_jax && pip install -q -U 'jax[tpu]' && pip install -q -e ~/vit_jax"
+    ssh_all "rm -rf ~/vit_jax && mkdir -p ~/vit_jax && tar -xzf ~/vit_jax.tar.gz -C ~/vit_jax && pip install -q -e \"\$HOME/vit_jax[tpu]\""
   fi
   run="cd ~/vit_jax && $(quote python3 "${MAIN[@]}" "${flags[@]}" --distributed)"
   # Paths under ~ are expanded by the workers' shells.

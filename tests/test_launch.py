@@ -144,7 +144,10 @@ def test_tpu_vm_dry_run_creates_installs_runs_streams_and_deletes():
     assert scp[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"] and "--worker=all" in scp
     for cmd in (install, start):
         assert cmd[4:6] == ["ssh", "pod"] and "--worker=all" in cmd
-    assert "pip install" in install[-1]
+    # The `tpu` extra of setup.py (jax with libtpu in the package's jax range), not an
+    # unpinned jax[tpu].
+    assert install[-1].endswith('pip install -q -e "$HOME/vit_jax[tpu]"')
+    assert install[-1].count("pip install") == 1
     assert start[-1].startswith("--command=") and MAIN + " --distributed" in start[-1]
     assert "--worker=0" in follow and "tail" in follow[-1]
     assert delete == ["gcloud", "compute", "tpus", "tpu-vm", "delete", "pod", *where, "--quiet"]
@@ -242,6 +245,38 @@ def test_slurm_job_gives_each_process_its_id(tmp_path, per_node, processes):
 def test_slurm_auto_passes_distributed():
     (srun,) = [line for line in dry_run("slurm.sh", "--auto") if line.startswith("srun ")]
     assert f"exec {MAIN} --distributed'" in srun and "--process_id" not in srun
+
+
+@pytest.mark.parametrize("extra", ["cuda12", "cuda13", "none"])
+def test_slurm_installs_through_the_cuda_extra_when_asked(tmp_path, extra):
+    options = ["--setup", "source ~/venv/bin/activate", "--source", "/src/vit jax"]
+    lines = dry_run("slurm.sh", *options, "--install", extra)
+    installs = [line for line in lines if "pip install" in line]
+    if extra == "none":  # the default: the job script as without the option
+        assert installs == [] and lines == dry_run("slurm.sh", *options)
+        return
+    (install,) = installs
+    assert shlex.split(install) == [
+        "python3",
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "-e",
+        f"/src/vit jax[{extra}]",
+    ]
+    # After the environment is set up, before any process starts.
+    assert lines.index("source ~/venv/bin/activate") < lines.index(install)
+    assert lines.index(install) < next(
+        i for i, line in enumerate(lines) if line.startswith("srun ")
+    )
+
+
+def test_slurm_rejects_an_unknown_install_extra():
+    result = launch("slurm.sh", "--install", "cuda11", "--", *USER_FLAGS)
+    assert result.returncode == 2
+    assert result.stderr == "slurm.sh: --install must be cuda12, cuda13 or none, got 'cuda11'\n"
+    assert "--install" in launch("slurm.sh", "--help").stdout
 
 
 TINY = [
