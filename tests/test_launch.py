@@ -1,8 +1,9 @@
-"""launch/: the local, Cloud TPU VM and SLURM launchers run the very same vit_jax.main command.
+"""launch/: the local, Cloud TPU VM, SLURM and GKE launchers run the very same vit_jax.main
+command.
 
-Dry runs are checked line by line (and the SLURM job is executed with stand-in srun,
-scontrol and python); a real two-process run on localhost logs the same losses as one
-process with as many devices.
+Dry runs are checked line by line (the SLURM job is executed with stand-in srun, scontrol and
+python; the GKE manifest is parsed and applied with a stand-in kubectl); a real two-process
+run on localhost logs the same losses as one process with as many devices.
 """
 
 import json
@@ -13,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from tests.test_cli import TINY as CLI_TINY
 from vit_jax import data
@@ -49,7 +51,7 @@ def fake_bin(tmp_path, name, body):
     return path
 
 
-@pytest.mark.parametrize("script", ["local.sh", "tpu_vm.sh", "slurm.sh"])
+@pytest.mark.parametrize("script", ["local.sh", "tpu_vm.sh", "slurm.sh", "gke.sh"])
 def test_scripts_are_executable_and_documented(script):
     path = os.path.join(LAUNCH, script)
     assert os.stat(path).st_mode & stat.S_IXUSR
@@ -277,6 +279,114 @@ def test_slurm_rejects_an_unknown_install_extra():
     assert result.returncode == 2
     assert result.stderr == "slurm.sh: --install must be cuda12, cuda13 or none, got 'cuda11'\n"
     assert "--install" in launch("slurm.sh", "--help").stdout
+
+
+# Flags that only survive if every layer quotes them: a space, both quotes, a shell word.
+ODD_FLAGS = [*USER_FLAGS, '--config.note=it\'s a "b16" run', "--config.x=$HOME; rm -rf /"]
+GKE = ["--image", "us-docker.pkg.dev/p/vit/vit_jax:1", "--name", "b16", "--namespace", "ml"]
+
+
+def gke_manifest(lines, path):
+    """The manifest written by the dry run's pasteable commands, parsed."""
+    assert lines[0] == f"cat > {path} <<'YAML'"
+    assert lines[-2:] == ["YAML", f"kubectl apply -f {path}"]
+    return yaml.safe_load("\n".join(lines[1:-2]))
+
+
+@pytest.mark.parametrize(
+    "tpu_type, topology, slices, hosts, chips, accelerator",
+    [
+        ("v5p-256", "4x4x8", 2, 32, 4, "tpu-v5p-slice"),
+        ("v4-64", "2x4x4", 3, 8, 4, "tpu-v4-podslice"),
+        ("v5litepod-16", "4x4", 1, 4, 4, "tpu-v5-lite-podslice"),
+        ("v6e-8", "2x4", 2, 1, 8, "tpu-v6e-slice"),
+    ],
+)
+def test_gke_manifest_is_a_jobset_of_one_job_per_slice(
+    tpu_type, topology, slices, hosts, chips, accelerator
+):
+    options = [*GKE, "--tpu-type", tpu_type, "--topology", topology, "--slices", str(slices)]
+    result = launch(
+        "gke.sh", *options, "--manifest", "/tmp/b16.yaml", "--dry-run", "--", *ODD_FLAGS
+    )
+    assert result.returncode == 0, result.stderr
+    jobset = gke_manifest(result.stdout.splitlines(), "/tmp/b16.yaml")
+    assert jobset["apiVersion"] == "jobset.x-k8s.io/v1alpha2" and jobset["kind"] == "JobSet"
+    assert jobset["metadata"]["name"] == "b16" and jobset["metadata"]["namespace"] == "ml"
+    (replicated,) = jobset["spec"]["replicatedJobs"]
+    assert replicated["replicas"] == slices
+    job = replicated["template"]["spec"]
+    assert job["parallelism"] == job["completions"] == hosts
+    assert job["completionMode"] == "Indexed"
+    pod = job["template"]["spec"]
+    assert pod["nodeSelector"] == {
+        "cloud.google.com/gke-tpu-accelerator": accelerator,
+        "cloud.google.com/gke-tpu-topology": topology,
+    }
+    (container,) = pod["containers"]
+    assert container["image"] == "us-docker.pkg.dev/p/vit/vit_jax:1"
+    assert container["command"] == ["python3", "-m", "vit_jax.main", *ODD_FLAGS, "--distributed"]
+    for limits in ("requests", "limits"):
+        assert container["resources"][limits] == {"google.com/tpu": chips}
+    assert "env" not in container  # left to the JobSet and GKE
+    # The comment shows the same command, shell-quoted: a shell splits it back into the flags.
+    (shown,) = [line for line in result.stdout.splitlines() if line.startswith("# Each pod runs: ")]
+    assert shlex.split(shown.removeprefix("# Each pod runs: ")) == container["command"]
+
+
+def test_gke_applies_the_manifest_it_writes_with_kubectl(tmp_path):
+    calls = tmp_path / "calls.jsonl"
+    fake_bin(
+        tmp_path,
+        "kubectl",
+        f'python3 -c "import json, sys; print(json.dumps(sys.argv[1:]))" "$@" >> {calls}\n'
+        f'cp "$3" {tmp_path / "applied.yaml"}\n',
+    )
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+    options = [*GKE, "--tpu-type", "v4-64", "--topology", "2x4x4", "--slices", "2"]
+    path = tmp_path / "job s" / "b16.yaml"
+    path.parent.mkdir()
+    result = launch("gke.sh", *options, "--manifest", str(path), "--", *ODD_FLAGS, env=env)
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line) for line in calls.read_text().splitlines()] == [
+        ["apply", "-f", str(path)]
+    ]
+    applied = (tmp_path / "applied.yaml").read_text()
+    assert applied == path.read_text()
+    dry = launch("gke.sh", *options, "--manifest", str(path), "--dry-run", "--", *ODD_FLAGS)
+    assert yaml.safe_load(applied) == gke_manifest(dry.stdout.splitlines(), shlex.quote(str(path)))
+    assert "kubectl logs -n ml -f -l" in result.stderr
+    # The dry run ran nothing.
+    assert len(calls.read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--topology", "2x4x2"], "gke.sh: --topology 2x4x2 has 16 chips, but v4-64 has 32"),
+        (["--topology", "2x4x4", "--hosts-per-slice", "3"], "does not divide the 32 chips"),
+        (["--topology", "2x4x4", "--slices", "0"], "--slices must be a positive integer"),
+        (["--topology", "2x4x4", "--name", "B_16"], "--name must be lowercase"),
+        (["--topology", "2x4x4", "--tpu-type", "v3-8"], "--tpu-type must be v4-N"),
+        (["--topology", "2x4x4", "--image"], "--image needs a value"),
+    ],
+)
+def test_gke_mistakes_end_in_one_line(tmp_path, options, message):
+    manifest = tmp_path / "b16.yaml"
+    result = launch(
+        "gke.sh", "--image", "i", "--tpu-type", "v4-64", "--manifest", str(manifest), *options,
+        "--", *USER_FLAGS,
+    )  # fmt: skip
+    assert result.returncode == 2 and result.stdout == ""
+    assert message in result.stderr and result.stderr.count("\n") == 1
+    assert not manifest.exists()
+
+
+def test_gke_help_lists_the_options():
+    help_text = launch("gke.sh", "--help").stdout
+    for option in ("--slices", "--tpu-type", "--topology", "--image", "--hosts-per-slice",
+                   "--name", "--namespace", "--manifest", "--dry-run"):  # fmt: skip
+        assert f"  {option} " in help_text
 
 
 TINY = [
