@@ -183,6 +183,74 @@ def test_tpu_vm_reuses_or_creates_the_slice_through_gcloud(tmp_path):
         assert verbs == [["tpu-vm", "describe"], *created, ["tpu-vm", "ssh"], ["tpu-vm", "ssh"]]
 
 
+def test_tpu_vm_dry_run_creates_several_slices_as_one_queued_resource():
+    lines = dry_run(
+        "tpu_vm.sh", "--name", "pod", "--zone", "z", "--project", "proj",
+        "--accelerator-type", "v5p-256", "--slices", "3", "--spot", "--delete",
+    )  # fmt: skip
+    where = ["--zone=z", "--project=proj"]
+    queued = ["gcloud", "compute", "tpus", "queued-resources"]
+    describe, create = lines[0].split(" > /dev/null 2>&1 || ")
+    assert shlex.split(describe) == [*queued, "describe", "pod", *where]
+    assert shlex.split(create) == [
+        *queued, "create", "pod", "--node-count=3", "--node-prefix=pod",
+        "--accelerator-type=v5p-256", "--runtime-version=tpu-ubuntu2204-base", *where, "--spot",
+    ]  # fmt: skip
+    # It waits for the queued resource to be ACTIVE (and gives up when it failed).
+    assert lines[1].startswith("until s=$(") and "ACTIVE" in lines[1] and "FAILED" in lines[1]
+    commands = [shlex.split(line) for line in lines[3:]]
+    nodes = ["pod-0", "pod-1", "pod-2"]
+    scp, install, start = commands[:3], commands[3:6], commands[6:9]
+    assert [c[4:6] for c in scp] == [["scp", "/tmp/vit_jax-pod.tar.gz"]] * 3
+    assert [c[6] for c in scp] == [f"{n}:vit_jax.tar.gz" for n in nodes]
+    for step in (install, start):
+        assert [c[4:6] for c in step] == [["ssh", n] for n in nodes]
+        assert all("--worker=all" in c for c in step)
+    assert all(c[-1].endswith('pip install -q -e "$HOME/vit_jax[tpu]"') for c in install)
+    assert all(MAIN + " --distributed" in c[-1] for c in start)
+    follow, delete = commands[9:]
+    assert follow[4:6] == ["ssh", "pod-0"] and "--worker=0" in follow  # process 0
+    assert delete == [*queued, "delete", "pod", *where, "--force", "--quiet"]
+    assert len(commands) == 11
+
+
+def test_tpu_vm_waits_for_the_queued_resource_then_runs_every_slice(tmp_path):
+    calls = tmp_path / "calls.jsonl"
+    fake_bin(
+        tmp_path,
+        "gcloud",
+        f'python3 -c "import json, sys; print(json.dumps(sys.argv[1:]))" "$@" >> {calls}\n'
+        'if [[ $4 == describe && " $* " == *" --format=value(state.state) "* ]]; then\n'
+        "  n=$(grep -c state.state " + str(calls) + ")\n"
+        "  if ((n < 2)); then echo WAITING_FOR_RESOURCES; else echo ACTIVE; fi; exit 0\n"
+        "fi\n"
+        "if [[ $4 == describe ]]; then exit 1; fi\n",
+    )
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+    script = tmp_path / "tpu_vm.sh"  # the same script, polling every second instead of 30
+    script.write_text(open(os.path.join(LAUNCH, "tpu_vm.sh")).read().replace("sleep 30", "sleep 1"))
+    script.chmod(0o755)
+    (tmp_path / "common.sh").write_text(open(os.path.join(LAUNCH, "common.sh")).read())
+    result = subprocess.run(
+        [str(script), "--name", "pod", "--zone", "z", "--slices", "2", "--no-install", "--delete",
+         "--", *USER_FLAGS],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    calls = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert [c[2:5] for c in calls] == [
+        ["queued-resources", "describe", "pod"],
+        ["queued-resources", "create", "pod"],
+        ["queued-resources", "describe", "pod"],  # waiting
+        ["queued-resources", "describe", "pod"],  # active
+        ["tpu-vm", "ssh", "pod-0"],
+        ["tpu-vm", "ssh", "pod-1"],
+        ["tpu-vm", "ssh", "pod-0"],  # follows process 0
+        ["queued-resources", "delete", "pod"],
+    ]
+    assert "--node-count=2" in calls[1]
+
+
 @pytest.mark.parametrize("per_node, processes", [(False, 16), (True, 4)])
 def test_slurm_job_gives_each_process_its_id(tmp_path, per_node, processes):
     options = [
