@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from helpers import free_port, tiny_config
 from test_cli import ROOT, TINY, cli_env, failure
 
-from vit_jax import main, storage, train
+from vit_jax import main, storage, train, visualize
 from vit_jax.sharding import make_mesh
 from vit_jax.steps import Trainer
 
@@ -149,8 +149,15 @@ def test_kill_9_during_a_save_to_the_bucket_never_reads_the_half_written_step(
     assert resumed.returncode == 0, failure(resumed.stderr)
     assert "resumed from step 3" in resumed.stderr
     assert list(empty.iterdir()) == []
-    # Steps 4-6 ran twice; metrics.jsonl holds each once, in order.
+    # Steps 4-6 ran twice; metrics.jsonl holds each once, in order: `visualize curves` draws
+    # one line per metric, not one that doubles back.
     assert logged_steps(storage.read_text(f"{workdir}/metrics.jsonl")) == [1, 2, 3, 4, 5, 6]
+    records = visualize.read_metrics(workdir)
+    for key in ("train/loss", "train/learning_rate"):
+        steps = [r["step"] for r in records if key in r]
+        assert steps == sorted(set(steps)) and len(steps) == 6
+    visualize.draw_curves(workdir, f"{workdir}/pictures/curves.png", records)
+    assert "run/pictures/curves.png" in storage_server.objects(bucket)
 
     # config.init_from.path takes the run in the bucket (its directory, as --workdir does).
     config = tiny_config("schedule.warmup_steps=1", f"init_from.path={workdir}")

@@ -199,6 +199,10 @@ def test_kill_9_during_an_async_save_resumes_from_the_last_complete_one(tmp_path
     names = os.listdir(tmp_path / "checkpoints")
     assert not [n for n in names if "tmp" in n] and {"3", "6"} <= set(names)
     assert_same_arrays(saved_state(workdir, 6), saved_state(straight_run, 6))
+    # Steps 4-6 ran twice but are logged once (the first session's rows after 3 dropped).
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows if "train/loss" in r] == [2, 4, 6]
+    assert [r["step"] for r in rows if "test/top1" in r] == [3, 6]
 
 
 def test_half_written_checkpoint_is_never_picked_up_and_is_cleaned(tmp_path):

@@ -18,6 +18,7 @@ import io
 import logging
 import os
 import posixpath
+import re
 import socket
 import time
 import urllib.parse
@@ -255,22 +256,27 @@ def storage_error(url: str, error: BaseException, action: str = "write to") -> S
     return StorageError(f"cannot {action} {url}: {what} ({text})")
 
 
+# What went wrong, from the exception types in the chain first, then from the messages with
+# URLs removed (an object name or port may contain "404").
+_KINDS = (
+    ("missing", FileNotFoundError, r"\b404\b|nosuchbucket|not found"),
+    ("refused", PermissionError, r"\b40[13]\b|forbidden|unauthori[sz]ed|permission"),
+    ("unreachable", ConnectionError | TimeoutError, r"connect|timed? ?out|unreachable"),
+)
+
+
 def _classify(error: BaseException) -> str:
-    text = f"{type(error).__name__} {error}".lower()
-    chain = error
-    while chain is not None:
-        if isinstance(chain, FileNotFoundError) or "nosuchbucket" in text or "404" in text:
-            return "missing"
-        if isinstance(chain, PermissionError) or any(
-            word in text for word in ("403", "401", "forbidden", "unauthorized", "permission")
-        ):
-            return "refused"
-        if isinstance(chain, ConnectionError | TimeoutError) or any(
-            word in text for word in ("connect", "timeout", "timed out", "unreachable")
-        ):
-            return "unreachable"
-        chain = chain.__cause__ or chain.__context__
-        text = f"{type(chain).__name__} {chain}".lower() if chain is not None else text
+    chain = []
+    while error is not None and len(chain) < 16:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    for kind, types, _ in _KINDS:
+        if any(isinstance(link, types) for link in chain):
+            return kind
+    texts = [re.sub(r"\w+://\S+", "", f"{type(e).__name__} {e}").lower() for e in chain]
+    for kind, _, pattern in _KINDS:
+        if any(re.search(pattern, text) for text in texts):
+            return kind
     return "other"
 
 
