@@ -261,7 +261,7 @@ def storage_error(url: str, error: BaseException, action: str = "write to") -> S
 _KINDS = (
     ("missing", FileNotFoundError, r"\b404\b|nosuchbucket|not found"),
     ("refused", PermissionError, r"\b40[13]\b|forbidden|unauthori[sz]ed|permission"),
-    ("unreachable", ConnectionError | TimeoutError, r"connect|timed? ?out|unreachable"),
+    ("unreachable", ConnectionError | TimeoutError | socket.gaierror, r"connect|timed? ?out"),
 )
 
 
