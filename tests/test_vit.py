@@ -13,7 +13,7 @@ from vit_jax.checkpoint import load_npz
 from vit_jax.models import create_model, list_models
 from vit_jax.models.registry import PATCH_SIZES, VIT_SIZES
 
-# REFERENCE.md §1: the public release at 224 px, 1000 classes.
+# The public release at 224 px, 1000 classes.
 PARAM_COUNTS = {
     "ViT-Ti/16": 5_717_416,
     "ViT-S/16": 22_050_664,
