@@ -70,7 +70,7 @@ def test_parameter_counts_match_the_release_exactly():
 
 def random_public_weights(rng, *, width, depth, mlp_dim, num_heads, patch, grid, classes,
                           tok=True, representation=None):  # fmt: skip
-    """Random arrays under the ORIGINAL public `.npz` keys (REFERENCE.md §2)."""
+    """Random arrays under the ORIGINAL public `.npz` keys."""
     head_dim = width // num_heads
 
     def normal(*shape, std=0.2):

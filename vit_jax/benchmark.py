@@ -355,7 +355,7 @@ def step(args: argparse.Namespace) -> list[dict[str, Any]]:
     return records
 
 
-# Issue 10's targets: images/s over timm's, measured side by side on the 2-core CPU.
+# The project's targets: images/s over timm's, measured side by side on the 2-core CPU.
 TARGET_RATIOS = {"train": 1.1, "eval": 1.2}
 
 
