@@ -116,6 +116,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 def check_workdir(workdir: str) -> None:
     """Raises a UserError unless `workdir` is a folder (or a prefix with objects in a bucket)
     saying what is missing: the folder, or the bucket."""
+    storage.check_reachable(workdir)
     if not storage.is_dir(workdir):
         what = storage.missing(workdir)
         if what == "no such file or folder":

@@ -219,6 +219,15 @@ def check_writable(url: str) -> None:
         raise storage_error(url, error) from error
 
 
+def check_reachable(url: str) -> None:
+    """Raises StorageError at once when the storage server of a bucket URL does not answer
+    (reading would otherwise wait out the client's retries); a no-op for local paths."""
+    try:
+        _probe_endpoint(str(url))
+    except OSError as error:
+        raise storage_error(str(url), error, action="read") from error
+
+
 def _probe_endpoint(url: str, timeout: float = 10.0) -> None:
     """Fails at once (instead of after gcsfs's half minute of retries) when nothing listens
     at the storage endpoint of a `gs://` URL."""
