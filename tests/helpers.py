@@ -68,6 +68,6 @@ TINY_MODEL = (
 
 def tiny_config(*overrides: str) -> ml_collections.ConfigDict:
     """The demo config with a tiny model at 8 px, through the command line's own parser."""
-    from vit_jax import configuration
+    from vit_jax import config_loader
 
-    return configuration.load_config("vit", [*TINY_MODEL, *overrides])
+    return config_loader.load_config("vit", [*TINY_MODEL, *overrides])

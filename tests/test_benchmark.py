@@ -1,4 +1,4 @@
-"""`python -m vit_jax.benchmark step` runs on a tiny model and prints well-formed JSON lines;
+"""`python -m vit_jax.tools.step_benchmark step` runs on a tiny model and prints JSON lines;
 the trainer's progress reports the device's input wait."""
 
 import json
@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import pytest
 
 from tests.helpers import readme_commands
-from vit_jax import benchmark, host_memory
+from vit_jax import host_memory
 from vit_jax.metric_logging import Progress
+from vit_jax.tools import step_benchmark
 
 TINY = ["--model", "ViT-mu/4", "--img_size", "16", "--pool", "gap", "--batch", "8"]
 
@@ -21,7 +22,7 @@ def run_benchmark(*args: str) -> list[dict]:
     """The benchmark in a fresh process (torch and TensorFlow must not share one)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
     result = subprocess.run(
-        [sys.executable, "-m", "vit_jax.benchmark", "step", *TINY, *args],
+        [sys.executable, "-m", "vit_jax.tools.step_benchmark", "step", *TINY, *args],
         capture_output=True,
         text=True,
         env=env,
@@ -99,10 +100,10 @@ def test_compile_only_scanned():
 
 
 def test_step_config_follows_the_command_line():
-    args = benchmark.parser().parse_args(
+    args = step_benchmark.parser().parse_args(
         ["step", *TINY, "--dtype", "bfloat16", "--mesh", "data=1,fsdp=1,model=1", "--scan"]
     )
-    config = benchmark.step_config(args)
+    config = step_benchmark.step_config(args)
     assert config.model_name == "ViT-mu/4"
     assert (config.batch_size, config.model.img_size) == (8, 16)
     assert config.model.dtype == "bfloat16" and config.model.scan is True
@@ -134,23 +135,24 @@ def test_progress_counts_input_wait_only_while_the_device_is_idle():
 
 COMPILE_EACH = """
 import json, sys
-from vit_jax import benchmark
+from vit_jax.tools import step_benchmark
 for args in json.loads(sys.argv[1]):
-    for record in benchmark.step(benchmark.parser().parse_args([*args, "--rounds", "0"])):
+    for record in step_benchmark.step(step_benchmark.parser().parse_args([*args, "--rounds", "0"])):
         print(json.dumps(record), flush=True)
 """
 
 
 def test_readme_benchmark_commands_parse_and_the_smallest_compiles():
-    """Every `python3 -m vit_jax.benchmark` command in README.md parses and names a zoo
+    """Every `python3 -m vit_jax.tools.step_benchmark` command in README.md parses and names a zoo
     model; the smallest one's train and eval steps compile (compile only, later flags win).
     Compiling every command (ViT-L/16 twice) would cost minutes and show nothing more."""
-    from vit_jax import benchmark, models
+    from vit_jax import models
+    from vit_jax.tools import step_benchmark
 
     commands = readme_commands("benchmark")
     assert len(commands) >= 6
     for args in commands:
-        parsed = benchmark.parser().parse_args(args)
+        parsed = step_benchmark.parser().parse_args(args)
         assert parsed.model in models.list_models(), args
     smallest = next(args for args in commands if "ViT-mu/4" in args)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device

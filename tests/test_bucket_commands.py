@@ -16,8 +16,9 @@ from flax import nnx
 from helpers import tiny_config
 from PIL import Image
 
-from vit_jax import export, inference, predict, storage, train, transfer, visualize
+from vit_jax import inference, loop, storage
 from vit_jax.checkpoint import load_npz, npz_arrays, read_npz
+from vit_jax.commands import export, predict, transfer, visualize
 from vit_jax.data.sources import digits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +40,7 @@ def local_run(tmp_path_factory):
         "schedule.warmup_steps=1",
     )
     workdir = str(tmp_path_factory.mktemp("run"))
-    train.run(config, workdir)
+    loop.run(config, workdir)
     return workdir
 
 
@@ -94,7 +95,7 @@ def test_predict_reads_the_run_and_an_image_from_the_bucket(
     storage_server, bucket_run, local_run, digit_png, empty_cwd
 ):
     url, image_url = f"gs://{bucket_run}/run", f"gs://{bucket_run}/images/seven.png"
-    argv = ["-m", "vit_jax.predict", f"--workdir={url}", "--json", "--quiet", "--top_k=3"]
+    argv = ["-m", "vit_jax.commands.predict", f"--workdir={url}", "--json", "--quiet", "--top_k=3"]
     result = command(storage_server, empty_cwd, *argv, digit_png, image_url)
     entries = json.loads(result.stdout)
     assert [e["file"] for e in entries] == [digit_png, image_url]
@@ -110,7 +111,7 @@ def test_predict_reads_the_run_and_an_image_from_the_bucket(
 VISUALIZE_KINDS = textwrap.dedent(
     """
     import sys
-    from vit_jax import visualize
+    from vit_jax.commands import visualize
 
     workdir = sys.argv[1]
     for kind in ("posemb", "filters", "distance", "curves"):
@@ -127,7 +128,14 @@ def test_visualize_writes_every_picture_into_the_bucket(
 ):
     url = f"gs://{bucket_run}/run"
     image_url = f"gs://{bucket_run}/images/seven.png"
-    argv = ["-m", "vit_jax.visualize", "attention", image_url, f"--workdir={url}", "--show"]
+    argv = [
+        "-m",
+        "vit_jax.commands.visualize",
+        "attention",
+        image_url,
+        f"--workdir={url}",
+        "--show",
+    ]
     result = command(storage_server, empty_cwd, *argv)
     assert result.stdout.split() == [f"{url}/pictures/attention_seven.png"]
     result = command(storage_server, empty_cwd, "-c", VISUALIZE_KINDS, url)
@@ -149,7 +157,7 @@ def test_export_writes_npz_and_jax_into_the_bucket(
 ):
     url = f"gs://{bucket_run}/run"
     for fmt in ("npz", "jax"):
-        argv = ["-m", "vit_jax.export", f"--workdir={url}", f"--format={fmt}"]
+        argv = ["-m", "vit_jax.commands.export", f"--workdir={url}", f"--format={fmt}"]
         result = command(storage_server, empty_cwd, *argv)
         written = [f"{url}/export/model.{fmt}"] + ([f"{url}/export/model.json"] * (fmt == "jax"))
         assert result.stdout.split() == written

@@ -7,7 +7,7 @@ from flax import nnx
 from configs import recipes
 from configs.vit import build, get_config
 from tests.data_fixtures.images import write_folder
-from vit_jax import configuration, data
+from vit_jax import config_loader, data
 from vit_jax.errors import UserError
 from vit_jax.models import create_model, valid_overrides
 
@@ -93,7 +93,7 @@ def test_model_fields_carry_the_models_real_defaults():
     assert model.width == 768 and model.depth == 12 and model.patch_size == 16
     assert config.model.pool_type == "tok" and config.model.posemb == "learn"
     assert config.model.representation_size is None  # a typed placeholder
-    assert configuration.field_type(config, "model.representation_size") == (int, True)
+    assert config_loader.field_type(config, "model.representation_size") == (int, True)
 
 
 def test_config_is_locked_and_arguments_are_checked():
@@ -146,18 +146,18 @@ def test_every_leaf_of_every_recipe_and_preset_parses_with_its_type(tmp_path):
             config = build("ViT-B/16", dataset, recipe)
             spec = f"vit:B/16,{dataset},{recipe}"
             expected, overrides = {}, []
-            for field in configuration.leaf_paths(config):
-                if field in configuration.DERIVED:
+            for field in config_loader.leaf_paths(config):
+                if field in config_loader.DERIVED:
                     continue
-                kind, optional = configuration.field_type(config, field)
+                kind, optional = config_loader.field_type(config, field)
                 value = _lookup(config, field)
                 assert kind is not type(None), f"{spec}: config.{field} has no type"
-                new = value if field in configuration.SOURCES else _changed(value, kind)
-                if optional and value is not None and field not in configuration.SOURCES:
+                new = value if field in config_loader.SOURCES else _changed(value, kind)
+                if optional and value is not None and field not in config_loader.SOURCES:
                     new = None  # an optional field set back to None
                 expected[field] = new
                 overrides.append(f"{field}={_text(new)}")
-            result = configuration.load_config(spec, overrides)
+            result = config_loader.load_config(spec, overrides)
             for field, value in expected.items():
                 assert _lookup(result, field) == value, (spec, field)
                 checked += 1
@@ -195,7 +195,7 @@ def _lookup(config, field):
     ],
 )
 def test_override_syntax(override, value):
-    config = configuration.load_config("vit", [override])
+    config = config_loader.load_config("vit", [override])
     assert _lookup(config, override.split("=")[0]) == value
 
 
@@ -220,13 +220,13 @@ def test_override_syntax(override, value):
 )
 def test_bad_overrides_name_the_field(override, message):
     with pytest.raises(UserError, match=None) as info:
-        configuration.load_config("vit", [override])
+        config_loader.load_config("vit", [override])
     assert message in str(info.value)
 
 
 def test_a_mixer_refuses_vit_settings_with_its_own_list():
     with pytest.raises(UserError) as info:
-        configuration.load_config("vit", ["model_name=Mixer-B/16", "model.posemb=learn"])
+        config_loader.load_config("vit", ["model_name=Mixer-B/16", "model.posemb=learn"])
     assert "Mixer-B/16 has no such setting" in str(info.value)
     assert "tokens_mlp_dim" in str(info.value)
 
@@ -235,7 +235,7 @@ def test_sources_rebuild_what_depends_on_them(tmp_path):
     write_folder(str(tmp_path / "faces"), {"train": {"a": 3, "b": 3}, "test": {"a": 2}})
     root = str(tmp_path / "faces")
     # Order does not matter: the source is applied first, the other overrides on top.
-    config = configuration.load_config(
+    config = config_loader.load_config(
         "vit", ["data.data_dir=" + root, f"dataset=folder:{root}", "model.img_size=24"]
     )
     assert config.dataset == config.data.name == f"folder:{root}"
@@ -244,15 +244,15 @@ def test_sources_rebuild_what_depends_on_them(tmp_path):
     assert data.num_classes(config.data) == 2
     assert config.model_name == "ViT-mu/4" and config.recipe == "small"
 
-    cifar = configuration.load_config("vit", ["dataset=cifar100"])
+    cifar = config_loader.load_config("vit", ["dataset=cifar100"])
     assert cifar.data.num_classes == 100 and cifar.model.img_size == 32  # the small recipe
-    finetune = configuration.load_config("vit:B/16,cifar10,finetune", ["dataset=imagenet2012"])
+    finetune = config_loader.load_config("vit:B/16,cifar10,finetune", ["dataset=imagenet2012"])
     assert finetune.total_steps == 20_000  # a recipe value that depends on the dataset
     assert finetune.data.num_classes == 1000
-    mixer = configuration.load_config("vit:B/16,cifar10,finetune", ["model_name=Mixer-B/16"])
+    mixer = config_loader.load_config("vit:B/16,cifar10,finetune", ["model_name=Mixer-B/16"])
     assert "posemb" not in mixer.model and mixer.model.tokens_mlp_dim == 384
     assert mixer.model.img_size == mixer.data.image_size == 384
-    resized = configuration.load_config("vit:B/16,cifar10,finetune", ["model.img_size=224"])
+    resized = config_loader.load_config("vit:B/16,cifar10,finetune", ["model.img_size=224"])
     assert resized.data.image_size == 224
 
 
@@ -267,8 +267,8 @@ def test_folder_of_class_folders_holds_out_a_validation_slice(tmp_path):
 
 def test_configs_are_found_by_name_and_by_path_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # outside the repository: configs/vit.py is not here
-    by_name = configuration.load_config("vit:B/16,cifar10,finetune")
-    by_path = configuration.load_config("configs/vit.py:B/16,cifar10,finetune")
+    by_name = config_loader.load_config("vit:B/16,cifar10,finetune")
+    by_path = config_loader.load_config("configs/vit.py:B/16,cifar10,finetune")
     assert by_name.to_dict() == by_path.to_dict()
     own = tmp_path / "mine.py"
     own.write_text(
@@ -276,8 +276,8 @@ def test_configs_are_found_by_name_and_by_path_from_any_directory(tmp_path, monk
         "def get_config(arg=''):\n"
         "    return build('S/16', 'cifar10', 'finetune')\n"
     )
-    assert configuration.load_config(str(own)).model_name == "ViT-S/16"
+    assert config_loader.load_config(str(own)).model_name == "ViT-S/16"
     with pytest.raises(UserError, match="has no build"):
-        configuration.load_config(str(own), ["dataset=cifar100"])
+        config_loader.load_config(str(own), ["dataset=cifar100"])
     with pytest.raises(UserError, match="named configs: vit"):
-        configuration.load_config("nope.py")
+        config_loader.load_config("nope.py")

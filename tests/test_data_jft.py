@@ -11,9 +11,9 @@ import pytest
 from data_fixtures.images import encode, pattern, write_folder
 
 from vit_jax import data, storage
-from vit_jax.data import write_shards
 from vit_jax.data._tf import tf
 from vit_jax.data.sources import jft
+from vit_jax.tools import write_shards
 
 PP = "decode|value_range(0, 255)|onehot({num_classes}, multi=True)"
 
@@ -101,7 +101,7 @@ def test_cli_from_folder(tmp_path):
         [
             sys.executable,
             "-m",
-            "vit_jax.data.write_shards",
+            "vit_jax.tools.write_shards",
             "--input",
             str(tmp_path / "src/x"),
             "--output",

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from helpers import as_in_readme, readme_commands, tiny_config
 
-from vit_jax import export, inference, train
+from vit_jax import inference, loop
 from vit_jax.checkpoint import npz_arrays, read_npz
+from vit_jax.commands import export
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,7 +47,7 @@ def run_dir(tmp_path_factory):
         "schedule.warmup_steps=1",
     )
     workdir = str(tmp_path_factory.mktemp("run"))
-    train.run(config, workdir)
+    loop.run(config, workdir)
     return workdir
 
 

@@ -189,7 +189,7 @@ def test_fewshot_datasets_are_read_from_config_data_data_dir(tiny_tfds_root, mes
 
 
 def test_a_short_class_refuses_the_run_before_training(tmp_path, monkeypatch, capsys, mesh):
-    from vit_jax import main
+    from vit_jax.commands import train
 
     monkeypatch.chdir(tmp_path)
     workdir = tmp_path / "run"
@@ -206,7 +206,7 @@ def test_a_short_class_refuses_the_run_before_training(tmp_path, monkeypatch, ca
         "--config.fewshot.shots=1,5",
         "--config.fewshot.max_train_examples=20",
     ]
-    assert main.main(args) == 2
+    assert train.main(args) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     labels = evaluate.fewshot_train_labels(
         tiny_config("fewshot.max_train_examples=20").fewshot,

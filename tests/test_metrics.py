@@ -1,10 +1,10 @@
-"""Tests for vit_jax.metrics against NumPy references, including a padded batch."""
+"""Tests for vit_jax.eval_counts against NumPy references, including a padded batch."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax import metrics
+from vit_jax import eval_counts
 
 
 def np_counts(logits, labels, mask):
@@ -31,7 +31,7 @@ def test_counts_match_numpy_with_padding():
     mask = np.ones(b, np.float32)
     mask[-5:] = 0.0
     logits[-5:] = 0.0
-    got = jax.jit(metrics.classification_counts)(logits, labels, mask)
+    got = jax.jit(eval_counts.classification_counts)(logits, labels, mask)
     ref = np_counts(logits.astype(np.float64), labels, mask)
     for k, v in ref.items():
         np.testing.assert_allclose(float(got[k]), v, rtol=1e-5, err_msg=k)
@@ -39,7 +39,7 @@ def test_counts_match_numpy_with_padding():
     # Padding rows (even correct ones) add nothing.
     labels_fake = labels.copy()
     labels_fake[-5:] = 1.0
-    got2 = metrics.classification_counts(logits, labels_fake, mask)
+    got2 = eval_counts.classification_counts(logits, labels_fake, mask)
     np.testing.assert_allclose(float(got2["correct_top1"]), float(got["correct_top1"]))
 
 
@@ -47,7 +47,7 @@ def test_multihot_real_labels_and_small_class_count():
     logits = np.array([[3.0, 1.0, 2.0], [0.0, 5.0, 1.0], [1.0, 0.0, 2.0]], np.float32)
     # ReaL-style: several correct labels, or none (an all-zero row is never correct).
     labels = np.array([[0, 0, 1], [1, 1, 0], [0, 0, 0]], np.float32)
-    got = metrics.classification_counts(logits, labels, np.ones(3), loss_name=None)
+    got = eval_counts.classification_counts(logits, labels, np.ones(3), loss_name=None)
     assert float(got["correct_top1"]) == 1.0  # only row 1 (argmax 1, label 1)
     assert float(got["correct_top5"]) == 2.0  # C=3 < 5: top-3 covers everything but row 2
     assert "loss_sum" not in got
@@ -62,13 +62,13 @@ def test_accumulate_and_finalize():
         labels = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 8)]
         all_logits.append(logits)
         all_labels.append(labels)
-        total = metrics.add_counts(
+        total = eval_counts.add_counts(
             total,
-            metrics.classification_counts(
+            eval_counts.classification_counts(
                 jnp.asarray(logits), jnp.asarray(labels), jnp.ones(8), "sigmoid_xent"
             ),
         )
-    out = metrics.finalize(total)
+    out = eval_counts.finalize(total)
     logits, labels = np.concatenate(all_logits), np.concatenate(all_labels)
     np.testing.assert_allclose(
         out["top1"], np.mean(labels[np.arange(24), logits.argmax(-1)]), rtol=1e-6
@@ -78,5 +78,5 @@ def test_accumulate_and_finalize():
     np.testing.assert_allclose(out["loss"], ref_loss, rtol=1e-5)
     assert out["count"] == 24.0 and 0.0 <= out["top1"] <= out["top5"] <= 1.0
     assert np.isnan(
-        metrics.finalize({"correct_top1": 0.0, "correct_top5": 0.0, "count": 0.0})["top1"]
+        eval_counts.finalize({"correct_top1": 0.0, "correct_top5": 0.0, "count": 0.0})["top1"]
     )

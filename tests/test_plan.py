@@ -1,4 +1,4 @@
-"""The run planner (`python -m vit_jax.plan`) on tiny models and the 8 simulated devices."""
+"""The run planner (`python -m vit_jax.commands.plan`): tiny models, 8 simulated devices."""
 
 import json
 import os
@@ -8,8 +8,9 @@ import shlex
 import jax
 import pytest
 
-from vit_jax import configuration, plan, train
-from vit_jax.main import split_overrides
+from vit_jax import config_loader, loop
+from vit_jax.commands import plan
+from vit_jax.commands.train import split_overrides
 
 SPEC = "vit:Ti/16,cifar10,small"  # 10 classes, gap pooling, AdamW
 TINY = {"width": 32, "depth": 2, "mlp_dim": 64, "num_heads": 2, "img_size": 32, "patch_size": 16}
@@ -19,7 +20,7 @@ TINY_FLAGS = [f"--config.model.{k}={v}" for k, v in TINY.items()] + ["--config.b
 def tiny_config(mesh: str, **model):
     overrides = [f.removeprefix("--config.") for f in TINY_FLAGS]
     overrides += [f"model.{k}={v}" for k, v in model.items()]
-    return configuration.load_config(SPEC, overrides + plan._mesh_overrides(mesh))
+    return config_loader.load_config(SPEC, overrides + plan._mesh_overrides(mesh))
 
 
 def vit_params(width, depth, mlp, patch, tokens, classes, cls_token) -> int:
@@ -79,7 +80,7 @@ def test_deep_models_flops_extrapolated_from_depth_one_and_two():
     trainer = plan._trainer(config, 8)
     extrapolated, method = plan._step_flops(trainer, 8)
     assert "depth 1 and 2" in method
-    assert extrapolated == pytest.approx(train.step_flops(trainer), rel=1e-3)
+    assert extrapolated == pytest.approx(loop.step_flops(trainer), rel=1e-3)
 
 
 def test_layout_that_does_not_fit_names_one_that_does(fsdp_plan):
@@ -126,7 +127,7 @@ def test_cli_reruns_itself_with_the_requested_device_count(capfd):
 
 
 def test_readme_plan_commands_parse_and_their_layouts_are_valid():
-    """Every `python -m vit_jax.plan` command in README.md: flags, config and mesh check out
+    """Every `vit_jax.commands.plan` command in README.md: flags, config and mesh check out
     (nothing is compiled here; the table's numbers come from running them)."""
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
     commands = re.findall(r"`python3? -m vit_jax\.plan ([^`]+)`", readme)
@@ -134,15 +135,15 @@ def test_readme_plan_commands_parse_and_their_layouts_are_valid():
     for command in commands:
         rest, overrides = split_overrides(shlex.split(command))
         args = plan.parser().parse_args(rest)
-        config = configuration.load_config(args.config, overrides + plan._mesh_overrides(args.mesh))
+        config = config_loader.load_config(args.config, overrides + plan._mesh_overrides(args.mesh))
         shape = plan.check_layout(config, args.devices)
         assert shape["data"] * shape["fsdp"] * shape["model"] == args.devices, command
 
 
 def test_deep_models_are_scanned_unless_the_command_line_says_otherwise():
-    deep = configuration.load_config("vit:L/16,cifar10,small")
+    deep = config_loader.load_config("vit:L/16,cifar10,small")
     assert plan._auto_scan(deep, []) and deep.model.scan
-    unscanned = configuration.load_config("vit:L/16,cifar10,small", ["model.scan=false"])
+    unscanned = config_loader.load_config("vit:L/16,cifar10,small", ["model.scan=false"])
     assert not plan._auto_scan(unscanned, ["model.scan=false"]) and not unscanned.model.scan
-    shallow = configuration.load_config("vit:B/16,cifar10,small")
+    shallow = config_loader.load_config("vit:B/16,cifar10,small")
     assert not plan._auto_scan(shallow, []) and not shallow.model.scan

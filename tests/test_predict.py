@@ -12,8 +12,9 @@ from data_fixtures.images import write_folder
 from helpers import as_in_readme, readme_commands, tiny_config
 from PIL import Image
 
-from vit_jax import data, inference, predict, train
+from vit_jax import data, inference, loop
 from vit_jax.checkpoint import save_npz
+from vit_jax.commands import predict
 from vit_jax.data.sources import digits
 from vit_jax.models import create_model
 
@@ -40,7 +41,7 @@ def tiny_digits_config(steps: int):
 def run_dir(tmp_path_factory):
     """A tiny ViT trained on digits for 100 steps (about 10 s)."""
     workdir = str(tmp_path_factory.mktemp("run"))
-    train.run(tiny_digits_config(100), workdir)
+    loop.run(tiny_digits_config(100), workdir)
     return workdir
 
 

@@ -8,20 +8,29 @@ import shlex
 import pytest
 
 from tests.helpers import ROOT, shell_commands
-from vit_jax import main
+from vit_jax.commands import train
 
-TRAIN_PROGRAMS = (("python3", "-m", "vit_jax.main"), ("python", "-m", "vit_jax.main"))
+TRAIN_PROGRAMS = (
+    ("python3", "-m", "vit_jax.commands.train"),
+    ("python", "-m", "vit_jax.commands.train"),
+)
 CONSOLE = "vit-jax-train"
 # Commands that are not training runs, and the test that runs each (file::function).
 COVERED_ELSEWHERE = {
     "python3 -m pip install": "tests/test_readme.py::test_ci_runs_the_readme_test_command",
     "python3 -m pytest": "tests/test_readme.py::test_ci_runs_the_readme_test_command",
-    "python3 -m vit_jax.predict": "tests/test_predict.py::test_readme_predict_commands_run",
-    "python3 -m vit_jax.visualize": "tests/test_visualize.py::test_readme_visualize_commands_run",
-    "python3 -m vit_jax.export": "tests/test_export.py::test_readme_export_commands_run",
-    "python3 -m vit_jax.transfer": "tests/test_readme.py::test_readme_transfer_commands_dry_run",
+    "python3 -m vit_jax.commands.predict": (
+        "tests/test_predict.py::test_readme_predict_commands_run"
+    ),
+    "python3 -m vit_jax.commands.visualize": (
+        "tests/test_visualize.py::test_readme_visualize_commands_run"
+    ),
+    "python3 -m vit_jax.commands.export": "tests/test_export.py::test_readme_export_commands_run",
+    "python3 -m vit_jax.commands.transfer": (
+        "tests/test_readme.py::test_readme_transfer_commands_dry_run"
+    ),
     "launch/": "tests/test_readme.py::test_readme_launch_commands_dry_run",
-    "python3 -m vit_jax.benchmark": (
+    "python3 -m vit_jax.tools.step_benchmark": (
         "tests/test_benchmark.py::test_readme_benchmark_commands_parse_and_the_smallest_compiles"
     ),
 }
@@ -72,7 +81,7 @@ def test_readme_training_command_passes_a_dry_run(
     `gs://bucket/...` workdir is checked for real, against the local storage server)."""
     monkeypatch.chdir(tmp_path)
     args = [a.replace("/data/my_images", str(_images(tmp_path))) for a in _train_args(command)]
-    status = main.main([*args, "--dry_run"])
+    status = train.main([*args, "--dry_run"])
     out, err = capsys.readouterr()
     assert status == 0, err
     assert "dry run: nothing was compiled" in out
@@ -91,9 +100,9 @@ def _starting(prefix: str) -> list[str]:
     return [c for c in README_COMMANDS if " ".join(_words(c)).startswith(prefix)]
 
 
-@pytest.mark.parametrize("command", _starting("python3 -m vit_jax.transfer"))
+@pytest.mark.parametrize("command", _starting("python3 -m vit_jax.commands.transfer"))
 def test_readme_transfer_commands_dry_run(command, tmp_path, monkeypatch, capsys):
-    from vit_jax import transfer
+    from vit_jax.commands import transfer
 
     monkeypatch.chdir(tmp_path)
     checkpoint = tmp_path / "checkpoint.npz"
@@ -121,8 +130,8 @@ def test_readme_launch_commands_dry_run(command, tmp_path, readme_bucket):
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    assert "vit_jax.main" in result.stdout and cli[0] in result.stdout
-    assert main.main([*cli, "--dry_run"]) == 0
+    assert "vit_jax.commands.train" in result.stdout and cli[0] in result.stdout
+    assert train.main([*cli, "--dry_run"]) == 0
 
 
 def test_ci_runs_the_readme_test_command():
@@ -133,6 +142,7 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_command_extraction_handles_continuations_and_chains():
-    text = "```bash\n# comment\nA=1 python3 -m vit_jax.main --x=1 \\\n  --y=2 && echo hi\n```\n"
-    assert shell_commands(text) == ["A=1 python3 -m vit_jax.main --x=1 --y=2", "echo hi"]
+    text = "```bash\n# comment\nA=1 python3 -m vit_jax.commands.train --x=1 \\\n"
+    text += "  --y=2 && echo hi\n```\n"
+    assert shell_commands(text) == ["A=1 python3 -m vit_jax.commands.train --x=1 --y=2", "echo hi"]
     assert _train_args(shell_commands(text)[0]) == ["--x=1", "--y=2"]

@@ -17,7 +17,7 @@ from orbax.checkpoint._src.path import atomicity
 from test_cli import ROOT, TINY, cli_env, failure
 from test_train import read_jsonl, restore_state, tiny_run_config
 
-from vit_jax import data, train
+from vit_jax import data, loop
 from vit_jax.checkpoint import Checkpointer
 from vit_jax.checkpoint import manager as checkpoint_manager
 from vit_jax.data.sources import folder
@@ -47,7 +47,7 @@ def steps_on_disk(workdir):
 def straight_run(tmp_path_factory):
     """The uninterrupted tiny run (6 steps, checkpoints at 3 and 6) to compare against."""
     workdir = str(tmp_path_factory.mktemp("straight"))
-    train.run(tiny_run_config(), workdir)
+    loop.run(tiny_run_config(), workdir)
     return workdir
 
 
@@ -60,7 +60,7 @@ def cli_command(workdir, steps):
     return [
         sys.executable,
         "-m",
-        "vit_jax.main",
+        "vit_jax.commands.train",
         "--config=configs/vit.py",
         f"--workdir={workdir}",
         *overrides,
@@ -148,8 +148,8 @@ def test_sigint_saves_the_current_step_and_exits_130(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "train_batches", interrupting)
     config = tiny_run_config(**{"total_steps": 50, "checkpoint.every_steps": 50})
     previous = signal.getsignal(signal.SIGINT)
-    with pytest.raises(train.Preempted) as stop:
-        train.run(config, str(tmp_path))
+    with pytest.raises(loop.Preempted) as stop:
+        loop.run(config, str(tmp_path))
     assert stop.value.code == 130 and isinstance(stop.value, SystemExit)
     assert signal.getsignal(signal.SIGINT) is previous  # the handler is put back
     step = stop.value.step
@@ -175,8 +175,8 @@ async def finalize(self):  # the data of step 6 is written, the commit is not
 
 atomicity.AtomicRenameTemporaryPath.finalize = finalize
 from test_train import tiny_run_config
-from vit_jax import train
-train.run(tiny_run_config(), sys.argv[1])
+from vit_jax import loop
+loop.run(tiny_run_config(), sys.argv[1])
 """
 
 
@@ -195,7 +195,7 @@ def test_kill_9_during_an_async_save_resumes_from_the_last_complete_one(tmp_path
     leftovers = [n for n in os.listdir(tmp_path / "checkpoints") if "orbax-checkpoint-tmp" in n]
     assert leftovers and leftovers[0].startswith("6.")  # a half-written step 6
 
-    train.run(tiny_run_config(), workdir)  # resumes from 3, not from the half-written 6
+    loop.run(tiny_run_config(), workdir)  # resumes from 3, not from the half-written 6
     names = os.listdir(tmp_path / "checkpoints")
     assert not [n for n in names if "tmp" in n] and {"3", "6"} <= set(names)
     assert_same_arrays(saved_state(workdir, 6), saved_state(straight_run, 6))
@@ -248,7 +248,7 @@ def test_no_room_for_one_checkpoint_is_refused_before_training(tmp_path, monkeyp
     free = checkpoint_manager.shutil.disk_usage(str(tmp_path))._replace(free=4096)
     monkeypatch.setattr(checkpoint_manager.shutil, "disk_usage", lambda path: free)
     with pytest.raises(checkpoint_manager.NoRoomError) as error:
-        train.run(tiny_run_config(), str(tmp_path))
+        loop.run(tiny_run_config(), str(tmp_path))
     message = str(error.value)
     assert "no room for a checkpoint in" in message and str(tmp_path) in message
     assert "MiB" in message and "\n" not in message and isinstance(error.value, UserError)
@@ -268,7 +268,7 @@ def test_failed_save_keeps_the_previous_checkpoint_and_names_step_and_path(tmp_p
     monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", disk_full)
     config = tiny_run_config()
     with pytest.raises(checkpoint_manager.CheckpointSaveError) as error:
-        train.run(config, str(tmp_path))
+        loop.run(config, str(tmp_path))
     message = str(error.value)
     assert f"step 6 to {tmp_path}/checkpoints/6" in message
     assert "No space left on device" in message and "step 3 is kept" in message
@@ -300,8 +300,8 @@ def test_skip_drops_nonfinite_steps_counts_them_and_stops_after_too_many(tmp_pat
             "checkpoint.every_steps": 2,
         }
     )
-    with pytest.raises(train.TooManySkippedStepsError) as error:
-        train.run(config, str(tmp_path))
+    with pytest.raises(loop.TooManySkippedStepsError) as error:
+        loop.run(config, str(tmp_path))
     assert "2 steps in a row up to step 6" in str(error.value)
     assert "config.max_consecutive_skips=2" in str(error.value)
     assert steps_on_disk(str(tmp_path)) == [2, 4]  # nothing saved after the bad streak
@@ -322,7 +322,7 @@ def test_skip_drops_nonfinite_steps_counts_them_and_stops_after_too_many(tmp_pat
 )
 def test_nonfinite_settings_are_validated(tmp_path, changes, expected):
     with pytest.raises(ConfigValueError, match=expected):
-        train.run(tiny_run_config(**changes), str(tmp_path))
+        loop.run(tiny_run_config(**changes), str(tmp_path))
 
 
 # --- 5. checkpoints from strangers ---------------------------------------------------------
@@ -341,7 +341,7 @@ def test_another_models_checkpoint_lists_every_mismatched_key(tmp_path):
     write_checkpoint(tiny_run_config(), source, num_classes=7)
 
     with pytest.raises(checkpoint_manager.StateMismatchError) as resumed:  # in its workdir
-        train.run(tiny_run_config(), str(tmp_path / "seven"))  # digits: 10 classes
+        loop.run(tiny_run_config(), str(tmp_path / "seven"))  # digits: 10 classes
     message = str(resumed.value)
     assert "6 with other shapes: params/head/bias expected (10,) found (7,), " in message
     assert "params/head/kernel expected (32, 10) found (32, 7)" in message
@@ -350,7 +350,7 @@ def test_another_models_checkpoint_lists_every_mismatched_key(tmp_path):
 
     wider = tiny_run_config(**{"model.width": 48, "init_from.path": source})
     with pytest.raises(checkpoint_manager.StateMismatchError) as init:  # via init_from
-        train.run(wider, str(tmp_path / "new"))
+        loop.run(wider, str(tmp_path / "new"))
     message = str(init.value)
     assert "params/patch_embed/kernel expected" not in message  # only the first 20 listed
     assert "params/blocks/0/mlp/fc1/kernel expected (48, 64) found (32, 64)" in message
@@ -413,6 +413,6 @@ def test_bad_images_are_counted_in_the_train_metrics(image_root, tmp_path):
     with config.unlocked():
         config.data = folder_config(image_root)
     with pytest.warns(folder.BadImageWarning):
-        train.run(config, str(tmp_path / "run"))
+        loop.run(config, str(tmp_path / "run"))
     records = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "train/loss" in r]
     assert records and all(r["train/bad_images"] == 2 for r in records)

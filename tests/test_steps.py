@@ -175,7 +175,7 @@ def test_checkpointer_keeps_last_k_and_every_mth_and_ignores_partial_saves(tmp_p
 def test_train_step_compiles_from_abstract_shapes_with_the_published_cost():
     """ViT-Ti/16 at 224 px: ahead-of-time compile on a 4x2 mesh, nothing allocated; XLA's FLOP
     count is about 3 forward passes (1.25 G multiply-adds each) per image."""
-    from vit_jax.train import compile_train_step
+    from vit_jax.loop import compile_train_step
 
     config = demo_config()
     with config.unlocked():

@@ -10,7 +10,7 @@ from flax import nnx
 from helpers import with_changes
 
 from configs.vit import demo_config
-from vit_jax import data, train
+from vit_jax import data, loop
 from vit_jax.checkpoint import Checkpointer, save_npz
 from vit_jax.models import create_model
 from vit_jax.sharding import make_mesh
@@ -50,10 +50,10 @@ def read_jsonl(path):
 def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
     config = tiny_run_config(**{"model.dropout": 0.1, "mixup.mixup_alpha": 0.2})
     straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
-    train.run(config, straight)
-    train.run(config, interrupted, stop_after_step=2)
+    loop.run(config, straight)
+    loop.run(config, interrupted, stop_after_step=2)
     assert Checkpointer(os.path.join(interrupted, "checkpoints"), every_steps=1).all_steps() == [2]
-    train.run(config, interrupted)
+    loop.run(config, interrupted)
 
     state_a, record_a = restore_state(config, straight, 6)
     state_b, record_b = restore_state(config, interrupted, 6)
@@ -75,7 +75,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
 
 
 def test_run_writes_metrics_tensorboard_and_evaluates(tmp_path):
-    results = train.run(tiny_run_config(), str(tmp_path))
+    results = loop.run(tiny_run_config(), str(tmp_path))
     assert results["test/count"] == data.num_examples(tiny_run_config().data, "test")
     assert 0.0 <= results["test/top1"] <= 1.0
     records = read_jsonl(tmp_path / "metrics.jsonl")
@@ -94,11 +94,11 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     )
     with config.unlocked():
         config.schedule.base_lr = 1e-3
-    train.run(config, str(tmp_path), stop_after_step=2)
+    loop.run(config, str(tmp_path), stop_after_step=2)
     with config.unlocked():
         config.schedule.base_lr = 1e30  # blows the parameters up on the next update
-    with pytest.raises(train.NonFiniteLossError, match="NaN or Inf") as error:
-        train.run(config, str(tmp_path))
+    with pytest.raises(loop.NonFiniteLossError, match="NaN or Inf") as error:
+        loop.run(config, str(tmp_path))
     assert "last good checkpoint (2)" in str(error.value)
     checkpointer = Checkpointer(os.path.join(tmp_path, "checkpoints"), every_steps=1)
     assert checkpointer.all_steps() == [2]
@@ -119,7 +119,7 @@ def test_init_from_npz_replaces_head_and_keeps_body(tmp_path):
             "checkpoint.every_steps": 1,
         }
     )
-    train.run(config, str(tmp_path / "run"))
+    loop.run(config, str(tmp_path / "run"))
     state, _ = restore_state(config, str(tmp_path / "run"), 1)
     source_params = nnx.to_pure_dict(nnx.state(source, nnx.Param))
     np.testing.assert_array_equal(
@@ -132,7 +132,7 @@ def test_init_from_npz_replaces_head_and_keeps_body(tmp_path):
 
 def test_init_from_another_runs_checkpoint_and_fewshot_during_training(tmp_path):
     first = str(tmp_path / "first")
-    train.run(tiny_run_config(**{"total_steps": 2, "checkpoint.every_steps": 2}), first)
+    loop.run(tiny_run_config(**{"total_steps": 2, "checkpoint.every_steps": 2}), first)
     config = tiny_run_config(
         **{
             "total_steps": 2,
@@ -144,7 +144,7 @@ def test_init_from_another_runs_checkpoint_and_fewshot_during_training(tmp_path)
             "fewshot.shots": (1, 5),
         }
     )
-    results = train.run(config, str(tmp_path / "second"))
+    results = loop.run(config, str(tmp_path / "second"))
     before, _ = restore_state(tiny_run_config(**{"total_steps": 2}), first, 2)
     after, _ = restore_state(config, str(tmp_path / "second"), 2)
     for a, b in zip(
@@ -156,21 +156,21 @@ def test_init_from_another_runs_checkpoint_and_fewshot_during_training(tmp_path)
 
 
 def test_resume_with_a_different_optimizer_is_refused_clearly(tmp_path):
-    train.run(tiny_run_config(), str(tmp_path), stop_after_step=1)
+    loop.run(tiny_run_config(), str(tmp_path), stop_after_step=1)
     with pytest.raises(ValueError, match="does not match the train state"):
-        train.run(tiny_run_config(**{"optim.clip_global_norm": 0.0}), str(tmp_path))
+        loop.run(tiny_run_config(**{"optim.clip_global_norm": 0.0}), str(tmp_path))
 
 
 def test_config_errors_are_clear(tmp_path):
     config = tiny_run_config(batch_size=33)
     with pytest.raises(ValueError, match="batch_size=33 is not divisible"):
-        train.run(config, str(tmp_path))
+        loop.run(config, str(tmp_path))
     config = tiny_run_config(total_steps=None)
     with pytest.raises(ValueError, match="set config.total_steps or config.num_epochs"):
-        train.run(config, str(tmp_path))
+        loop.run(config, str(tmp_path))
     config = tiny_run_config(**{"init_from.path": str(tmp_path / "missing")})
     with pytest.raises(FileNotFoundError, match="init_from.path"):
-        train.run(config, str(tmp_path / "w"))
+        loop.run(config, str(tmp_path / "w"))
     config = tiny_run_config(**{"mesh.data": 3})
     with pytest.raises(ValueError, match="needs 3 devices"):
-        train.run(config, str(tmp_path))
+        loop.run(config, str(tmp_path))

@@ -14,7 +14,8 @@ import tensorflow_datasets as tfds
 from tests.data_fixtures.images import write_folder
 from tests.helpers import TINY_MODEL
 from tests.test_cli import TINY, cli_env, failure
-from vit_jax import configuration, export, storage, train, transfer
+from vit_jax import config_loader, loop, storage
+from vit_jax.commands import export, transfer
 
 ARCH = [o for o in TINY_MODEL if "img_size" not in o]
 SHORT = ["total_steps=3", "schedule.warmup_steps=1", "batch_size=16", "eval_batch_size=16"]
@@ -25,8 +26,8 @@ SHORT += ["log_every_steps=1", "eval_every_steps=3", "checkpoint.every_steps=3"]
 def pretrained(tmp_path_factory):
     """A tiny ViT-mu/4 trained on digits at 8 px (10 classes), exported as a public .npz."""
     workdir = tmp_path_factory.mktemp("pretrain")
-    config = configuration.load_config("vit", [*ARCH, "model.img_size=8", *SHORT])
-    train.run(config, str(workdir))
+    config = config_loader.load_config("vit", [*ARCH, "model.img_size=8", *SHORT])
+    loop.run(config, str(workdir))
     path = str(workdir / "pretrained.npz")
     assert export.main(["--workdir", str(workdir), "--format", "npz", "--out", path]) == 0
     return path
@@ -46,7 +47,7 @@ def test_finetune_on_an_image_folder_from_an_npz(pretrained, tmp_path):
         "--config.schedule.base_lr=0.01",
     ]
     result = subprocess.run(
-        [sys.executable, "-m", "vit_jax.main", *args],
+        [sys.executable, "-m", "vit_jax.commands.train", *args],
         cwd=tmp_path,
         env=cli_env(2),
         capture_output=True,

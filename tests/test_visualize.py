@@ -8,7 +8,8 @@ import pytest
 from helpers import as_in_readme, readme_commands, tiny_config
 from PIL import Image
 
-from vit_jax import train, visualize
+from vit_jax import loop
+from vit_jax.commands import visualize
 from vit_jax.data.sources import digits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +29,7 @@ def run_dir(tmp_path_factory):
         "schedule.warmup_steps=2",
     )
     workdir = str(tmp_path_factory.mktemp("run"))
-    train.run(config, workdir)
+    loop.run(config, workdir)
     return workdir
 
 

@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from vit_jax import data, fewshot, metrics, sharding
+from vit_jax import data, eval_counts, fewshot, sharding
 from vit_jax.metric_logging import MetricLogger, format_line
 
 
@@ -36,10 +36,10 @@ def classification(
     totals = None
     for batch in data.eval_batches(data_config, eval_name, global_batch_size=batch_size):
         counts = eval_step(params, data.to_global_batch(batch, batch_sharding))
-        totals = metrics.add_counts(totals, jax.device_get(counts))
+        totals = eval_counts.add_counts(totals, jax.device_get(counts))
     if totals is None:
         raise ValueError(f"eval set {eval_name!r} yielded no examples")
-    return metrics.finalize(totals)
+    return eval_counts.finalize(totals)
 
 
 _HASH_WEIGHTS: dict[int, np.ndarray] = {}

@@ -104,7 +104,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
         if not storage.is_file(path):
             raise UserError(
                 f"--workdir {workdir}: no config.json, so not a training run's workdir "
-                "(`python -m vit_jax.main --workdir=...` writes it)"
+                "(`python -m vit_jax.commands.train --workdir=...` writes it)"
             )
         text = storage.read_text(path)
     try:

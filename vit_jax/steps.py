@@ -21,7 +21,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from vit_jax import losses, metrics, mixup, optim, sharding
+from vit_jax import eval_counts, losses, mixup, optim, sharding
 from vit_jax.checkpoint import abstract_like
 from vit_jax.errors import UserError
 from vit_jax.models import ActivationSharding, create_model
@@ -262,7 +262,9 @@ class Trainer:
         def eval_step(params, batch):
             model = nnx.merge(graphdef, params)
             logits = model(batch["image"], train=False)
-            return metrics.classification_counts(logits, batch["labels"], batch["mask"], loss_name)
+            return eval_counts.classification_counts(
+                logits, batch["labels"], batch["mask"], loss_name
+            )
 
         return jax.jit(
             eval_step,

@@ -107,7 +107,7 @@ class Attention(nnx.Module):
         use_dropout = train and self.attention_dropout > 0.0 and rngs is not None
         implementation = self.implementation
         if implementation is None and jax.default_backend() == "cpu":
-            # Measured with `python -m vit_jax.benchmark attention`: on CPU the plain einsum
+            # Measured with `vit_jax.tools.step_benchmark attention`: on CPU the plain einsum
             # path trains ViT-B/16 ~9% faster than jax.nn.dot_product_attention's XLA path.
             implementation = "einsum"
         inputs_kv = inputs_q if inputs_kv is None else inputs_kv

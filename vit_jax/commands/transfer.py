@@ -1,6 +1,6 @@
 """Transfer sweep: fine-tune one checkpoint on several datasets and tabulate the results.
 
-`python -m vit_jax.transfer --init_from=ViT-B_16.npz --model=B/16 --workdir=sweeps/b16`
+`python -m vit_jax.commands.transfer --init_from=ViT-B_16.npz --model=B/16 --workdir=sweeps/b16`
 fine-tunes on the paper's tasks (CIFAR-10/100, Pets, Flowers; `--tasks=vtab` for the 19
 VTAB-1k tasks, `all` for both, or any presets separated by commas) with the `finetune`
 recipe over a grid of learning rates. The lr is chosen on each task's validation split: for
@@ -19,10 +19,10 @@ import io
 import sys
 from dataclasses import dataclass
 
-from vit_jax import configuration, host_memory, storage, validate
+from vit_jax import config_loader, host_memory, storage, validate
+from vit_jax.commands.train import USER_ERROR_STATUS, split_overrides
 from vit_jax.data.presets import VTAB_TASKS
 from vit_jax.errors import UserError
-from vit_jax.main import USER_ERROR_STATUS, split_overrides
 
 PAPER_TASKS = ("cifar10", "cifar100", "oxford_iiit_pet", "oxford_flowers102")
 LEARNING_RATES = (0.001, 0.003, 0.01, 0.03)
@@ -56,7 +56,7 @@ def task_list(tasks: str) -> list[str]:
 def _config(args, dataset: str, lr: float, overrides: list[str]):
     spec = f"vit:{args.model},{dataset},{args.recipe}"
     extra = [f"init_from.path={args.init_from}", f"schedule.base_lr={lr}"]
-    config = configuration.load_config(spec, [*overrides, *extra])
+    config = config_loader.load_config(spec, [*overrides, *extra])
     validate.check_config(config)
     if "val" not in config.data.evals:
         raise UserError(
@@ -74,7 +74,7 @@ def _workdir(args, dataset: str, lr: float) -> str:
 
 def sweep_task(args, task: str, overrides: list[str]) -> TaskResult:
     """Fine-tunes `task` at every lr; the best on validation, evaluated on test."""
-    from vit_jax.train import run as train_fn
+    from vit_jax.loop import run as train_fn
 
     is_vtab = task.startswith("vtab/")
     select = f"{task}/hparam" if is_vtab else task
@@ -147,7 +147,7 @@ def _learning_rates(text: str) -> tuple[float, ...]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m vit_jax.transfer", allow_abbrev=False,
+    p = argparse.ArgumentParser(prog="python -m vit_jax.commands.transfer", allow_abbrev=False,
                                 description=__doc__.split("\n\n")[0])  # fmt: skip
     p.add_argument("--init_from", required=True, help="the checkpoint: .npz or a run's dir")
     p.add_argument("--model", required=True, help="its model: a zoo name or size (B/16)")

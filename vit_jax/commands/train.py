@@ -1,7 +1,7 @@
-"""CLI: `python -m vit_jax.main --config=vit:<model>,<dataset>,<recipe> --workdir=<dir>`.
+"""CLI: `python -m vit_jax.commands.train --config=vit:<model>,<dataset>,<recipe> --workdir=<dir>`.
 
-Flags -> `configuration.load_config` (named config or file, typed `--config.<field>=<value>`
-overrides, derived fields rebuilt) -> `validate` (before anything compiles) -> `train.run`.
+Flags -> `config_loader.load_config` (named config or file, typed `--config.<field>=<value>`
+overrides, derived fields rebuilt) -> `validate` (before anything compiles) -> `loop.run`.
 `--dry_run` prints the resolved config and the run's sizes and exits. Mistakes the user can
 fix print one line on stderr and exit with status 2 (`--verbose` shows the traceback).
 Multi-process runs pass --coordinator_address/--num_processes/--process_id, or rely on the
@@ -17,7 +17,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from vit_jax import configuration, host_memory, validate  # noqa: E402
+from vit_jax import config_loader, host_memory, validate  # noqa: E402
 from vit_jax.errors import UserError  # noqa: E402
 
 USER_ERROR_STATUS = 2
@@ -25,7 +25,7 @@ USER_ERROR_STATUS = 2
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m vit_jax.main",
+        prog="python -m vit_jax.commands.train",
         description="Train and evaluate a Vision Transformer. Any config field is set with "
         "--config.<field>=<value> (e.g. --config.model.dtype=bfloat16).",
         allow_abbrev=False,
@@ -36,7 +36,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--config",
-        default=configuration.DEFAULT_SPEC,
+        default=config_loader.DEFAULT_SPEC,
         help="named config or file, with arguments: vit, vit:B/16,cifar10,finetune, "
         "configs/vit.py:H/14,imagenet21k,pretrain (default: vit, the digits demo)",
     )
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
-    config = configuration.load_config(args.config, overrides)
+    config = config_loader.load_config(args.config, overrides)
     validate.check_config(config)
     import jax
 
@@ -106,9 +106,9 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         raise UserError("; ".join(problems))
     validate.run_summary(config, jax.device_count())  # the schedule against the data's size
     _show_progress_messages()
-    from vit_jax import train
+    from vit_jax import loop
 
-    results = train.run(config, args.workdir)
+    results = loop.run(config, args.workdir)
     if jax.process_index() == 0:
         print("final evaluation: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
     return 0
@@ -145,7 +145,7 @@ def dry_run_report(config, args: argparse.Namespace, overrides: list[str], local
     warnings += validate.check_machine(config, args.workdir, devices, create=False)
     summary = validate.run_summary(config, devices)
     lines = [f"config {args.config} with {len(overrides)} override(s):"]
-    for field in configuration.leaf_paths(config):
+    for field in config_loader.leaf_paths(config):
         lines.append(f"  {field} = {_shown(config, field)}")
     mesh = " ".join(f"{k}={v}" for k, v in summary["mesh"].items())
     lines += [

@@ -1,14 +1,14 @@
 """Model speed benchmarks: ratios measured side by side in one run, not absolute times.
 
-`python -m vit_jax.benchmark step --model ViT-Ti/16 --batch 32 --compare timm` times the
+`python -m vit_jax.tools.step_benchmark step --model ViT-Ti/16 --batch 32 --compare timm` times the
 real `Trainer` train step (forward, backward, AdamW) and eval step on random inputs and
 prints JSON lines: images/s (median of timed steps after warm-up), compile time, peak host
 memory, XLA's FLOPs per step, achieved FLOP/s, and MFU against a large f32 matrix product
 timed in the same run (and against the nominal peak of a known GPU/TPU). `--compare timm`
 runs timm's model of the same variant in PyTorch eager in a child process
-(`vit_jax.benchmark_timm`), alternating rounds of ours and theirs, and prints the ratios.
+(`vit_jax.tools.timm_benchmark`), alternating rounds of ours and theirs, and prints the ratios.
 
-`python -m vit_jax.benchmark attention` compares the attention implementations on a
+`python -m vit_jax.tools.step_benchmark attention` compares the attention implementations on a
 jitted forward+backward of the bare model.
 """
 
@@ -47,7 +47,7 @@ def time_call(fn, *args, repeats: int = 5) -> float:
 
 def peak_host_mib() -> float:
     """The peak resident memory of this process so far (MiB)."""
-    from vit_jax.benchmark_timm import peak_host_mib as peak
+    from vit_jax.tools.timm_benchmark import peak_host_mib as peak
 
     return peak()
 
@@ -101,7 +101,7 @@ def attention(args: argparse.Namespace) -> dict:
 def step_config(args: argparse.Namespace):
     """The run config of the benchmarked step: the `small` recipe on the given variant,
     with the image size, batch, dtype, mesh, remat and scan of the command line."""
-    from vit_jax.configuration import load_config
+    from vit_jax.config_loader import load_config
 
     name = args.model if "-" in args.model else f"ViT-{args.model}"
     overrides = [
@@ -123,8 +123,8 @@ class Steps:
 
     def __init__(self, config, *, allocate: bool = True):
         from vit_jax import data, sharding
+        from vit_jax.loop import step_flops
         from vit_jax.steps import Trainer
-        from vit_jax.train import step_flops
 
         self.config = config
         mesh = sharding.make_mesh(config.mesh.to_dict())
@@ -242,7 +242,7 @@ class Timm:
         if malloc == "same":
             env["GLIBC_TUNABLES"] = host_memory.GLIBC_TUNABLES
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "vit_jax.benchmark_timm", json.dumps(spec)],
+            [sys.executable, "-m", "vit_jax.tools.timm_benchmark", json.dumps(spec)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

@@ -1,7 +1,8 @@
 """Ship a trained model: the public `.npz` layout, or a self-contained `jax.export` artifact.
 
-    python -m vit_jax.export --workdir RUN --format npz [--out model.npz]
-    python -m vit_jax.export --workdir RUN --format jax [--out model.jax] [--platforms cpu,cuda]
+    python -m vit_jax.commands.export --workdir RUN --format npz [--out model.npz]
+    python -m vit_jax.commands.export --workdir RUN --format jax [--out model.jax] \
+        [--platforms cpu,cuda]
 
 `npz` writes the original ViT release layout through `save_npz` (timm's npz loader reads
 it). `jax` serializes the inference function, images in NHWC float32 -> logits, as StableHLO
@@ -113,7 +114,8 @@ def default_out(args: argparse.Namespace) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = inference.ArgumentParser(
-        prog="python -m vit_jax.export", description="Write a trained model for use elsewhere."
+        prog="python -m vit_jax.commands.export",
+        description="Write a trained model for use elsewhere.",
     )
     inference.add_model_arguments(parser)
     parser.add_argument("--format", choices=sorted(FORMATS), required=True)

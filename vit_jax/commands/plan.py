@@ -1,12 +1,12 @@
 """Plan a run before renting the chips: memory per device, FLOPs, step time, and a mesh that fits.
 
-`python -m vit_jax.plan --config=vit:G/14,imagenet21k,pretrain --devices 1024 --mesh fsdp=128,data=8
---device-kind tpu-v4` compiles the Trainer's real train step (model, optimizer, dtype, remat,
-scan, gradient accumulation, batch size: all from the config) ahead of time for a mesh of
-simulated CPU devices, from abstract inputs (nothing is allocated, no data is read), and
+`python -m vit_jax.commands.plan --config=vit:G/14,imagenet21k,pretrain --devices 1024 --mesh
+fsdp=128,data=8 --device-kind tpu-v4` compiles the Trainer's real train step (model, optimizer,
+dtype, remat, scan, gradient accumulation, batch size: all from the config) ahead of time for a
+mesh of simulated CPU devices, from abstract inputs (nothing is allocated, no data is read), and
 prints JSON: parameter count; bytes per device of parameters, optimizer state and the
-temporaries (activations, gradients) from XLA's memory analysis of the per-device program;
-FLOPs per step; whether it fits the chip's memory; the step time and images/s at an assumed
+temporaries (activations, gradients) from XLA's memory analysis of the per-device program; FLOPs
+per step; whether it fits the chip's memory; the step time and images/s at an assumed
 MFU. A layout that does not fit comes with a mesh (or remat) that does, found by estimating
 a few candidates and compiling the most promising one.
 
@@ -154,10 +154,10 @@ def _trainer(config, devices: int):
 
 def _measure(trainer) -> dict[str, Any]:
     """Compiles the train step for the trainer's mesh: memory per device and compile time."""
-    from vit_jax import train
+    from vit_jax import loop
 
     abstract_state, _ = trainer.state_shardings
-    batch = train.abstract_batch(trainer)
+    batch = loop.abstract_batch(trainer)
     start = time.perf_counter()
     compiled = trainer.make_train_step().lower(abstract_state, batch).compile()
     compile_s = time.perf_counter() - start
@@ -215,15 +215,15 @@ def _state_bytes(trainer) -> dict[str, Any]:
 
 
 def _step_flops(trainer, devices: int) -> tuple[float | None, str]:
-    """`train.step_flops` (XLA's count for the whole unpartitioned step). Lowering a deep
+    """`loop.step_flops` (XLA's count for the whole unpartitioned step). Lowering a deep
     model unrolled takes a minute, so it is counted at depth 1 and 2 and extrapolated:
     the blocks are identical, so the cost is linear in depth."""
-    from vit_jax import train
+    from vit_jax import loop
 
     depth = trainer.config.model.get("depth")
     if not depth or depth <= 2:
-        return train.step_flops(trainer), "XLA cost_analysis of the unpartitioned step"
-    one, two = (train.step_flops(_trainer(_with_depth(trainer.config, d), devices)) for d in (1, 2))
+        return loop.step_flops(trainer), "XLA cost_analysis of the unpartitioned step"
+    one, two = (loop.step_flops(_trainer(_with_depth(trainer.config, d), devices)) for d in (1, 2))
     if one is None or two is None:
         return None, "XLA cost_analysis not available on this backend"
     method = f"XLA cost_analysis of the unpartitioned step at depth 1 and 2, linear to {depth}"
@@ -372,12 +372,12 @@ def _flags(mesh: dict, remat: str, config) -> str:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m vit_jax.plan",
+        prog="python -m vit_jax.commands.plan",
         description="Compile the train step for N simulated devices and print the plan as "
         "JSON. Any config field is set with --config.<field>=<value>.",
         allow_abbrev=False,
     )
-    p.add_argument("--config", default="vit", help="as for vit_jax.main")
+    p.add_argument("--config", default="vit", help="as for vit_jax.commands.train")
     p.add_argument("--devices", type=int, required=True, help="number of devices (chips)")
     p.add_argument("--mesh", help="data=..,fsdp=..,model=.. (missing axes: 1; one may be -1)")
     p.add_argument("--device-kind", default="tpu-v4", choices=sorted(CHIPS))
@@ -394,17 +394,17 @@ def main(argv: list[str] | None = None) -> int:
     known, _ = parser().parse_known_args([a for a in argv if not a.startswith("--config.")])
     if not _simulate(known.devices):
         env = _environment(known.devices)
-        return subprocess.call([sys.executable, "-m", "vit_jax.plan", *argv], env=env)
-    from vit_jax import configuration
+        return subprocess.call([sys.executable, "-m", "vit_jax.commands.plan", *argv], env=env)
+    from vit_jax import config_loader
+    from vit_jax.commands.train import USER_ERROR_STATUS, split_overrides
     from vit_jax.errors import UserError
-    from vit_jax.main import USER_ERROR_STATUS, split_overrides
 
     rest, overrides = split_overrides(argv)
     args = parser().parse_args(rest)
     try:
         if args.devices < 1:
             raise UserError(f"--devices={args.devices} must be positive")
-        config = configuration.load_config(args.config, overrides + _mesh_overrides(args.mesh))
+        config = config_loader.load_config(args.config, overrides + _mesh_overrides(args.mesh))
         scan_set = _auto_scan(config, overrides)
         memory = args.memory_gib * GIB if args.memory_gib else None
         result = plan(

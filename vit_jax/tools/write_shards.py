@@ -1,6 +1,6 @@
 """Writes JFT-like multi-label TFRecord shards plus their JSON metadata.
 
-    python -m vit_jax.data.write_shards --input DIR_OR_CSV --output OUT --num_shards N \
+    python -m vit_jax.tools.write_shards --input DIR_OR_CSV --output OUT --num_shards N \
         [--split train] [--num_classes C] [--seed 0]
 
 Input is either a folder ``<class>/*.{jpg,jpeg,png}`` (one label per image, classes in

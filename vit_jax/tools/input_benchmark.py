@@ -1,8 +1,8 @@
 """Measures train-pipeline throughput in images/s, or resume latency, and prints JSON.
 
-    python -m vit_jax.data.benchmark --config PRESET_OR_FILE [--batch_size 256]
+    python -m vit_jax.tools.input_benchmark --config PRESET_OR_FILE [--batch_size 256]
         [--num_batches 40] [--compare_bare] [--repeats 3]
-    python -m vit_jax.data.benchmark --config jft_synthetic [--num_records 1000000]
+    python -m vit_jax.tools.input_benchmark --config jft_synthetic [--num_records 1000000]
         [--num_shards 1024] [--resume_at 0.9] [--compare_legacy] [--data_dir DIR]
 
 ``--config`` is a preset name (``digits``, ``folder:/data/x``, ...), a ``.py`` file whose
@@ -200,7 +200,7 @@ def synthetic_jft(
     root: str, num_records: int, num_shards: int
 ) -> tuple[ml_collections.ConfigDict, float]:
     """A JFT-like data config over generated records in ``root`` (written if missing)."""
-    from vit_jax.data import write_shards
+    from vit_jax.tools import write_shards
 
     seconds = 0.0
     if not os.path.exists(os.path.join(root, "train.json")):
@@ -262,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(result))
             return 0
         if args.config == "sample_photos":
-            from vit_jax.data.sample_photos import write_photo_folder
+            from vit_jax.tools.sample_photos import write_photo_folder
 
             write_photo_folder(tmp, num_images=args.num_photos)
             cfg = presets.get_data_config(f"folder:{tmp}")

@@ -1,7 +1,8 @@
 """Top-k predictions for image files from a trained run or a released `.npz`.
 
-    python -m vit_jax.predict --workdir workdir/digits seven.png more/ [--top_k 3] [--json]
-    python -m vit_jax.predict --checkpoint ViT-B_16.npz --model ViT-B/16 --labels labels.txt x.jpg
+    python -m vit_jax.commands.predict --workdir workdir/digits seven.png more/ [--top_k 3] [--json]
+    python -m vit_jax.commands.predict --checkpoint ViT-B_16.npz --model ViT-B/16 \
+        --labels labels.txt x.jpg
 
 Each image goes through the run's evaluation preprocessing (read from its saved config) and
 the model in batches of `--batch_size`, padded to a fixed shape so one compiled program
@@ -80,7 +81,7 @@ def format_text(results: list[dict]) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = inference.ArgumentParser(
-        prog="python -m vit_jax.predict", description="Top-k classes of image files."
+        prog="python -m vit_jax.commands.predict", description="Top-k classes of image files."
     )
     parser.add_argument("images", nargs="+", help="image files or folders of images")
     inference.add_model_arguments(parser)

@@ -1,10 +1,10 @@
 """Pictures of what a trained ViT learned (the paper's Figures 6 and 7) and its curves.
 
-    python -m vit_jax.visualize attention --workdir RUN image.jpg   # attention rollout
-    python -m vit_jax.visualize posemb    --workdir RUN             # position embeddings
-    python -m vit_jax.visualize filters   --workdir RUN             # patch-embedding PCs
-    python -m vit_jax.visualize distance  --workdir RUN             # mean attention distance
-    python -m vit_jax.visualize curves    --workdir RUN             # metrics.jsonl
+    python -m vit_jax.commands.visualize attention --workdir RUN image.jpg  # attention rollout
+    python -m vit_jax.commands.visualize posemb    --workdir RUN        # position embeddings
+    python -m vit_jax.commands.visualize filters   --workdir RUN        # patch-embedding PCs
+    python -m vit_jax.commands.visualize distance  --workdir RUN        # attention distance
+    python -m vit_jax.commands.visualize curves    --workdir RUN        # metrics.jsonl
 
 PNG files go to RUN/pictures/ (or `--out`: a folder, or a .png file for one picture); RUN
 and `--out` may be bucket URLs (gs://...). `--show` prints the pictures' paths. The NumPy
@@ -316,7 +316,8 @@ def _keys(records: list[dict]) -> list[str]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = inference.ArgumentParser(
-        prog="python -m vit_jax.visualize", description="Pictures of a trained model (PNG)."
+        prog="python -m vit_jax.commands.visualize",
+        description="Pictures of a trained model (PNG).",
     )
     parser.add_argument("kind", choices=KINDS)
     parser.add_argument("images", nargs="*", help="attention: images; distance: optional")

@@ -1,0 +1,1 @@
+"""The commands a user runs: train, transfer, plan, predict, visualize, export."""

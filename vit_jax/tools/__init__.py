@@ -1,0 +1,1 @@
+"""Developer tools: step and input benchmarks, the shard writer, sample photos."""
