@@ -247,6 +247,25 @@ def test_dropout_and_drop_path_only_in_training(tiny_pair, images, scan):
     assert np.abs(train_a - eval_a).max() > 1e-4
 
 
+def _train_jaxpr(**overrides) -> str:
+    model = nnx.eval_shape(lambda: create_model("ViT-Ti/16", **dict(TINY, **overrides)))
+    graphdef, state = nnx.split(model)
+
+    def train_forward(state, x):
+        return nnx.merge(graphdef, state)(x, train=True, rngs=nnx.Rngs(dropout=0))
+
+    return str(
+        jax.make_jaxpr(train_forward)(state, jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32))
+    )
+
+
+@pytest.mark.parametrize("scan,remat", [(False, "none"), (True, "none"), (False, "full")])
+def test_zero_stochastic_depth_draws_no_random_bits(scan, remat):
+    # Rate 0 (the default) is a no-op: no Bernoulli masks are drawn in the train step.
+    assert "random_bits" not in _train_jaxpr(scan=scan, remat=remat)
+    assert "random_bits" in _train_jaxpr(scan=scan, remat=remat, drop_path=0.1)
+
+
 def test_unknown_model_and_override_errors():
     with pytest.raises(ValueError, match="unknown model 'ViT-X/16'") as info:
         create_model("ViT-X/16")

@@ -260,8 +260,11 @@ def gelu(x: jax.Array) -> jax.Array:
 def drop_path(
     x: jax.Array, rate: jax.Array | float, *, train: bool, rngs: nnx.Rngs | None
 ) -> jax.Array:
-    """Stochastic depth: drops whole residual branches per example, rescaling survivors."""
-    if not train or rngs is None or (isinstance(rate, float) and rate == 0.0):
+    """Stochastic depth: drops whole residual branches per example, rescaling survivors.
+
+    A Python-number rate of 0 draws nothing; a traced rate always draws (even if it is 0).
+    """
+    if not train or rngs is None or (isinstance(rate, (int, float)) and rate == 0):
         return x
     keep = 1.0 - jnp.asarray(rate, jnp.float32)
     mask = jax.random.bernoulli(rngs.dropout(), keep, (x.shape[0],) + (1,) * (x.ndim - 1))

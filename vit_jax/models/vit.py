@@ -107,7 +107,7 @@ class Attention(nnx.Module):
         use_dropout = train and self.attention_dropout > 0.0 and rngs is not None
         implementation = self.implementation
         if implementation is None and jax.default_backend() == "cpu":
-            # Measured with `vit_jax.tools.step_benchmark attention`: on CPU the plain einsum
+            # Measured with `vit_jax step_benchmark attention`: on CPU the plain einsum
             # path trains ViT-B/16 ~9% faster than jax.nn.dot_product_attention's XLA path.
             implementation = "einsum"
         inputs_kv = inputs_q if inputs_kv is None else inputs_kv
@@ -348,7 +348,12 @@ class VisionTransformer(nnx.Module):
     def _block_step(self, train: bool, return_weights: bool):
         """One block application as a function of (block, x, rate, rngs), remat applied."""
 
+        no_drop_path = not self.drop_path_rate
+
         def step(block, x, rate, rngs):
+            # A rate of 0 stays a Python float: drop_path then draws no mask (the per-block
+            # rates below are traced arrays, also under remat and scan).
+            rate = 0.0 if no_drop_path else rate
             return block(x, rate, train=train, rngs=rngs, return_weights=return_weights)
 
         policy_name = self.remat
