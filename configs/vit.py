@@ -19,9 +19,12 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-from configs import recipes
 from vit_jax import data
 from vit_jax.models import model_defaults
+
+# Relative: this file is the `configs.vit` module when imported, and a module of the loader's
+# private package of this folder when vit_jax.config_loader loads it by path.
+from . import recipes
 
 DEMO = ("ViT-mu/4", "digits", "small")
 # Model settings whose default is None ("the model decides"), with the type they take.

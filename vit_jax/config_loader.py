@@ -1,8 +1,12 @@
 """From `--config=<spec>` and `--config.<field>=<value>` to one locked, consistent config.
 
-* Specs: a named config inside the installed `configs` package (`vit`,
-  `vit:B/16,cifar10,finetune`) or a file (`configs/vit.py:B/16,cifar10,finetune`, found in
-  the package when the path does not exist, so it works from any directory).
+* Specs: a named config in the shipped configs folder (`vit`, `vit:B/16,cifar10,finetune`)
+  or a file (`configs/vit.py:B/16,cifar10,finetune`, found in the configs folder when the
+  path does not exist, so it works from any directory). Config files are loaded by path,
+  never imported as the `configs` package (which imports vit_jax: importing it from here
+  would make the two packages import each other). They are loaded as modules of a private
+  package whose folder is the configs folder, so `from . import recipes` in a config file
+  (a shipped one, or a user's copy elsewhere) finds the shipped recipes.
 * Overrides are parsed with the field's own type. Syntax: `true/false` for booleans,
   `None` for optional fields (those whose default is None), `1,5,10` or `(1, 5, 10)` for
   tuples (`()` for the empty tuple), Python literals parsed with `ast.literal_eval` (never
@@ -17,10 +21,10 @@ from __future__ import annotations
 
 import ast
 import difflib
-import importlib
 import importlib.util
 import os
 import pkgutil
+import sys
 from collections.abc import Iterator, Sequence
 from types import ModuleType
 from typing import Any
@@ -35,26 +39,77 @@ DEFAULT_SPEC = "vit"
 _TRUE, _FALSE, _NONE = ("true", "yes", "1"), ("false", "no", "0"), ("none", "null")
 
 
-def named_configs() -> list[str]:
-    """The configs shipped in the `configs` package (usable as `--config=<name>`)."""
-    import configs
+# The configs folder: installed next to the vit_jax package (setup.py's find_packages
+# includes "configs"), in a checkout (editable install) as in site-packages.
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+# The private package config files are loaded into (its folder is CONFIGS_DIR).
+_PACKAGE = "_vit_jax_configs"
+_USER_MODULE = f"{_PACKAGE}._user_config"
 
-    return sorted(
-        m.name for m in pkgutil.iter_modules(configs.__path__) if m.name not in ("recipes",)
-    )
+
+def named_configs() -> list[str]:
+    """The configs shipped in the configs folder (usable as `--config=<name>`)."""
+    if not os.path.isdir(CONFIGS_DIR):
+        return []
+    return sorted(m.name for m in pkgutil.iter_modules([CONFIGS_DIR]) if m.name not in ("recipes",))
+
+
+def _package() -> ModuleType:
+    """The private package of the configs folder, created (by path) on first use."""
+    package = sys.modules.get(_PACKAGE)
+    if package is None:
+        spec = importlib.util.spec_from_file_location(
+            _PACKAGE,
+            os.path.join(CONFIGS_DIR, "__init__.py"),
+            submodule_search_locations=[CONFIGS_DIR],
+        )
+        package = importlib.util.module_from_spec(spec)
+        sys.modules[_PACKAGE] = package
+        try:
+            spec.loader.exec_module(package)
+        except BaseException:
+            del sys.modules[_PACKAGE]
+            raise
+    return package
+
+
+def _load_file(module_name: str, path: str) -> ModuleType:
+    """Executes the config file at `path` as the module `module_name` of the package."""
+    _package()
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # what the file imports relatively may import it
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    return module
+
+
+def _named_module(stem: str) -> ModuleType:
+    name = f"{_PACKAGE}.{stem}"
+    module = sys.modules.get(name)
+    if module is None:
+        module = _load_file(name, os.path.join(CONFIGS_DIR, f"{stem}.py"))
+    return module
+
+
+def _is_shipped(path: str) -> bool:
+    shipped = os.path.join(CONFIGS_DIR, os.path.basename(path))
+    return os.path.isfile(shipped) and os.path.samefile(path, shipped)
 
 
 def load_module(spec: str) -> tuple[ModuleType, str]:
     """The config module a spec names, and the argument after its first ':'."""
     name, _, arg = (spec or DEFAULT_SPEC).partition(":")
-    if os.path.isfile(name):
-        module_spec = importlib.util.spec_from_file_location("_user_config", name)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-        return module, arg
     stem = os.path.splitext(os.path.basename(name))[0]
+    if os.path.isfile(name):
+        if _is_shipped(name):
+            return _named_module(stem), arg
+        return _load_file(_USER_MODULE, name), arg
     if stem in named_configs():
-        return importlib.import_module(f"configs.{stem}"), arg
+        return _named_module(stem), arg
     raise UserError(
         f"--config={spec}: no file {name!r} and no named config {stem!r}; named configs: "
         f"{', '.join(named_configs())} (e.g. --config=vit:B/16,cifar10,finetune)"
