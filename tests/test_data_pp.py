@@ -1,5 +1,7 @@
 """Preprocessing strings: safe parsing, the op registry, and per-op behaviour."""
 
+import uuid
+
 import numpy as np
 import pytest
 from data_fixtures.images import encode, pattern
@@ -260,3 +262,21 @@ def test_randaug_equalize_matches_pil():
         tf.cast(tf.constant(img), tf.float32), randaug.OP_NAMES.index("equalize"), tf.constant(1.0)
     ).numpy()
     np.testing.assert_array_equal(got.astype(np.uint8), want)
+
+
+def test_a_user_op_module_is_named_by_the_builder(tmp_path, monkeypatch):
+    suffix = uuid.uuid4().hex[:8]
+    (tmp_path / f"my_ops_{suffix}.py").write_text(
+        "from vit_jax.data.registry import register\n"
+        f"@register('double_{suffix}')\n"
+        "def double():\n"
+        "    return lambda data: {**data, 'x': data['x'] * 2}\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(PPError, match=f"unknown pp op 'double_{suffix}'"):
+        registry.build_pp(f"double_{suffix}")
+    modules = (*registry.DEFAULT_OP_MODULES, f"my_ops_{suffix}")
+    pp = registry.build_pp(f"keep('x')|double_{suffix}", op_modules=modules)
+    assert pp({"x": tf.constant(3)}, tf.constant(0, tf.int64))["x"].numpy() == 6
+    with pytest.raises(PPError, match="pp op module 'no_such_ops' not found"):
+        registry.build_pp("flip_lr", op_modules=("no_such_ops",))
