@@ -191,3 +191,46 @@ def test_train_step_compiles_from_abstract_shapes_with_the_published_cost():
     expected = 3 * 2 * 1.25e9 * config.batch_size
     assert 0.9 * expected < flops < 1.25 * expected
     assert compiled.memory_analysis().argument_size_in_bytes > 0
+
+
+def opt_state_counts(opt_state) -> list[int]:
+    """Every optax step counter (`count` field) in an optimizer state."""
+    leaves = jax.tree_util.tree_flatten_with_path(opt_state)[0]
+    return [int(leaf) for path, leaf in leaves if getattr(path[-1], "name", None) == "count"]
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_skipped_steps_advance_the_optimizer_counters_with_the_step(name):
+    # Plain SGD (no momentum, decay or clipping) applies exactly -lr * grad, so the applied
+    # learning rate is |update| / |grad|; it must be the logged schedule(step).
+    config = tiny_config(
+        on_nonfinite="skip",
+        **{
+            "schedule.warmup_steps": 10,
+            "schedule.decay": "constant",
+            "optim.name": name,
+            "optim.momentum": 0.0,
+            "optim.weight_decay": 0.0,
+            "optim.clip_global_norm": None,
+            "optim.decay_unscaled": False,
+        },
+    )
+    trainer = make_trainer(config, {"data": 1})
+    state = trainer.init_state()
+    step = trainer.make_train_step()
+    for index, batch in enumerate(batches(count=5)):
+        if index in (1, 2):  # two non-finite steps, skipped
+            batch = dict(batch, image=jnp.full_like(batch["image"], jnp.nan))
+        before = jax.device_get(state["params"])
+        state, stats = step(state, batch)
+        assert int(stats["skipped"]) == (index in (1, 2))
+        counts = opt_state_counts(state["opt_state"])
+        assert counts and all(c == int(state["step"]) == index + 1 for c in counts), counts
+        if name == "sgd" and index >= 3:
+            after = jax.device_get(state["params"])
+            delta = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), after, before)
+            applied = float(jnp.sqrt(sum(jnp.sum(d**2) for d in jax.tree.leaves(delta))))
+            applied /= float(stats["grad_norm"])
+            expected = float(trainer.schedule()(index))
+            assert float(stats["learning_rate"]) == pytest.approx(expected)
+            assert applied == pytest.approx(expected, rel=1e-3)

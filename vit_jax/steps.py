@@ -5,8 +5,8 @@ Everything here is a function of abstract shapes plus config, so it compiles ahe
 `{'params', 'opt_state', 'step'}`; randomness comes from `fold_in(seed, step)`, so the state
 and the step alone fix every later update (bit-identical resume). With
 `config.on_nonfinite="skip"` a step whose loss, gradients or new parameters are not finite
-keeps the old parameters and optimizer state (only the step advances) and reports
-`skipped=1`.
+keeps the old parameters and optimizer moments (only the step and the optimizer's step
+counters advance, so the learning rate stays `schedule(step)`) and reports `skipped=1`.
 """
 
 from __future__ import annotations
@@ -34,6 +34,18 @@ NONFINITE_POLICIES = ("stop", "skip")
 
 class ConfigValueError(UserError, ValueError):
     """A config field has a value this trainer does not accept."""
+
+
+def _keep_if_skipped(finite: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
+    """One leaf of the state after a step that may be skipped (`finite` false).
+
+    Floating leaves (parameters, moments, factored second moments) keep their old value.
+    Integer leaves are optax's step counters (`count`): they advance with the train step, so
+    schedules inside the optimizer stay at `schedule(step)`, the learning rate logged.
+    """
+    if jnp.issubdtype(new.dtype, jnp.integer):
+        return new
+    return jnp.where(finite, new, old)
 
 
 def nonfinite_policy(config: ml_collections.ConfigDict) -> str:
@@ -198,9 +210,9 @@ class Trainer:
             param_norm = optax.global_norm(params)
             finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
             stats = {"loss": loss, "finite": finite, "grad_norm": grad_norm}
-            if skip_nonfinite:  # a bad step changes nothing but the step (= data position)
+            if skip_nonfinite:  # a bad step keeps the parameters and optimizer moments
                 params, opt_state = jax.tree.map(
-                    lambda new, old: jnp.where(finite, new, old),
+                    lambda new, old: _keep_if_skipped(finite, new, old),
                     (params, opt_state),
                     (state["params"], state["opt_state"]),
                 )
