@@ -28,7 +28,7 @@ setup(
         # gs:// workdirs, checkpoints and data listings (vit_jax.storage, through etils.epath)
         "gcsfs>=2025.1",
     ],
-    entry_points={"console_scripts": ["vit-jax-train=vit_jax.commands.train:entry"]},
+    entry_points={"console_scripts": ["vit-jax=vit_jax.cli:entry"]},
     extras_require={
         # Accelerator builds of the same jax: jax's own extras bring the matching jaxlib and
         # libtpu (Cloud TPU VM) or CUDA plugin with its CUDA libraries (NVIDIA GPUs).

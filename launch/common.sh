@@ -3,7 +3,7 @@
 
 # The training command every launcher runs, before its own process flags.
 # shellcheck disable=SC2034  # Used by the scripts that source this file.
-MAIN=(-m vit_jax.commands.train)
+MAIN=(-m vit_jax train)
 
 # Prints an error and exits with status 2 (a usage mistake).
 die() {

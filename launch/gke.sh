@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs `python3 -m vit_jax.commands.train FLAGS --distributed` on every host of N TPU slices in a GKE
+# Runs `python3 -m vit_jax train FLAGS --distributed` on every host of N TPU slices in a GKE
 # cluster: writes a Kubernetes JobSet manifest (one Job per slice) and applies it with kubectl.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=common.sh
@@ -14,7 +14,7 @@ in the cluster) and runs `kubectl apply -f MANIFEST`. The JobSet has one replica
 one replica per slice; each replica is an indexed Job of one pod per host of the slice
 (parallelism = completions = hosts per slice), scheduled on TPU nodes of the given type and
 topology, requesting the host's chips (google.com/tpu). Every pod runs
-  python3 -m vit_jax.commands.train VIT_JAX_MAIN_FLAGS... --distributed
+  python3 -m vit_jax train VIT_JAX_MAIN_FLAGS... --distributed
 in IMAGE (an image with this repository installed with its `tpu` extra). The environment
 jax.distributed reads (worker ids and hostnames, and the slice ids of a multi-slice run) is
 left to the JobSet and GKE's TPU node pools: the manifest sets none of it. Nothing is
@@ -66,11 +66,11 @@ while (($#)); do
     --dry-run) dry_run=1; shift ;;
     -h | --help) usage; exit 0 ;;
     --) shift; break ;;
-    *) die "unknown option '$1'; put the vit_jax.commands.train flags after --" ;;
+    *) die "unknown option '$1'; put the vit_jax train flags after --" ;;
   esac
 done
 flags=("$@")
-((${#flags[@]})) || die "no vit_jax.commands.train flags after -- (see --help)"
+((${#flags[@]})) || die "no vit_jax train flags after -- (see --help)"
 [[ -n $tpu_type ]] || die "--tpu-type is required (see --help)"
 [[ -n $topology ]] || die "--topology is required (see --help)"
 [[ -n $image ]] || die "--image is required (see --help)"
@@ -110,7 +110,7 @@ yaml() {
   printf "'%s'" "${1//\'/\'\'}"
 }
 
-# The container's command: run directly (no shell), so each flag reaches vit_jax.commands.train as given.
+# The container's command: run directly (no shell), so each flag reaches vit_jax train as given.
 command=(python3 "${MAIN[@]}" "${flags[@]}" --distributed)
 
 jobset() {

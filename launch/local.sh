@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs `python -m vit_jax.commands.train FLAGS` on this machine: one process, or N processes that join
+# Runs `python -m vit_jax train FLAGS` on this machine: one process, or N processes that join
 # over localhost (each with its own CPU devices), as a multi-host run would.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=common.sh
@@ -9,7 +9,7 @@ usage() {
   cat <<'USAGE'
 Usage: launch/local.sh [options] -- VIT_JAX_MAIN_FLAGS...
 
-Runs `python -m vit_jax.commands.train VIT_JAX_MAIN_FLAGS...` here. With --processes N > 1 it starts N
+Runs `python -m vit_jax train VIT_JAX_MAIN_FLAGS...` here. With --processes N > 1 it starts N
 processes joined over localhost (--coordinator_address=127.0.0.1:PORT --num_processes=N
 --process_id=i); process 0 prints to the terminal, the others write
 LOG_DIR/process_<i>.log. It waits for all, stops the others as soon as one fails, and exits
@@ -46,7 +46,7 @@ while (($#)); do
     --dry-run) dry_run=1; shift ;;
     -h | --help) usage; exit 0 ;;
     --) shift; break ;;
-    *) die "unknown option '$1'; put the vit_jax.commands.train flags after --" ;;
+    *) die "unknown option '$1'; put the vit_jax train flags after --" ;;
   esac
 done
 flags=("$@")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Submits `python -m vit_jax.commands.train FLAGS` as a multi-node SLURM job, one process per GPU or per
+# Submits `python -m vit_jax train FLAGS` as a multi-node SLURM job, one process per GPU or per
 # node, joined through jax.distributed.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=common.sh
@@ -76,11 +76,11 @@ while (($#)); do
     --dry-run) dry_run=1; shift ;;
     -h | --help) usage; exit 0 ;;
     --) shift; break ;;
-    *) die "unknown option '$1'; put the vit_jax.commands.train flags after --" ;;
+    *) die "unknown option '$1'; put the vit_jax train flags after --" ;;
   esac
 done
 flags=("$@")
-((${#flags[@]})) || die "no vit_jax.commands.train flags after -- (see --help)"
+((${#flags[@]})) || die "no vit_jax train flags after -- (see --help)"
 positive --nodes "$nodes"
 positive --gpus-per-node "$gpus"
 positive --port "$port"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs `python -m vit_jax.commands.train --distributed FLAGS` on every worker of a Cloud TPU VM slice
+# Runs `python -m vit_jax train --distributed FLAGS` on every worker of a Cloud TPU VM slice
 # (or of N slices created together as one queued resource).
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=common.sh
@@ -16,7 +16,7 @@ On a Cloud TPU VM slice (through `gcloud compute tpus tpu-vm`):
   2. copies this repository (tracked files) to every worker and installs it with its `tpu`
      extra, `pip install -e ~/vit_jax[tpu]`: jax with libtpu, in setup.py's jax range
      (--worker=all),
-  3. starts `python3 -m vit_jax.commands.train VIT_JAX_MAIN_FLAGS... --distributed` on all workers,
+  3. starts `python3 -m vit_jax train VIT_JAX_MAIN_FLAGS... --distributed` on all workers,
      detached (a dropped connection does not stop the run), each logging to ~/vit_jax.log,
   4. streams worker 0's log (of slice 0) until its process ends and exits with its status,
   5. with --delete, deletes the slice (or the queued resource and its slices) afterwards
@@ -69,13 +69,13 @@ while (($#)); do
     --dry-run) dry_run=1; shift ;;
     -h | --help) usage; exit 0 ;;
     --) shift; break ;;
-    *) die "unknown option '$1'; put the vit_jax.commands.train flags after --" ;;
+    *) die "unknown option '$1'; put the vit_jax train flags after --" ;;
   esac
 done
 flags=("$@")
 [[ -n $name ]] || die "--name is required (see --help)"
 [[ -n $zone ]] || die "--zone is required (see --help)"
-((${#flags[@]} || delete)) || die "no vit_jax.commands.train flags after -- (and no --delete)"
+((${#flags[@]} || delete)) || die "no vit_jax train flags after -- (and no --delete)"
 positive --slices "$slices"
 
 tpu=(gcloud compute tpus tpu-vm)

@@ -24,10 +24,9 @@ import orbax.checkpoint as ocp
 from helpers import free_port, tiny_config
 from test_cli import ROOT, TINY, cli_env, failure
 
-from vit_jax import loop, storage
-from vit_jax.commands import train, visualize
-from vit_jax.sharding import make_mesh
-from vit_jax.steps import Trainer
+from vit_jax import cli, storage
+from vit_jax.commands import visualize
+from vit_jax.experiment import Experiment
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 # The tiny model for 6 steps, a checkpoint every 3, a log line every step.
@@ -44,7 +43,8 @@ def main_command(workdir: str, *flags: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "vit_jax.commands.train",
+        "vit_jax",
+        "train",
         "--config=vit",
         f"--workdir={workdir}",
         *flags,
@@ -131,7 +131,7 @@ def killing(finalize):
 for kind in (atomicity.AtomicRenameTemporaryPath, atomicity.CommitFileTemporaryPath):
     kind.finalize = killing(kind.finalize)
 from vit_jax.commands import train
-sys.exit(train.main(sys.argv[1:]))
+sys.exit(cli.run("train", sys.argv[1:]))
 """
 
 
@@ -169,8 +169,7 @@ def test_kill_9_during_a_save_to_the_bucket_never_reads_the_half_written_step(
 
     # config.init_from.path takes the run in the bucket (its directory, as --workdir does).
     config = tiny_config("schedule.warmup_steps=1", f"init_from.path={workdir}")
-    trainer = Trainer(config, make_mesh(config.mesh.to_dict()), num_classes=10, total_steps=6)
-    params = loop.initial_params(trainer, config)
+    params = Experiment.from_config(config).initial_params()
     saved = ocp.StandardCheckpointer().restore(f"{workdir}/checkpoints/6/state")["params"]
     assert_same(
         [np.asarray(x) for x in jax.tree.leaves(params)],
@@ -269,7 +268,7 @@ def test_missing_refusing_or_silent_bucket_is_one_line_before_anything_runs(
         for key, value in env.items():
             monkeypatch.setenv(key, value)
         gcsfs.GCSFileSystem.clear_instance_cache()  # a client made for another endpoint
-        status = train.main(main_command(workdir, *FLAGS, "--dry_run")[3:])
+        status = cli.run("train", main_command(workdir, *FLAGS, "--dry_run")[3:])
         return status, capsys.readouterr().err
 
     def assert_refused(result: tuple[int, str], *fragments: str) -> None:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from vit_jax.commands import train
+from vit_jax import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -41,7 +41,7 @@ def failure(stderr: str) -> str:
 
 def run_cli(args, devices=2, timeout=300):
     return subprocess.run(
-        [sys.executable, "-m", "vit_jax.commands.train", "--config=configs/vit.py", *args],
+        [sys.executable, "-m", "vit_jax", "train", "--config=configs/vit.py", *args],
         cwd=ROOT,
         env=cli_env(devices),
         capture_output=True,
@@ -71,7 +71,7 @@ def test_main_command_trains_evaluates_and_writes_everything(tmp_path):
 def run_outside(args, tmp_path, devices=2, timeout=300):
     """The CLI as an installed user runs it: from a directory outside the repository."""
     return subprocess.run(
-        [sys.executable, "-m", "vit_jax.commands.train", *args],
+        [sys.executable, "-m", "vit_jax", "train", *args],
         cwd=tmp_path,
         env=cli_env(devices),
         capture_output=True,
@@ -108,7 +108,8 @@ def test_dry_run_prints_the_resolved_run_and_writes_nothing(tmp_path):
 def test_dry_run_of_a_pod_command_on_this_machine(tmp_path, monkeypatch, capsys, readme_bucket):
     """The bucket is checked for real (on the local storage server); the pod is not here."""
     monkeypatch.chdir(tmp_path)
-    status = train.main(
+    status = cli.run(
+        "train",
         [
             "--config=vit:H/14,imagenet21k,pretrain",
             "--workdir=gs://bucket/h14",
@@ -117,7 +118,7 @@ def test_dry_run_of_a_pod_command_on_this_machine(tmp_path, monkeypatch, capsys,
             "--config.mesh.data=-1",
             "--config.data.data_dir=/data/imagenet21k",
             "--dry_run",
-        ]
+        ],
     )
     out = capsys.readouterr().out
     assert status == 0
@@ -146,7 +147,7 @@ def test_dry_run_of_a_pod_command_on_this_machine(tmp_path, monkeypatch, capsys,
 def test_user_errors_are_one_line_with_status_2(tmp_path, monkeypatch, capsys, args, message):
     """In-process (8 simulated devices), from a directory outside the repository."""
     monkeypatch.chdir(tmp_path)
-    assert train.main([f"--workdir={tmp_path / 'w'}", *args]) == 2
+    assert cli.run("train", [f"--workdir={tmp_path / 'w'}", *args]) == 2
     errors = capsys.readouterr().err.splitlines()
     assert len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0], errors
 
@@ -187,6 +188,6 @@ def test_a_pickled_npz_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
     np.savez(hostile, code=np.array([{"run": "me"}], dtype=object))
     monkeypatch.chdir(tmp_path)
     args = [f"--workdir={tmp_path / 'w'}", f"--config.init_from.path={hostile}", *TINY]
-    assert train.main(args) == 2
+    assert cli.run("train", args) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 1 and "pickled objects" in errors[0] and str(hostile) in errors[0]

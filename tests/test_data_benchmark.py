@@ -2,6 +2,7 @@
 
 import json
 
+from vit_jax import cli
 from vit_jax.data import presets
 from vit_jax.tools import input_benchmark
 from vit_jax.tools.sample_photos import write_photo_folder
@@ -21,7 +22,7 @@ def test_sample_photos_are_natural_500x375(tmp_path):
 def test_benchmark_reports_both_pipelines(tmp_path):
     write_photo_folder(str(tmp_path), num_images=8, num_classes=2)
     cfg = presets.get_data_config(f"folder:{tmp_path}")
-    result = input_benchmark.run(cfg, batch_size=4, num_batches=2, warmup=1, compare_bare=True)
+    result = input_benchmark.measure(cfg, batch_size=4, num_batches=2, warmup=1, compare_bare=True)
     assert result["images_per_s"] > 0 and result["bare_images_per_s"] > 0
     assert abs(result["ratio"] - result["images_per_s"] / result["bare_images_per_s"]) < 0.01
     assert result["pp"].startswith("decode_jpeg_and_inception_crop(224)|flip_lr")
@@ -30,8 +31,9 @@ def test_benchmark_reports_both_pipelines(tmp_path):
 
 def test_benchmark_cli_on_preset(capsys):
     assert (
-        input_benchmark.main(
-            ["--config", "digits", "--batch_size", "32", "--num_batches", "3", "--warmup", "1"]
+        cli.run(
+            "input_benchmark",
+            ["--config", "digits", "--batch_size", "32", "--num_batches", "3", "--warmup", "1"],
         )
         == 0
     )
@@ -54,7 +56,7 @@ def test_benchmark_loads_python_config_file(tmp_path):
 def test_resume_benchmark_on_generated_jft(tmp_path, capsys):
     argv = ["--config", "jft_synthetic", "--num_records", "400", "--num_shards", "20"]
     argv += ["--batch_size", "8", "--resume_at", "0.9", "--compare_legacy"]
-    assert input_benchmark.main([*argv, "--data_dir", str(tmp_path)]) == 0
+    assert cli.run("input_benchmark", [*argv, "--data_dir", str(tmp_path)]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["num_records"] == 400 and result["num_shards"] == 20
     start, deep = result["resume"]

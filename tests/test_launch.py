@@ -1,4 +1,4 @@
-"""launch/: the local, Cloud TPU VM, SLURM and GKE launchers run the same vit_jax.commands.train
+"""launch/: the local, Cloud TPU VM, SLURM and GKE launchers run the same vit_jax train
 command.
 
 Dry runs are checked line by line (the SLURM job is executed with stand-in srun, scontrol and
@@ -22,7 +22,7 @@ from vit_jax import data
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch")
 USER_FLAGS = ["--config=vit:B/16,imagenet2012,pretrain", "--workdir=/ckpt/b16"]
-MAIN = "python3 -m vit_jax.commands.train " + " ".join(USER_FLAGS)
+MAIN = "python3 -m vit_jax train " + " ".join(USER_FLAGS)
 
 
 def launch(script, *args, env=None, timeout=60):
@@ -280,7 +280,7 @@ def test_slurm_job_gives_each_process_its_id(tmp_path, per_node, processes):
     ):
         assert f"#SBATCH {header}" in lines
     (srun,) = [line for line in lines if line.startswith("srun ")]
-    assert "-m vit_jax.commands.train " + " ".join(USER_FLAGS) + " --coordinator_address=" in srun
+    assert "-m vit_jax train " + " ".join(USER_FLAGS) + " --coordinator_address=" in srun
     # Execute the pasted commands with stand-ins: srun starts every task with its SLURM_PROCID.
     fake_bin(
         tmp_path, "python3", 'python -c "import json, sys; print(json.dumps(sys.argv[1:]))" "$@"\n'
@@ -305,8 +305,8 @@ def test_slurm_job_gives_each_process_its_id(tmp_path, per_node, processes):
     )
     assert result.returncode == 0, result.stderr
     runs = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [r[:4] for r in runs] == [["-m", "vit_jax.commands.train", *USER_FLAGS]] * processes
-    assert {tuple(r[4:]) for r in runs} == {
+    assert [r[:5] for r in runs] == [["-m", "vit_jax", "train", *USER_FLAGS]] * processes
+    assert {tuple(r[5:]) for r in runs} == {
         ("--coordinator_address=gpu-a:12355", f"--num_processes={processes}", f"--process_id={i}")
         for i in range(processes)
     }
@@ -396,7 +396,8 @@ def test_gke_manifest_is_a_jobset_of_one_job_per_slice(
     assert container["command"] == [
         "python3",
         "-m",
-        "vit_jax.commands.train",
+        "vit_jax",
+        "train",
         *ODD_FLAGS,
         "--distributed",
     ]

@@ -1,4 +1,4 @@
-"""The run planner (`python -m vit_jax.commands.plan`): tiny models, 8 simulated devices."""
+"""The run planner (`python -m vit_jax plan`): tiny models, 8 simulated devices."""
 
 import json
 import os
@@ -8,9 +8,8 @@ import shlex
 import jax
 import pytest
 
-from vit_jax import config_loader, loop
+from vit_jax import cli, config_loader
 from vit_jax.commands import plan
-from vit_jax.commands.train import split_overrides
 
 SPEC = "vit:Ti/16,cifar10,small"  # 10 classes, gap pooling, AdamW
 TINY = {"width": 32, "depth": 2, "mlp_dim": 64, "num_heads": 2, "img_size": 32, "patch_size": 16}
@@ -77,10 +76,9 @@ def test_plan_fields_are_consistent(fsdp_plan):
 
 def test_deep_models_flops_extrapolated_from_depth_one_and_two():
     config = tiny_config("data=8", depth=4)
-    trainer = plan._trainer(config, 8)
-    extrapolated, method = plan._step_flops(trainer, 8)
-    assert "depth 1 and 2" in method
-    assert extrapolated == pytest.approx(loop.step_flops(trainer), rel=1e-3)
+    experiment = plan._experiment(config, 8)
+    extrapolated = experiment.step_flops(extrapolate_depth=True)
+    assert extrapolated == pytest.approx(experiment.step_flops(), rel=1e-3)
 
 
 def test_layout_that_does_not_fit_names_one_that_does(fsdp_plan):
@@ -98,7 +96,7 @@ def test_layout_that_does_not_fit_names_one_that_does(fsdp_plan):
 
 
 def test_mesh_not_dividing_devices_is_one_line_error(capsys):
-    status = plan.main(["--config", SPEC, *TINY_FLAGS, "--devices", "8", "--mesh", "fsdp=3"])
+    status = cli.run("plan", ["--config", SPEC, *TINY_FLAGS, "--devices", "8", "--mesh", "fsdp=3"])
     err = capsys.readouterr().err.strip()
     assert status == 2
     assert err.startswith("error: config.mesh") and "needs 3 devices" in err
@@ -107,7 +105,7 @@ def test_mesh_not_dividing_devices_is_one_line_error(capsys):
 
 def test_batch_not_dividing_data_parallel_devices_is_one_line_error(capsys):
     argv = ["--config", SPEC, *TINY_FLAGS, "--config.batch_size=12", "--devices", "8"]
-    assert plan.main([*argv, "--mesh", "data=8"]) == 2
+    assert cli.run("plan", [*argv, "--mesh", "data=8"]) == 2
     err = capsys.readouterr().err.strip()
     assert "config.batch_size=12" in err and "\n" not in err
 
@@ -116,7 +114,7 @@ def test_cli_reruns_itself_with_the_requested_device_count(capfd):
     # JAX already runs with 8 devices here: the CLI starts a process with 4 simulated ones.
     assert jax.device_count() == 8
     argv = ["--config", SPEC, *TINY_FLAGS, "--devices", "4", "--mesh", "data=2,fsdp=2"]
-    status = plan.main([*argv, "--device-kind", "tpu-v5e", "--mfu", "0.4"])
+    status = cli.run("plan", [*argv, "--device-kind", "tpu-v5e", "--mfu", "0.4"])
     out, err = capfd.readouterr()
     assert status == 0, err[-2000:]
     result = json.loads(out)
@@ -127,13 +125,13 @@ def test_cli_reruns_itself_with_the_requested_device_count(capfd):
 
 
 def test_readme_plan_commands_parse_and_their_layouts_are_valid():
-    """Every `vit_jax.commands.plan` command in README.md: flags, config and mesh check out
+    """Every `vit_jax plan` command in README.md: flags, config and mesh check out
     (nothing is compiled here; the table's numbers come from running them)."""
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
-    commands = re.findall(r"`python3? -m vit_jax\.plan ([^`]+)`", readme)
+    commands = re.findall(r"`python3? -m vit_jax plan ([^`]+)`", readme)
     assert len(commands) >= 10
     for command in commands:
-        rest, overrides = split_overrides(shlex.split(command))
+        rest, overrides = cli.split_overrides(shlex.split(command))
         args = plan.parser().parse_args(rest)
         config = config_loader.load_config(args.config, overrides + plan._mesh_overrides(args.mesh))
         shape = plan.check_layout(config, args.devices)

@@ -8,29 +8,23 @@ import shlex
 import pytest
 
 from tests.helpers import ROOT, shell_commands
-from vit_jax.commands import train
+from vit_jax import cli
 
 TRAIN_PROGRAMS = (
-    ("python3", "-m", "vit_jax.commands.train"),
-    ("python", "-m", "vit_jax.commands.train"),
+    ("python3", "-m", "vit_jax", "train"),
+    ("python", "-m", "vit_jax", "train"),
 )
-CONSOLE = "vit-jax-train"
+CONSOLE = "vit-jax"
 # Commands that are not training runs, and the test that runs each (file::function).
 COVERED_ELSEWHERE = {
     "python3 -m pip install": "tests/test_readme.py::test_ci_runs_the_readme_test_command",
     "python3 -m pytest": "tests/test_readme.py::test_ci_runs_the_readme_test_command",
-    "python3 -m vit_jax.commands.predict": (
-        "tests/test_predict.py::test_readme_predict_commands_run"
-    ),
-    "python3 -m vit_jax.commands.visualize": (
-        "tests/test_visualize.py::test_readme_visualize_commands_run"
-    ),
-    "python3 -m vit_jax.commands.export": "tests/test_export.py::test_readme_export_commands_run",
-    "python3 -m vit_jax.commands.transfer": (
-        "tests/test_readme.py::test_readme_transfer_commands_dry_run"
-    ),
+    "python3 -m vit_jax predict": ("tests/test_predict.py::test_readme_predict_commands_run"),
+    "python3 -m vit_jax visualize": ("tests/test_visualize.py::test_readme_visualize_commands_run"),
+    "python3 -m vit_jax export": "tests/test_export.py::test_readme_export_commands_run",
+    "python3 -m vit_jax transfer": ("tests/test_readme.py::test_readme_transfer_commands_dry_run"),
     "launch/": "tests/test_readme.py::test_readme_launch_commands_dry_run",
-    "python3 -m vit_jax.tools.step_benchmark": (
+    "python3 -m vit_jax step_benchmark": (
         "tests/test_benchmark.py::test_readme_benchmark_commands_parse_and_the_smallest_compiles"
     ),
 }
@@ -45,11 +39,11 @@ def _words(command: str) -> list[str]:
 
 def _train_args(command: str) -> list[str] | None:
     words = _words(command)
-    if words and words[0] == CONSOLE:
-        return words[1:]
+    if tuple(words[:2]) == (CONSOLE, "train"):
+        return words[2:]
     for program in TRAIN_PROGRAMS:
-        if tuple(words[:3]) == program:
-            return words[3:]
+        if tuple(words[: len(program)]) == program:
+            return words[len(program) :]
     return None
 
 
@@ -81,7 +75,7 @@ def test_readme_training_command_passes_a_dry_run(
     `gs://bucket/...` workdir is checked for real, against the local storage server)."""
     monkeypatch.chdir(tmp_path)
     args = [a.replace("/data/my_images", str(_images(tmp_path))) for a in _train_args(command)]
-    status = train.main([*args, "--dry_run"])
+    status = cli.run("train", [*args, "--dry_run"])
     out, err = capsys.readouterr()
     assert status == 0, err
     assert "dry run: nothing was compiled" in out
@@ -100,16 +94,15 @@ def _starting(prefix: str) -> list[str]:
     return [c for c in README_COMMANDS if " ".join(_words(c)).startswith(prefix)]
 
 
-@pytest.mark.parametrize("command", _starting("python3 -m vit_jax.commands.transfer"))
+@pytest.mark.parametrize("command", _starting("python3 -m vit_jax transfer"))
 def test_readme_transfer_commands_dry_run(command, tmp_path, monkeypatch, capsys):
-    from vit_jax.commands import transfer
 
     monkeypatch.chdir(tmp_path)
     checkpoint = tmp_path / "checkpoint.npz"
     checkpoint.write_bytes(b"")  # the dry run checks that it exists, not what it holds
     args = [re.sub(r"=/data/\S+\.npz$", f"={checkpoint}", a) for a in _words(command)[3:]]
     assert "--dry_run" in args
-    assert transfer.main(args) == 0, capsys.readouterr().err
+    assert cli.run("transfer", args) == 0, capsys.readouterr().err
     assert "cifar10: lrs" in capsys.readouterr().out
 
 
@@ -121,17 +114,17 @@ def test_readme_launch_commands_dry_run(command, tmp_path, readme_bucket):
 
     words = _words(command)
     split = words.index("--")
-    cli = words[split + 1 :]
+    flags = words[split + 1 :]
     result = subprocess.run(
-        [os.path.join(ROOT, words[0]), *words[1:split], "--dry-run", "--", *cli],
+        [os.path.join(ROOT, words[0]), *words[1:split], "--dry-run", "--", *flags],
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    assert "vit_jax.commands.train" in result.stdout and cli[0] in result.stdout
-    assert train.main([*cli, "--dry_run"]) == 0
+    assert "vit_jax train" in result.stdout and flags[0] in result.stdout
+    assert cli.run("train", [*flags, "--dry_run"]) == 0
 
 
 def test_ci_runs_the_readme_test_command():
@@ -142,7 +135,7 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_command_extraction_handles_continuations_and_chains():
-    text = "```bash\n# comment\nA=1 python3 -m vit_jax.commands.train --x=1 \\\n"
+    text = "```bash\n# comment\nA=1 python3 -m vit_jax train --x=1 \\\n"
     text += "  --y=2 && echo hi\n```\n"
-    assert shell_commands(text) == ["A=1 python3 -m vit_jax.commands.train --x=1 --y=2", "echo hi"]
+    assert shell_commands(text) == ["A=1 python3 -m vit_jax train --x=1 --y=2", "echo hi"]
     assert _train_args(shell_commands(text)[0]) == ["--x=1", "--y=2"]

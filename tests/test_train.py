@@ -2,42 +2,24 @@
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import with_changes
+from helpers import RESUME_RUN, tiny_config, with_changes
 
-from configs.vit import demo_config
 from vit_jax import data, loop
 from vit_jax.checkpoint import Checkpointer, save_npz
+from vit_jax.experiment import Experiment
 from vit_jax.models import create_model
-from vit_jax.sharding import make_mesh
-from vit_jax.steps import Trainer
 
 TINY_MODEL = dict(img_size=8, width=32, depth=2, mlp_dim=64, num_heads=2)
 
 
-def tiny_run_config(**changes):
-    config = demo_config()
-    with config.unlocked():
-        config.model.update(TINY_MODEL)
-        config.data = data.get_data_config("digits", image_size=8)
-        config.batch_size = 32
-        config.eval_batch_size = 128
-        config.total_steps = 6
-        config.log_every_steps = 2
-        config.eval_every_steps = 3
-        config.checkpoint.update(every_steps=3, keep=5)
-        config.schedule.update(warmup_steps=2, base_lr=1e-3)
-    return with_changes(config, **changes)
-
-
 def restore_state(config, workdir, step):
-    mesh = make_mesh(config.mesh.to_dict())
-    trainer = Trainer(config, mesh, num_classes=10, total_steps=config.total_steps)
-    abstract, _ = trainer.state_shardings
+    abstract = Experiment.from_config(config, num_classes=10).abstract_state
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1)
     return checkpointer.restore(abstract, step)
 
@@ -47,17 +29,16 @@ def read_jsonl(path):
         return [json.loads(line) for line in f]
 
 
-def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
-    config = tiny_run_config(**{"model.dropout": 0.1, "mixup.mixup_alpha": 0.2})
-    straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
-    loop.run(config, straight)
+def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path, straight_run):
+    config = tiny_config(**RESUME_RUN)
+    straight, interrupted = straight_run, str(tmp_path / "interrupted")
     loop.run(config, interrupted, stop_after_step=2)
     assert Checkpointer(os.path.join(interrupted, "checkpoints"), every_steps=1).all_steps() == [2]
     loop.run(config, interrupted)
 
     state_a, record_a = restore_state(config, straight, 6)
     state_b, record_b = restore_state(config, interrupted, 6)
-    assert record_a == record_b == {"step": 6, "data_position": 6}
+    assert record_a == record_b == {"step": 6}
     for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -74,26 +55,21 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
     assert losses_a == losses_b and sorted(losses_a) == [2, 4, 6]
 
 
-def test_run_writes_metrics_tensorboard_and_evaluates(tmp_path):
-    results = loop.run(tiny_run_config(), str(tmp_path))
-    assert results["test/count"] == data.num_examples(tiny_run_config().data, "test")
-    assert 0.0 <= results["test/top1"] <= 1.0
-    records = read_jsonl(tmp_path / "metrics.jsonl")
+def test_run_writes_metrics_tensorboard_and_evaluates(straight_run):
+    records = read_jsonl(os.path.join(straight_run, "metrics.jsonl"))
+    (last_test,) = [r for r in records if "test/count" in r and r["step"] == 6]
+    assert last_test["test/count"] == data.num_examples(tiny_config().data, "test")
+    assert 0.0 <= last_test["test/top1"] <= 1.0
     train_records = [r for r in records if "train/loss" in r]
     assert {"train/images_per_sec", "train/eta_seconds", "train/learning_rate"} <= set(
         train_records[-1]
     )
-    assert any(
-        name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tensorboard")
-    )
+    events = os.listdir(os.path.join(straight_run, "tensorboard"))
+    assert any(name.startswith("events.out.tfevents") for name in events)
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    config = tiny_run_config(
-        **{"total_steps": 12, "checkpoint.every_steps": 2, "log_every_steps": 2}
-    )
-    with config.unlocked():
-        config.schedule.base_lr = 1e-3
+    config = tiny_config(total_steps=4, checkpoint__every_steps=2, eval_every_steps=100)
     loop.run(config, str(tmp_path), stop_after_step=2)
     with config.unlocked():
         config.schedule.base_lr = 1e30  # blows the parameters up on the next update
@@ -110,7 +86,7 @@ def test_init_from_npz_replaces_head_and_keeps_body(tmp_path):
     )
     path = str(tmp_path / "pretrained.npz")
     save_npz(source, path)
-    config = tiny_run_config(
+    config = tiny_config(
         **{
             "total_steps": 1,
             "init_from.path": path,
@@ -130,13 +106,11 @@ def test_init_from_npz_replaces_head_and_keeps_body(tmp_path):
     assert head.shape == (32, 10) and not head.any()
 
 
-def test_init_from_another_runs_checkpoint_and_fewshot_during_training(tmp_path):
-    first = str(tmp_path / "first")
-    loop.run(tiny_run_config(**{"total_steps": 2, "checkpoint.every_steps": 2}), first)
-    config = tiny_run_config(
+def test_init_from_another_runs_checkpoint_and_fewshot_during_training(tmp_path, straight_run):
+    config = tiny_config(
         **{
             "total_steps": 2,
-            "init_from.path": os.path.join(first, "checkpoints"),
+            "init_from.path": os.path.join(straight_run, "checkpoints"),
             "optim.name": "sgd",  # another optimizer: only the parameters are taken
             "schedule.base_lr": 0.0,
             "schedule.warmup_steps": 0,
@@ -145,7 +119,7 @@ def test_init_from_another_runs_checkpoint_and_fewshot_during_training(tmp_path)
         }
     )
     results = loop.run(config, str(tmp_path / "second"))
-    before, _ = restore_state(tiny_run_config(**{"total_steps": 2}), first, 2)
+    before, _ = restore_state(tiny_config(**RESUME_RUN), straight_run, 6)  # its latest
     after, _ = restore_state(config, str(tmp_path / "second"), 2)
     for a, b in zip(
         jax.tree.leaves(before["params"]), jax.tree.leaves(after["params"]), strict=True
@@ -155,22 +129,23 @@ def test_init_from_another_runs_checkpoint_and_fewshot_during_training(tmp_path)
     assert 0.0 <= results["fewshot/digits_1shot"] <= 1.0
 
 
-def test_resume_with_a_different_optimizer_is_refused_clearly(tmp_path):
-    loop.run(tiny_run_config(), str(tmp_path), stop_after_step=1)
+def test_resume_with_a_different_optimizer_is_refused_clearly(tmp_path, straight_run):
+    shutil.copytree(straight_run, tmp_path / "run")
+    changed = tiny_config(**RESUME_RUN, **{"optim.clip_global_norm": 0.0})
     with pytest.raises(ValueError, match="does not match the train state"):
-        loop.run(tiny_run_config(**{"optim.clip_global_norm": 0.0}), str(tmp_path))
+        loop.run(changed, str(tmp_path / "run"))
 
 
 def test_config_errors_are_clear(tmp_path):
-    config = tiny_run_config(batch_size=33)
+    config = tiny_config(batch_size=33)
     with pytest.raises(ValueError, match="batch_size=33 is not divisible"):
         loop.run(config, str(tmp_path))
-    config = tiny_run_config(total_steps=None)
+    config = with_changes(tiny_config(), total_steps=None)
     with pytest.raises(ValueError, match="set config.total_steps or config.num_epochs"):
         loop.run(config, str(tmp_path))
-    config = tiny_run_config(**{"init_from.path": str(tmp_path / "missing")})
+    config = tiny_config(**{"init_from.path": str(tmp_path / "missing")})
     with pytest.raises(FileNotFoundError, match="init_from.path"):
         loop.run(config, str(tmp_path / "w"))
-    config = tiny_run_config(**{"mesh.data": 3})
+    config = tiny_config(**{"mesh.data": 3})
     with pytest.raises(ValueError, match="needs 3 devices"):
         loop.run(config, str(tmp_path))

@@ -258,14 +258,12 @@ class Evaluator:
     dict that the evaluator keeps no reference to: callers may merge or mutate it.
     """
 
-    def __init__(self, trainer, logger: MetricLogger, *, total_steps: int):
-        self.trainer = trainer
-        self.config = trainer.config
+    def __init__(self, builder, logger: MetricLogger, *, total_steps: int):
+        self.builder = builder
+        self.config = builder.config
         self.logger = logger
         self.total_steps = total_steps
-        self.sharding = jax.sharding.NamedSharding(
-            trainer.mesh, jax.sharding.PartitionSpec(("data", "fsdp"))
-        )
+        self.sharding = sharding.batch_sharding(builder.mesh)
         self._eval_step = None
         self._feature_step = None
         if self.config.fewshot.datasets:
@@ -281,7 +279,7 @@ class Evaluator:
 
     def classification(self, step: int, params: dict) -> dict[str, float]:
         """Every eval set of `config.data.evals`; returns `{set}/{metric}` values (a new dict)."""
-        self._eval_step = self._eval_step or self.trainer.make_eval_step()
+        self._eval_step = self._eval_step or self.builder.make_eval_step()
         results = {}
         for name in self.config.data.evals:
             values = classification(
@@ -303,7 +301,7 @@ class Evaluator:
         """Few-shot accuracies on `config.fewshot.datasets` (a new dict, empty when none)."""
         if not self.config.fewshot.datasets:
             return {}
-        self._feature_step = self._feature_step or self.trainer.make_feature_step()
+        self._feature_step = self._feature_step or self.builder.make_feature_step()
         shots = fewshot_accuracies(
             self._feature_step, params, self.config.fewshot, **self._fewshot_args()
         )

@@ -15,9 +15,6 @@ import contextlib
 import dataclasses
 import functools
 import io
-import json
-import logging
-import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import jax
@@ -26,13 +23,11 @@ import numpy as np
 from flax import nnx
 
 from vit_jax import data, storage
-from vit_jax.checkpoint import Checkpointer, CheckpointError, load_npz, read_npz
+from vit_jax.checkpoint import CheckpointError, read_npz
 from vit_jax.data import label_ops, pp_parse, presets, registry
 from vit_jax.data._tf import tf
 from vit_jax.errors import UserError
-from vit_jax.models import create_model
-from vit_jax.sharding import make_mesh
-from vit_jax.steps import Trainer
+from vit_jax.experiment import Experiment
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 _TF_FORMATS = ("JPEG", "PNG", "GIF", "BMP")  # what the eval pipeline's decode op reads
@@ -96,34 +91,6 @@ class LoadedModel:
 # --- a run's workdir -------------------------------------------------------------------------
 
 
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-    """The run's config as the trainer saved it in `config.json` (a folder or a bucket URL)."""
-    path = storage.join(workdir, "config.json")
-    with reading(f"--workdir {workdir}"):
-        check_workdir(workdir)
-        if not storage.is_file(path):
-            raise UserError(
-                f"--workdir {workdir}: no config.json, so not a training run's workdir "
-                "(`python -m vit_jax.commands.train --workdir=...` writes it)"
-            )
-        text = storage.read_text(path)
-    try:
-        return ml_collections.ConfigDict(json.loads(text))
-    except ValueError as e:
-        raise UserError(f"{path}: not a readable config ({e})") from None
-
-
-def check_workdir(workdir: str) -> None:
-    """Raises a UserError unless `workdir` is a folder (or a prefix with objects in a bucket)
-    saying what is missing: the folder, or the bucket."""
-    storage.check_reachable(workdir)
-    if not storage.is_dir(workdir):
-        what = storage.missing(workdir)
-        if what == "no such file or folder":
-            what = "no such directory"
-        raise UserError(f"--workdir {workdir}: {what}; give a training run's workdir")
-
-
 @contextlib.contextmanager
 def reading(what: str) -> Iterator[None]:
     """Turns a failure to read a file or bucket (FileNotFoundError, a refused or unanswered
@@ -144,61 +111,19 @@ def read_failure(what: str, error: BaseException) -> UserError:
 
 def load_run(workdir: str, step: int | None = None) -> LoadedModel:
     """The model of a training run at its newest complete checkpoint (or at `step`)."""
-    config = read_config(workdir)
-    directory = storage.join(workdir, "checkpoints")
     with reading(f"--workdir {workdir}"):
-        if not storage.is_dir(directory):
-            raise UserError(f"--workdir {workdir}: no checkpoints yet; train first")
-        checkpoints = Checkpointer(directory, every_steps=1, read_only=True)
-    try:
-        with reading(f"--workdir {workdir}"):
-            steps = checkpoints.all_steps()
-        if not steps:
-            raise UserError(f"--workdir {workdir}: no complete checkpoint yet; train longer")
-        if step is not None and step not in steps:
-            raise UserError(f"--step {step}: {workdir} has checkpoints at steps {steps}")
-        step = max(steps) if step is None else step
-        num_classes = _num_classes(config, workdir, step)
-        trainer = Trainer(config, _one_device_mesh(), num_classes=num_classes, total_steps=1)
-        overrides = dict(trainer.model_overrides(), activation_sharding=None)
-        model = nnx.eval_shape(lambda: create_model(config.model_name, **overrides))
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-            nnx.to_pure_dict(nnx.state(model, nnx.Param)),
-        )
-        params = checkpoints.restore_params(abstract, step)
-    finally:
-        checkpoints.close()
-    state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(state, params)
-    nnx.update(model, state)
+        experiment = Experiment.from_workdir(workdir, step)
+    config, num_classes = experiment.config, experiment.num_classes
     return LoadedModel(
-        model=model,
+        model=experiment.model(),
         config=config,
         class_names=_checked_names(class_names(config.data), num_classes),
         pp=eval_pp(config.data, num_classes),
         image_size=int(config.data.image_size),
         multi_label=bool(config.data.multi_label) or "sigmoid" in str(config.loss),
-        step=int(step),
+        step=experiment.checkpoint_step,
         source=workdir,
     )
-
-
-def _one_device_mesh() -> jax.sharding.Mesh:
-    return make_mesh({"data": 1, "fsdp": 1, "model": 1}, devices=jax.devices()[:1])
-
-
-def _num_classes(config: ml_collections.ConfigDict, workdir: str, step: int) -> int:
-    """From the data config, else (the dataset is gone) from the checkpoint's head shape."""
-    try:
-        return data.num_classes(config.data)
-    except (data.DataError, OSError):
-        import orbax.checkpoint as ocp
-
-        path = storage.as_path(storage.join(workdir, "checkpoints", str(step), "state"))
-        tree = ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree
-        return int(tree["params"]["head"]["bias"].shape[0])
 
 
 def eval_pp(data_config: ml_collections.ConfigDict, num_classes: int, split: str = "") -> str:
@@ -264,16 +189,15 @@ def load_npz_model(
             f"--labels {labels_file}: {len(names)} names for a {num_classes}-class model"
         )
     try:
-        model = nnx.eval_shape(
-            lambda: create_model(model_name, num_classes=num_classes, img_size=img_size)
+        experiment = Experiment.from_npz(
+            path, model_name, num_classes=num_classes, img_size=img_size
         )
-        load_npz(model, path, head="keep")
     except (ValueError, TypeError, CheckpointError) as e:
         first = str(e).splitlines()[0]
         raise UserError(f"--checkpoint {path} --model {model_name}: {first}") from None
     spec = presets.RESIZE_EVAL_PP.replace("|onehot({num_classes})", "")
     return LoadedModel(
-        model=model,
+        model=experiment.model(),
         config=None,
         class_names=names,
         pp=spec.format(image_size=img_size),
@@ -385,20 +309,3 @@ def load_from_args(args: argparse.Namespace) -> LoadedModel:
     if not args.model:
         raise UserError("--checkpoint needs --model, e.g. --model ViT-B/16")
     return load_npz_model(args.checkpoint, args.model, args.num_classes, args.img_size, args.labels)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with its mistakes in one line and exit status 2, like a UserError."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def run_main(main: Callable[[], int]) -> int:
-    """Runs a command; a UserError becomes one line on stderr and exit status 2."""
-    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax logs every file it reads
-    try:
-        return main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2

@@ -1,7 +1,7 @@
 """The training loop: state, steps, evaluation, checkpoints and metrics for one run.
 
 `run(config, workdir)` resumes from the newest complete checkpoint in `workdir`, otherwise
-starts from `config.init_from` (a released `.npz` or another run's checkpoint directory) or
+starts from `config.init_from` (a released `.npz` or another run's directory) or
 from scratch. The checkpoint holds the step, which is also the data position.
 
 Failure behaviour (README "Failure behaviour"): SIGTERM/SIGINT save a checkpoint at the
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import shutil
 import sys
@@ -24,16 +23,16 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import ml_collections
-from flax import nnx
 
 from vit_jax import data, evaluate, sharding, storage
-from vit_jax.checkpoint import Checkpointer, load_npz
+from vit_jax.checkpoint import Checkpointer
 from vit_jax.checkpoint.manager import check_room
 from vit_jax.data import pipeline
 from vit_jax.errors import UserError
+from vit_jax.experiment import Experiment
 from vit_jax.metric_logging import MetricLogger, Progress, format_line, peak_flops
 from vit_jax.preemption import Preempted, StopSignals
-from vit_jax.steps import Trainer, nonfinite_policy
+from vit_jax.steps import nonfinite_policy
 
 log = logging.getLogger("vit_jax")
 
@@ -46,51 +45,6 @@ class NonFiniteLossError(UserError, RuntimeError):
 
 class TooManySkippedStepsError(UserError, RuntimeError):
     """`config.max_consecutive_skips` steps in a row were not finite and were skipped."""
-
-
-def total_steps(config: ml_collections.ConfigDict) -> int:
-    """config.total_steps, or num_epochs over the train split's size."""
-    if config.total_steps:
-        return int(config.total_steps)
-    if config.num_epochs:
-        examples = data.num_examples(config.data, "train")
-        if not examples:
-            raise ValueError(
-                "config.num_epochs is set but the train split's size is unknown; "
-                "set config.total_steps instead"
-            )
-        return max(1, math.ceil(config.num_epochs * examples / config.batch_size))
-    raise ValueError("set config.total_steps or config.num_epochs")
-
-
-def initial_params(trainer: Trainer, config: ml_collections.ConfigDict) -> dict | None:
-    """Parameters from config.init_from.path (an .npz, a run's directory or its
-    `checkpoints` folder, local or in a bucket), or None for scratch."""
-    path = config.init_from.path
-    if not path:
-        return None
-    if path.endswith(".npz"):
-        # An abstract model: the file provides the values, nothing is randomly initialised.
-        model = nnx.eval_shape(lambda: trainer.build_model(config.seed))
-        report = load_npz(
-            model,
-            path,
-            head=config.init_from.head,
-            posemb_interpolation=config.init_from.posemb_interpolation,
-        )
-        log.info("initialised from %s: %s", path, report)
-        return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    if not storage.is_dir(path):
-        raise FileNotFoundError(
-            f"config.init_from.path={path!r} is neither an .npz file nor a run directory"
-        )
-    if storage.is_dir(storage.join(path, "checkpoints")):
-        path = storage.join(path, "checkpoints")  # a run's directory
-    abstract, _ = trainer.state_shardings
-    source = Checkpointer(path, every_steps=1, async_save=False, read_only=True)
-    params = source.restore_params(abstract["params"])
-    source.close()
-    return params
 
 
 def run(
@@ -109,14 +63,8 @@ def run(
 def _run(config, workdir: str, stop_after_step: int | None, signals: StopSignals) -> dict:
     policy = nonfinite_policy(config)
     storage.make_dirs(workdir)
-    mesh = sharding.make_mesh(config.mesh.to_dict())
-    if config.batch_size % sharding.data_parallel_size(mesh):
-        raise ValueError(
-            f"config.batch_size={config.batch_size} is not divisible by the "
-            f"{sharding.data_parallel_size(mesh)} data-parallel devices of the mesh"
-        )
-    steps = total_steps(config)
-    trainer = Trainer(config, mesh, num_classes=data.num_classes(config.data), total_steps=steps)
+    experiment = Experiment.from_config(config)
+    mesh, steps = experiment.mesh, experiment.total_steps
     checkpointer = Checkpointer(
         storage.join(workdir, "checkpoints"),
         every_steps=config.checkpoint.every_steps,
@@ -124,8 +72,8 @@ def _run(config, workdir: str, stop_after_step: int | None, signals: StopSignals
         keep_every=config.checkpoint.keep_every,
         async_save=config.checkpoint.async_save,
     )
-    check_room(checkpointer.directory, trainer.state_shardings[0])
-    state = initial_state(trainer, checkpointer, config)
+    check_room(checkpointer.directory, experiment.abstract_state)
+    state = initial_state(experiment, checkpointer)
     start_step = int(jax.device_get(state["step"]))
     logger = MetricLogger(
         workdir,
@@ -134,7 +82,7 @@ def _run(config, workdir: str, stop_after_step: int | None, signals: StopSignals
         write_files=start_step < steps,  # a finished run's rerun only reports
     )
     logger.record_config(config)
-    train_step, flops = compile_train_step(trainer)
+    train_step, flops = experiment.compile_train_step(), experiment.step_flops()
     peak = peak_flops(jax.devices()[0], config.peak_flops_per_device)
     progress = Progress(
         total_steps=steps,
@@ -152,7 +100,7 @@ def _run(config, workdir: str, stop_after_step: int | None, signals: StopSignals
         ),
         sharding.batch_sharding(mesh),
     )
-    evaluator = evaluate.Evaluator(trainer, logger, total_steps=steps)
+    evaluator = evaluate.Evaluator(experiment.steps, logger, total_steps=steps)
     profiler = StepProfiler(workdir, config.profile, enabled=logger.is_main)
     skips = SkipCounter(config.max_consecutive_skips) if policy == "skip" else None
     bad_images = pipeline.num_bad_examples(config.data, "train")
@@ -189,7 +137,7 @@ def _run(config, workdir: str, stop_after_step: int | None, signals: StopSignals
                     print(format_line(step, steps, values), flush=True)
             if save_now:
                 logger.flush()  # the metrics up to this step are stored with its checkpoint
-                checkpointer.save(step, state, {"step": step, "data_position": step}, force=last)
+                checkpointer.save(step, state, {"step": step}, force=last)
             if stopped is not None:
                 break
             if due(step, config.eval_every_steps, end):
@@ -287,42 +235,13 @@ def due(step: int, every: int | None, last: bool) -> bool:
     return last or bool(every and step % every == 0)
 
 
-def initial_state(trainer: Trainer, checkpointer: Checkpointer, config) -> dict:
+def initial_state(experiment: Experiment, checkpointer: Checkpointer) -> dict:
     """The newest checkpoint of this run, else init_from or a fresh initialisation."""
-    abstract_state, _ = trainer.state_shardings
     if checkpointer.latest_step() is not None:
-        state, record = checkpointer.restore(abstract_state)
+        state, record = checkpointer.restore(experiment.abstract_state)
         log.info("resumed from step %d in %s", record["step"], checkpointer.directory)
         return state
-    return trainer.init_state(initial_params(trainer, config))
-
-
-def compile_train_step(trainer: Trainer):
-    """The train step compiled ahead of time from abstract shapes (nothing is allocated),
-    and the FLOPs of one step on the whole mesh."""
-    abstract_state, _ = trainer.state_shardings
-    compiled = trainer.make_train_step().lower(abstract_state, abstract_batch(trainer)).compile()
-    return compiled, step_flops(trainer)
-
-
-def step_flops(trainer: Trainer) -> float | None:
-    """FLOPs of one train step for the global batch, from XLA's analysis of the program
-    before partitioning. XLA counts a loop body once, so a scanned model is counted through
-    an unrolled twin (traced and lowered only, never compiled)."""
-    if trainer.config.model.scan:
-        config = ml_collections.ConfigDict(trainer.config.to_dict())
-        config.model.scan = False
-        trainer = Trainer(
-            config, trainer.mesh, num_classes=trainer.num_classes, total_steps=trainer.total_steps
-        )
-    abstract_state, _ = trainer.state_shardings
-    lowered = trainer.make_train_step().lower(abstract_state, abstract_batch(trainer))
-    try:
-        analysis = lowered.cost_analysis()
-    except Exception:  # noqa: BLE001 - some backends do not implement it
-        return None
-    flops = (analysis or {}).get("flops")
-    return float(flops) if flops and flops > 0 else None
+    return experiment.init_state(experiment.initial_params())
 
 
 class StepProfiler:
@@ -354,14 +273,3 @@ class StepProfiler:
                         with open(local, "rb") as f:
                             storage.write_bytes(storage.join(self.directory, *relative), f.read())
                 shutil.rmtree(self._local, ignore_errors=True)
-
-
-def abstract_batch(trainer: Trainer) -> dict[str, jax.ShapeDtypeStruct]:
-    """The global batch of one train step as shapes with shardings (nothing allocated)."""
-    config, shardings = trainer.config, trainer.batch_shardings_without_mask()
-    size = config.data.image_size
-    shapes = {
-        "image": (config.batch_size, size, size, 3),
-        "labels": (config.batch_size, trainer.num_classes),
-    }
-    return {k: jax.ShapeDtypeStruct(shapes[k], jnp.float32, sharding=shardings[k]) for k in shapes}

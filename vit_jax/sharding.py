@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from vit_jax.errors import UserError
 from vit_jax.models.layers import ActivationSharding
 
 MESH_AXES = ("data", "fsdp", "model")
@@ -36,30 +37,66 @@ RULE_PRESETS: dict[str, tuple[tuple[str, Any], ...]] = {
 }
 
 
-def make_mesh(shape: Mapping[str, int], devices: list | None = None) -> jax.sharding.Mesh:
-    """A mesh over all devices with axes (data, fsdp, model); one size may be -1 (the rest)."""
-    devices = devices if devices is not None else jax.devices()
+class MeshError(UserError, ValueError):
+    """config.mesh does not fit the devices."""
+
+
+def mesh_shape(shape: Mapping[str, int], device_count: int) -> dict[str, int]:
+    """Every mesh axis's size on `device_count` devices: missing axes are 1, one axis may be
+    -1 (the rest). The one place a -1 is resolved; MeshError (one line) if none fit."""
     unknown = sorted(set(shape) - set(MESH_AXES))
     if unknown:
-        raise ValueError(f"config.mesh has unknown axes {unknown}; valid axes: {list(MESH_AXES)}")
-    sizes = [int(shape.get(name, 1)) for name in MESH_AXES]
-    if sizes.count(-1) > 1:
-        raise ValueError(f"config.mesh: at most one axis may be -1, got {dict(shape)}")
-    known = math.prod(s for s in sizes if s != -1)
-    if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(
-                f"config.mesh {dict(shape)}: {len(devices)} devices are not divisible by {known}"
+        raise MeshError(f"config.mesh has unknown axes {unknown}; valid axes: {list(MESH_AXES)}")
+    sizes = {name: int(shape.get(name, 1)) for name in MESH_AXES}
+    for axis, value in sizes.items():
+        if value != -1 and value < 1:
+            raise MeshError(f"config.mesh.{axis}={value} must be a positive size or -1")
+    free = [axis for axis, value in sizes.items() if value == -1]
+    if len(free) > 1:
+        raise MeshError(f"config.mesh: at most one axis may be -1 (the rest), got {dict(shape)}")
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    if free:
+        if device_count % fixed:
+            raise MeshError(
+                f"config.mesh {dict(shape)} needs a multiple of {fixed} devices; "
+                f"{device_count} are available"
             )
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
-        raise ValueError(
-            f"config.mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {math.prod(sizes)} "
-            f"devices but {len(devices)} are available; set one axis to -1 to use the rest"
+        sizes[free[0]] = device_count // fixed
+    elif fixed != device_count:
+        raise MeshError(
+            f"config.mesh {sizes} needs {fixed} devices but {device_count} are available; "
+            "set one axis to -1 to use the rest"
         )
+    return sizes
+
+
+def batch_problems(config, shape: Mapping[str, int], *, evaluation: bool = True) -> list[str]:
+    """The batch sizes (train, and eval with `evaluation`) against the data-parallel devices
+    (data x fsdp) of a mesh shape and the gradient accumulation: one line per problem."""
+    parallel = math.prod(shape[a] for a in BATCH_AXES)
+    accum = config.optim.grad_accum_steps
+    problems = []
+    if config.batch_size % (parallel * accum):
+        problems.append(
+            f"config.batch_size={config.batch_size} is not divisible by the {parallel} "
+            f"data-parallel devices x config.optim.grad_accum_steps={accum}"
+        )
+    if evaluation and config.eval_batch_size % parallel:
+        problems.append(
+            f"config.eval_batch_size={config.eval_batch_size} is not divisible by the "
+            f"{parallel} data-parallel devices"
+        )
+    return problems
+
+
+def make_mesh(shape: Mapping[str, int], devices: list | None = None) -> jax.sharding.Mesh:
+    """A mesh with axes (data, fsdp, model) over `devices` (default: all), sized by
+    `mesh_shape`."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = tuple(mesh_shape(shape, len(devices)).values())
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    if devices is jax.devices() or list(devices) == list(jax.devices()):
-        return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto)
+    if devices == list(jax.devices()):
+        return jax.make_mesh(sizes, MESH_AXES, axis_types=auto)
     grid = np.asarray(devices).reshape(sizes)
     return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)
 

@@ -1,7 +1,7 @@
 """Ship a trained model: the public `.npz` layout, or a self-contained `jax.export` artifact.
 
-    python -m vit_jax.commands.export --workdir RUN --format npz [--out model.npz]
-    python -m vit_jax.commands.export --workdir RUN --format jax [--out model.jax] \
+    python -m vit_jax export --workdir RUN --format npz [--out model.npz]
+    python -m vit_jax export --workdir RUN --format jax [--out model.jax] \
         [--platforms cpu,cuda]
 
 `npz` writes the original ViT release layout through `save_npz` (timm's npz loader reads
@@ -21,19 +21,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections.abc import Sequence
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import jax
+import jax.numpy as jnp
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from vit_jax import inference, storage  # noqa: E402
-from vit_jax.checkpoint import save_npz  # noqa: E402
-from vit_jax.data import pp_parse  # noqa: E402
-from vit_jax.errors import UserError  # noqa: E402
+from vit_jax import cli, inference, storage
+from vit_jax.checkpoint import save_npz
+from vit_jax.data import pp_parse
+from vit_jax.errors import UserError
 
 FORMATS = {"npz": ".npz", "jax": ".jax"}
 
@@ -112,9 +109,9 @@ def default_out(args: argparse.Namespace) -> str:
     return storage.join(folder, "model" + FORMATS[args.format])
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = inference.ArgumentParser(
-        prog="python -m vit_jax.commands.export",
+def parser() -> argparse.ArgumentParser:
+    parser = cli.ArgumentParser(
+        "export",
         description="Write a trained model for use elsewhere.",
     )
     inference.add_model_arguments(parser)
@@ -123,37 +120,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--platforms", help="jax: comma-separated targets, e.g. cpu,cuda,tpu (default: this one)"
     )
-    return parser.parse_args(argv)
+    return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-
-    def run() -> int:
-        loaded = inference.load_from_args(args)
-        out = args.out or default_out(args)
-        if storage.is_remote(out):
-            storage.check_writable(storage.dirname(out))  # before the export's work
-        else:
-            storage.make_dirs(storage.dirname(out))
-        if args.format == "npz":
-            try:
-                save_npz(loaded.model, out)
-            except (KeyError, ValueError) as e:
-                raise UserError(f"--format npz: this model has no public .npz layout ({e})") from e
-            print(out)
-            return 0
-        platforms = args.platforms.split(",") if args.platforms else None
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    loaded = inference.load_from_args(args)
+    out = args.out or default_out(args)
+    if storage.is_remote(out):
+        storage.check_writable(storage.dirname(out))  # before the export's work
+    else:
+        storage.make_dirs(storage.dirname(out))
+    if args.format == "npz":
         try:
-            export_jax(loaded, out, platforms)
-        except ValueError as e:
-            raise UserError(f"--platforms {args.platforms}: {str(e).splitlines()[0]}") from e
+            save_npz(loaded.model, out)
+        except (KeyError, ValueError) as e:
+            raise UserError(f"--format npz: this model has no public .npz layout ({e})") from e
         print(out)
-        print(contract_path(out))
         return 0
-
-    return inference.run_main(run)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    platforms = args.platforms.split(",") if args.platforms else None
+    try:
+        export_jax(loaded, out, platforms)
+    except ValueError as e:
+        raise UserError(f"--platforms {args.platforms}: {str(e).splitlines()[0]}") from e
+    print(out)
+    print(contract_path(out))
+    return 0

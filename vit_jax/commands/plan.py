@@ -1,7 +1,7 @@
 """Plan a run before renting the chips: memory per device, FLOPs, step time, and a mesh that fits.
 
-`python -m vit_jax.commands.plan --config=vit:G/14,imagenet21k,pretrain --devices 1024 --mesh
-fsdp=128,data=8 --device-kind tpu-v4` compiles the Trainer's real train step (model, optimizer,
+`python -m vit_jax plan --config=vit:G/14,imagenet21k,pretrain --devices 1024 --mesh
+fsdp=128,data=8 --device-kind tpu-v4` compiles the StepBuilder's real train step (model, optimizer,
 dtype, remat, scan, gradient accumulation, batch size: all from the config) ahead of time for a
 mesh of simulated CPU devices, from abstract inputs (nothing is allocated, no data is read), and
 prints JSON: parameter count; bytes per device of parameters, optimizer state and the
@@ -11,8 +11,8 @@ MFU. A layout that does not fit comes with a mesh (or remat) that does, found by
 a few candidates and compiling the most promising one.
 
 Simulated devices need `XLA_FLAGS=--xla_force_host_platform_device_count=N` before JAX
-starts: the CLI sets it when JAX is not imported yet and otherwise re-runs itself in a
-subprocess. `plan()` works in-process on the devices JAX already has (tests: 8).
+starts: the command sets it in `before_jax`, which the command harness runs before anything
+imports JAX. `plan()` works in-process on the devices JAX already has (tests: 8).
 """
 
 from __future__ import annotations
@@ -22,14 +22,16 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 import time
 import types
 from typing import Any
 
+from vit_jax import cli
+
 GIB = 2**30
-# REFERENCE section 8: chip memory, and the device kind `metric_logging.peak_flops` knows.
+# Chip memory (the vendors' published figures) and the device kind `metric_logging.peak_flops`
+# knows.
 CHIPS = {
     "tpu-v4": ("TPU v4", 32 * GIB),
     "tpu-v5e": ("TPU v5e", 16 * GIB),
@@ -69,12 +71,15 @@ def plan(
     kind, memory = CHIPS[device_kind]
     budget = margin * (memory_bytes or memory)
     start = time.perf_counter()
-    trainer = _trainer(config, devices)
-    layout = _measure(trainer)
+    experiment = _experiment(config, devices)
+    layout = _measure(experiment)
     flops_start = time.perf_counter()
-    xla_flops, flops_method = _step_flops(trainer, devices)
+    xla_flops = experiment.step_flops(extrapolate_depth=True)
     flops_s = time.perf_counter() - flops_start
-    model = _model_facts(trainer)
+    flops_method = "XLA cost_analysis of the unpartitioned step"
+    if (config.model.get("depth") or 0) > 2:
+        flops_method += f" at depth 1 and 2, linear to {config.model.depth}"
+    model = _model_facts(experiment)
     formula_flops = 6 * model["params"] * model["tokens"] * config.batch_size
     flops = xla_flops or formula_flops
     peak = _peak(kind)
@@ -107,7 +112,7 @@ def plan(
         f"temporaries of its f32 twin), so for bf16 they bound the {device_kind}'s from above",
     }
     if not result["fits"] and propose:
-        result["proposal"] = _propose(trainer, layout, budget, devices)
+        result["proposal"] = _propose(experiment, layout, budget, devices)
     result["total_s"] = round(time.perf_counter() - start, 1)
     return result
 
@@ -124,11 +129,11 @@ def _error(message: str):
 def check_layout(config, devices: int) -> dict[str, int]:
     """The mesh shape on `devices` devices; UserError when the mesh, the batch or the class
     count does not allow a plan (nothing is compiled)."""
-    from vit_jax import validate
+    from vit_jax import sharding, validate
 
     validate.check_config(config)
-    shape = validate.mesh_shape(config.mesh, devices)
-    problems = validate.batch_problems(config, shape, evaluation=False)  # train step only
+    shape = sharding.mesh_shape(config.mesh, devices)
+    problems = sharding.batch_problems(config, shape, evaluation=False)  # train step only
     if problems:
         raise _error(problems[0])
     if config.data.num_classes is None:
@@ -139,36 +144,36 @@ def check_layout(config, devices: int) -> dict[str, int]:
     return shape
 
 
-def _trainer(config, devices: int):
-    """The run's Trainer on a mesh of the first `devices` devices."""
+def _experiment(config, devices: int):
+    """The run on a mesh of the first `devices` devices; the class count and the schedule's
+    length from the config (the planner reads no data)."""
     import jax
 
-    from vit_jax import sharding
-    from vit_jax.steps import Trainer
+    from vit_jax.experiment import Experiment
 
-    shape = check_layout(config, devices)
-    mesh = sharding.make_mesh(shape, jax.devices()[:devices])
+    check_layout(config, devices)
     steps = max(config.total_steps or 0, config.schedule.warmup_steps, 1)
-    return Trainer(config, mesh, num_classes=config.data.num_classes, total_steps=steps)
+    return Experiment.from_config(
+        config,
+        devices=jax.devices()[:devices],
+        num_classes=config.data.num_classes,
+        steps=steps,
+    )
 
 
-def _measure(trainer) -> dict[str, Any]:
-    """Compiles the train step for the trainer's mesh: memory per device and compile time."""
-    from vit_jax import loop
-
-    abstract_state, _ = trainer.state_shardings
-    batch = loop.abstract_batch(trainer)
+def _measure(experiment) -> dict[str, Any]:
+    """Compiles the train step for the experiment's mesh: memory per device, compile time."""
     start = time.perf_counter()
-    compiled = trainer.make_train_step().lower(abstract_state, batch).compile()
+    compiled = experiment.compile_train_step()
     compile_s = time.perf_counter() - start
     stats = compiled.memory_analysis()
     arguments, temp = stats.argument_size_in_bytes, stats.temp_size_in_bytes
     outputs, alias = stats.output_size_in_bytes, stats.alias_size_in_bytes
     code = stats.generated_code_size_in_bytes
-    state = _state_bytes(trainer)
-    config = trainer.config
+    state = _state_bytes(experiment)
+    config = experiment.config
     return {
-        "mesh": dict(trainer.mesh.shape),
+        "mesh": dict(experiment.mesh.shape),
         "sharding_rules": config.sharding_rules,
         "remat": config.model.get("remat"),
         "bytes_per_device": {
@@ -188,13 +193,13 @@ def _measure(trainer) -> dict[str, Any]:
     }
 
 
-def _state_bytes(trainer) -> dict[str, Any]:
+def _state_bytes(experiment) -> dict[str, Any]:
     """Bytes per device of params and optimizer state, from the abstract state's shardings,
     and the largest parameters left whole on every device (a dimension no mesh axis divides,
     or a logical axis no rule maps)."""
     import jax
 
-    abstract_state, _ = trainer.state_shardings
+    abstract_state = experiment.abstract_state
 
     def per_device(tree) -> int:
         leaves = jax.tree.leaves(tree)
@@ -204,7 +209,7 @@ def _state_bytes(trainer) -> dict[str, Any]:
     whole = [
         (jax.tree_util.keystr(path, simple=True, separator="/"), x.size * x.dtype.itemsize)
         for path, x in jax.tree_util.tree_leaves_with_path(params)
-        if x.sharding.is_fully_replicated and trainer.mesh.size > trainer.mesh.shape["data"]
+        if x.sharding.is_fully_replicated and experiment.mesh.size > experiment.mesh.shape["data"]
     ]
     return {
         "params": per_device(params),
@@ -214,38 +219,14 @@ def _state_bytes(trainer) -> dict[str, Any]:
     }
 
 
-def _step_flops(trainer, devices: int) -> tuple[float | None, str]:
-    """`loop.step_flops` (XLA's count for the whole unpartitioned step). Lowering a deep
-    model unrolled takes a minute, so it is counted at depth 1 and 2 and extrapolated:
-    the blocks are identical, so the cost is linear in depth."""
-    from vit_jax import loop
-
-    depth = trainer.config.model.get("depth")
-    if not depth or depth <= 2:
-        return loop.step_flops(trainer), "XLA cost_analysis of the unpartitioned step"
-    one, two = (loop.step_flops(_trainer(_with_depth(trainer.config, d), devices)) for d in (1, 2))
-    if one is None or two is None:
-        return None, "XLA cost_analysis not available on this backend"
-    method = f"XLA cost_analysis of the unpartitioned step at depth 1 and 2, linear to {depth}"
-    return one + (depth - 1) * (two - one), method
-
-
-def _with_depth(config, depth: int):
-    import ml_collections
-
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.model.depth = depth
-    return config
-
-
-def _model_facts(trainer) -> dict[str, Any]:
+def _model_facts(experiment) -> dict[str, Any]:
     import jax
 
-    config = trainer.config
+    config = experiment.config
     model = config.model
-    params = sum(x.size for x in jax.tree.leaves(trainer.state_shardings[0]["params"]))
+    params = sum(x.size for x in jax.tree.leaves(experiment.abstract_state["params"]))
     tokens = (model.img_size // model.patch_size) ** 2 + (model.get("pool_type") == "tok")
-    parallel = trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"]
+    parallel = experiment.mesh.shape["data"] * experiment.mesh.shape["fsdp"]
     return {
         "params": params,
         "tokens": tokens,
@@ -270,13 +251,13 @@ def _describe(config) -> str:
 # --- a layout that fits ---------------------------------------------------------------------
 
 
-def _propose(trainer, measured: dict, budget: float, devices: int) -> dict[str, Any]:
+def _propose(experiment, measured: dict, budget: float, devices: int) -> dict[str, Any]:
     """A mesh (and remat) that fits: candidates estimated first, the best few compiled.
 
     Estimate = exact sharded state + gradients (one more copy of the sharded params) +
     the measured activations scaled by images per device, the model axis and remat.
     """
-    config = trainer.config
+    config = experiment.config
     used = measured["bytes_per_device"]
     state = used["params"] + used["optimizer"]
     activations = max(used["total"] - state - used["params"], 0)
@@ -285,7 +266,7 @@ def _propose(trainer, measured: dict, budget: float, devices: int) -> dict[str, 
     for mesh, remat in _candidates(config, measured["mesh"], devices):
         candidate = _with(config, mesh, remat)
         try:
-            cand_state = _state_bytes(_trainer(candidate, devices))
+            cand_state = _state_bytes(_experiment(candidate, devices))
         except Exception:  # noqa: BLE001 - a candidate the batch does not divide
             continue
         act = per_image * _micro_batch(candidate, mesh) * _remat_factor(candidate)
@@ -297,7 +278,7 @@ def _propose(trainer, measured: dict, budget: float, devices: int) -> dict[str, 
     ranked = ranked or sorted(estimates, key=lambda e: e["estimated_bytes"])[:1]
     compiled = []
     for entry in ranked[:MAX_PROPOSAL_COMPILES]:
-        layout = _measure(_trainer(_with(config, entry["mesh"], entry["remat"]), devices))
+        layout = _measure(_experiment(_with(config, entry["mesh"], entry["remat"]), devices))
         entry = dict(entry, compiled_bytes=layout["bytes_per_device"]["total"])
         entry["compile_s"] = round(layout["compile_s"], 1)
         compiled.append(entry)
@@ -370,14 +351,16 @@ def _flags(mesh: dict, remat: str, config) -> str:
 # --- command line ---------------------------------------------------------------------------
 
 
+TAKES_CONFIG = True
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m vit_jax.commands.plan",
+    p = cli.ArgumentParser(
+        "plan",
         description="Compile the train step for N simulated devices and print the plan as "
         "JSON. Any config field is set with --config.<field>=<value>.",
-        allow_abbrev=False,
     )
-    p.add_argument("--config", default="vit", help="as for vit_jax.commands.train")
+    p.add_argument("--config", default="vit", help="as for python -m vit_jax train")
     p.add_argument("--devices", type=int, required=True, help="number of devices (chips)")
     p.add_argument("--mesh", help="data=..,fsdp=..,model=.. (missing axes: 1; one may be -1)")
     p.add_argument("--device-kind", default="tpu-v4", choices=sorted(CHIPS))
@@ -389,40 +372,37 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    known, _ = parser().parse_known_args([a for a in argv if not a.startswith("--config.")])
-    if not _simulate(known.devices):
-        env = _environment(known.devices)
-        return subprocess.call([sys.executable, "-m", "vit_jax.commands.plan", *argv], env=env)
-    from vit_jax import config_loader
-    from vit_jax.commands.train import USER_ERROR_STATUS, split_overrides
-    from vit_jax.errors import UserError
-
-    rest, overrides = split_overrides(argv)
-    args = parser().parse_args(rest)
-    try:
-        if args.devices < 1:
-            raise UserError(f"--devices={args.devices} must be positive")
-        config = config_loader.load_config(args.config, overrides + _mesh_overrides(args.mesh))
-        scan_set = _auto_scan(config, overrides)
-        memory = args.memory_gib * GIB if args.memory_gib else None
-        result = plan(
-            config,
-            args.devices,
-            device_kind=args.device_kind,
-            mfu=args.mfu,
-            margin=args.margin,
-            memory_bytes=memory,
-            propose=not args.no_propose,
+def before_jax(args: argparse.Namespace) -> None:
+    """`--devices` simulated CPU devices, set while JAX is not imported yet. A process whose
+    JAX already runs (a test, a notebook) plans on the first `--devices` devices it has."""
+    if args.devices < 1:
+        raise _error(f"--devices={args.devices} must be positive")
+    if "jax" not in sys.modules:
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        flags = re.sub(
+            r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", "")
         )
-        if scan_set:
-            result["scan"] = "true (set by the planner: depth >= 24; --config.model.scan=false)"
-    except UserError as e:
-        if args.verbose:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return USER_ERROR_STATUS
+        count = f"--xla_force_host_platform_device_count={args.devices}"
+        os.environ["XLA_FLAGS"] = f"{flags} {count}".strip()
+
+
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    from vit_jax import config_loader
+
+    config = config_loader.load_config(args.config, overrides + _mesh_overrides(args.mesh))
+    scan_set = _auto_scan(config, overrides)
+    memory = args.memory_gib * GIB if args.memory_gib else None
+    result = plan(
+        config,
+        args.devices,
+        device_kind=args.device_kind,
+        mfu=args.mfu,
+        margin=args.margin,
+        memory_bytes=memory,
+        propose=not args.no_propose,
+    )
+    if scan_set:
+        result["scan"] = "true (set by the planner: depth >= 24; --config.model.scan=false)"
     print(json.dumps(result, indent=1))
     return 0
 
@@ -450,27 +430,3 @@ def _mesh_overrides(text: str | None) -> list[str]:
             raise _error(f"--mesh={text}: give axis=size pairs for data, fsdp and model")
         sizes[axis.strip()] = size.strip()
     return [f"mesh.{axis}={size}" for axis, size in sizes.items()]
-
-
-def _environment(devices: int) -> dict[str, str]:
-    """This process's environment with `devices` simulated CPU devices."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
-    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    return env
-
-
-def _simulate(devices: int) -> bool:
-    """Whether this process can plan for `devices` devices: it sets the environment when JAX
-    is not imported yet; False when JAX already runs with another device count."""
-    if "jax" not in sys.modules:
-        os.environ.update(_environment(devices))
-        return True
-    import jax
-
-    return jax.device_count() == devices and jax.devices()[0].platform == "cpu"
-
-
-if __name__ == "__main__":
-    sys.exit(main())

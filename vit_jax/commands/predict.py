@@ -1,7 +1,7 @@
 """Top-k predictions for image files from a trained run or a released `.npz`.
 
-    python -m vit_jax.commands.predict --workdir workdir/digits seven.png more/ [--top_k 3] [--json]
-    python -m vit_jax.commands.predict --checkpoint ViT-B_16.npz --model ViT-B/16 \
+    python -m vit_jax predict --workdir workdir/digits seven.png more/ [--top_k 3] [--json]
+    python -m vit_jax predict --checkpoint ViT-B_16.npz --model ViT-B/16 \
         --labels labels.txt x.jpg
 
 Each image goes through the run's evaluation preprocessing (read from its saved config) and
@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from vit_jax import inference  # noqa: E402
-from vit_jax.errors import UserError  # noqa: E402
+from vit_jax import cli, inference
+from vit_jax.errors import UserError
 
 
 def predict(
@@ -79,37 +76,26 @@ def format_text(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = inference.ArgumentParser(
-        prog="python -m vit_jax.commands.predict", description="Top-k classes of image files."
-    )
+def parser() -> argparse.ArgumentParser:
+    parser = cli.ArgumentParser("predict", description="Top-k classes of image files.")
     parser.add_argument("images", nargs="+", help="image files or folders of images")
     inference.add_model_arguments(parser)
     parser.add_argument("--top_k", type=int, default=5, help="classes shown per image")
     parser.add_argument("--batch_size", type=int, default=32, help="images per forward pass")
     parser.add_argument("--json", action="store_true", help="print one JSON list instead")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser.parse_args(argv)
+    return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-
-    def run() -> int:
-        if args.top_k < 1:
-            raise UserError(f"--top_k {args.top_k}: give a positive number of classes")
-        if args.batch_size < 1:
-            raise UserError(f"--batch_size {args.batch_size}: give a positive batch size")
-        files = inference.list_images(args.images)
-        loaded = inference.load_from_args(args)
-        results = predict(
-            loaded, files, top_k=args.top_k, batch_size=args.batch_size, progress=not args.quiet
-        )
-        print(json.dumps(results, indent=1) if args.json else format_text(results))
-        return 0
-
-    return inference.run_main(run)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    if args.top_k < 1:
+        raise UserError(f"--top_k {args.top_k}: give a positive number of classes")
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size {args.batch_size}: give a positive batch size")
+    files = inference.list_images(args.images)
+    loaded = inference.load_from_args(args)
+    results = predict(
+        loaded, files, top_k=args.top_k, batch_size=args.batch_size, progress=not args.quiet
+    )
+    print(json.dumps(results, indent=1) if args.json else format_text(results))
+    return 0

@@ -1,34 +1,27 @@
-"""CLI: `python -m vit_jax.commands.train --config=vit:<model>,<dataset>,<recipe> --workdir=<dir>`.
+"""`python -m vit_jax train --config=vit:<model>,<dataset>,<recipe> --workdir=<dir>`.
 
 Flags -> `config_loader.load_config` (named config or file, typed `--config.<field>=<value>`
 overrides, derived fields rebuilt) -> `validate` (before anything compiles) -> `loop.run`.
-`--dry_run` prints the resolved config and the run's sizes and exits. Mistakes the user can
-fix print one line on stderr and exit with status 2 (`--verbose` shows the traceback).
-Multi-process runs pass --coordinator_address/--num_processes/--process_id, or rely on the
-cluster's environment (TPU pods, SLURM) with --distributed.
+`--dry_run` prints the resolved config and the run's sizes and exits. Multi-process runs pass
+--coordinator_address/--num_processes/--process_id, or rely on the cluster's environment
+(TPU pods, SLURM) with --distributed.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-import os
-import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from vit_jax import cli, config_loader, sharding, validate
+from vit_jax.errors import UserError
 
-from vit_jax import config_loader, host_memory, validate  # noqa: E402
-from vit_jax.errors import UserError  # noqa: E402
-
-USER_ERROR_STATUS = 2
+TAKES_CONFIG = True
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m vit_jax.commands.train",
+    p = cli.ArgumentParser(
+        "train",
         description="Train and evaluate a Vision Transformer. Any config field is set with "
         "--config.<field>=<value> (e.g. --config.model.dtype=bfloat16).",
-        allow_abbrev=False,
         epilog="Recipes: small (the demo), pretrain, plain_baseline, finetune, finetune_short. "
         "Datasets: digits, cifar10, cifar100, imagenet2012, imagenet21k, jft, oxford_iiit_pet, "
         "oxford_flowers102, vtab/<task>, tfds:<name>, folder:<root>. --dry_run prints every "
@@ -54,35 +47,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(other arguments, config overrides as 'field=value') from the command line."""
-    rest, overrides, i = [], [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg.startswith("--config."):
-            field = arg[len("--config.") :]
-            if "=" not in field and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                field, i = f"{field}={argv[i + 1]}", i + 1
-            overrides.append(field)
-        else:
-            rest.append(arg)
-        i += 1
-    return rest, overrides
-
-
-def main(argv: list[str] | None = None) -> int:
-    rest, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
-    args = parser().parse_args(rest)
-    host_memory.keep_freed_host_memory()  # before JAX starts its threads
-    try:
-        return run(args, overrides)
-    except UserError as e:
-        if args.verbose:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return USER_ERROR_STATUS
-
-
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     config = config_loader.load_config(args.config, overrides)
     validate.check_config(config)
@@ -105,7 +69,6 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     if problems:
         raise UserError("; ".join(problems))
     validate.run_summary(config, jax.device_count())  # the schedule against the data's size
-    _show_progress_messages()
     from vit_jax import loop
 
     results = loop.run(config, args.workdir)
@@ -114,28 +77,13 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def _show_progress_messages() -> None:
-    """The trainer's INFO messages (resumed from, initialised from) on stderr; orbax, which
-    logs every file it writes through absl, only from WARNING on."""
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    log = logging.getLogger("vit_jax")
-    if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-
-
 def dry_run_report(config, args: argparse.Namespace, overrides: list[str], local: int) -> str:
     """The resolved config, the mesh and sizes, and what would not fit this machine."""
     warnings = []
     devices = args.devices or local
     if not args.devices:
         try:
-            validate.mesh_shape(config.mesh, devices)
+            sharding.mesh_shape(config.mesh, devices)
         except UserError as e:
             fixed = 1
             for value in config.mesh.values():
@@ -179,12 +127,3 @@ def _steps_line(config, summary: dict) -> str:
         f"steps: {config.num_epochs:g} epochs; the count follows from the train split's size, "
         "unknown here (the data is not on this machine)"
     )
-
-
-def entry() -> None:
-    """Console entry point (`vit-jax-train`)."""
-    sys.exit(main())
-
-
-if __name__ == "__main__":
-    entry()

@@ -1,6 +1,6 @@
 """Transfer sweep: fine-tune one checkpoint on several datasets and tabulate the results.
 
-`python -m vit_jax.commands.transfer --init_from=ViT-B_16.npz --model=B/16 --workdir=sweeps/b16`
+`python -m vit_jax transfer --init_from=ViT-B_16.npz --model=B/16 --workdir=sweeps/b16`
 fine-tunes on the paper's tasks (CIFAR-10/100, Pets, Flowers; `--tasks=vtab` for the 19
 VTAB-1k tasks, `all` for both, or any presets separated by commas) with the `finetune`
 recipe over a grid of learning rates. The lr is chosen on each task's validation split: for
@@ -16,11 +16,9 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import sys
 from dataclasses import dataclass
 
-from vit_jax import config_loader, host_memory, storage, validate
-from vit_jax.commands.train import USER_ERROR_STATUS, split_overrides
+from vit_jax import cli, config_loader, storage, validate
 from vit_jax.data.presets import VTAB_TASKS
 from vit_jax.errors import UserError
 
@@ -147,8 +145,7 @@ def _learning_rates(text: str) -> tuple[float, ...]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m vit_jax.commands.transfer", allow_abbrev=False,
-                                description=__doc__.split("\n\n")[0])  # fmt: skip
+    p = cli.ArgumentParser("transfer", description=__doc__.split("\n\n")[0])
     p.add_argument("--init_from", required=True, help="the checkpoint: .npz or a run's dir")
     p.add_argument("--model", required=True, help="its model: a zoo name or size (B/16)")
     p.add_argument("--workdir", required=True, help="one sub-folder per task and lr")
@@ -161,38 +158,28 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    rest, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
-    args = parser().parse_args(rest)
-    host_memory.keep_freed_host_memory()  # before JAX starts its threads
-    try:
-        args.lrs = _learning_rates(args.lrs)
-        tasks = task_list(args.tasks)
-        check_init_from(args.init_from)
-        for task in tasks:  # every config is checked before the first run starts
-            for lr in args.lrs:
-                select = f"{task}/hparam" if task.startswith("vtab/") else task
-                _config(args, select, lr, overrides)
-        if args.dry_run:
-            for task in tasks:
-                print(f"{task}: lrs {', '.join(map(str, args.lrs))} -> {_workdir(args, task, 0)}")
-            return 0
-        if storage.is_remote(args.workdir):
-            storage.check_writable(args.workdir)
-        else:
-            storage.make_dirs(args.workdir)
-        results = []
+TAKES_CONFIG = True
+
+
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    args.lrs = _learning_rates(args.lrs)
+    tasks = task_list(args.tasks)
+    check_init_from(args.init_from)
+    for task in tasks:  # every config is checked before the first run starts
+        for lr in args.lrs:
+            select = f"{task}/hparam" if task.startswith("vtab/") else task
+            _config(args, select, lr, overrides)
+    if args.dry_run:
         for task in tasks:
-            results.append(sweep_task(args, task, overrides))
-            table = write_tables(results, args.workdir, args.paper)
-        print(table, end="")
+            print(f"{task}: lrs {', '.join(map(str, args.lrs))} -> {_workdir(args, task, 0)}")
         return 0
-    except UserError as e:
-        if args.verbose:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return USER_ERROR_STATUS
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    if storage.is_remote(args.workdir):
+        storage.check_writable(args.workdir)
+    else:
+        storage.make_dirs(args.workdir)
+    results = []
+    for task in tasks:
+        results.append(sweep_task(args, task, overrides))
+        table = write_tables(results, args.workdir, args.paper)
+    print(table, end="")
+    return 0

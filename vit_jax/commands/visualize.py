@@ -1,10 +1,10 @@
 """Pictures of what a trained ViT learned (the paper's Figures 6 and 7) and its curves.
 
-    python -m vit_jax.commands.visualize attention --workdir RUN image.jpg  # attention rollout
-    python -m vit_jax.commands.visualize posemb    --workdir RUN        # position embeddings
-    python -m vit_jax.commands.visualize filters   --workdir RUN        # patch-embedding PCs
-    python -m vit_jax.commands.visualize distance  --workdir RUN        # attention distance
-    python -m vit_jax.commands.visualize curves    --workdir RUN        # metrics.jsonl
+    python -m vit_jax visualize attention --workdir RUN image.jpg  # attention rollout
+    python -m vit_jax visualize posemb    --workdir RUN        # position embeddings
+    python -m vit_jax visualize filters   --workdir RUN        # patch-embedding PCs
+    python -m vit_jax visualize distance  --workdir RUN        # attention distance
+    python -m vit_jax visualize curves    --workdir RUN        # metrics.jsonl
 
 PNG files go to RUN/pictures/ (or `--out`: a folder, or a .png file for one picture); RUN
 and `--out` may be bucket URLs (gs://...). `--show` prints the pictures' paths. The NumPy
@@ -19,17 +19,16 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import jax
+import numpy as np
+from flax import nnx
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from vit_jax import data, inference, storage  # noqa: E402
-from vit_jax.errors import UserError  # noqa: E402
-from vit_jax.models.vit import VisionTransformer, posemb_sincos_2d  # noqa: E402
+from vit_jax import cli, data, inference, storage
+from vit_jax.errors import UserError
+from vit_jax.experiment import check_run_directory
+from vit_jax.models.vit import VisionTransformer, posemb_sincos_2d
 
 KINDS = ("attention", "posemb", "filters", "distance", "curves")
 DPI = 100
@@ -159,7 +158,7 @@ def read_metrics(workdir: str) -> list[dict]:
     """The records of the run's `metrics.jsonl` (a folder or a bucket URL)."""
     path = storage.join(workdir, "metrics.jsonl")
     with inference.reading(f"--workdir {workdir}"):
-        inference.check_workdir(workdir)
+        check_run_directory(workdir, "--workdir")
         if not storage.is_file(path):
             raise UserError(f"--workdir {workdir}: no metrics.jsonl; train first (or another run)")
         text = storage.read_text(path)
@@ -314,9 +313,9 @@ def _keys(records: list[dict]) -> list[str]:
 # --- the command -----------------------------------------------------------------------------
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = inference.ArgumentParser(
-        prog="python -m vit_jax.commands.visualize",
+def parser() -> argparse.ArgumentParser:
+    parser = cli.ArgumentParser(
+        "visualize",
         description="Pictures of a trained model (PNG).",
     )
     parser.add_argument("kind", choices=KINDS)
@@ -326,7 +325,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--show", action="store_true", help="print the pictures' paths")
     parser.add_argument("--num_filters", type=int, default=28, help="filters: components")
     parser.add_argument("--num_images", type=int, default=128, help="distance: eval images")
-    return parser.parse_intermixed_args(argv)
+    return parser
 
 
 def output_paths(args: argparse.Namespace, names: list[str]) -> list[str]:
@@ -386,19 +385,10 @@ def make_pictures(args: argparse.Namespace) -> list[str]:
     return [path]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-
-    def run() -> int:
-        paths = make_pictures(args)
-        if args.show:
-            print("\n".join(paths))
-        else:
-            print(f"wrote {len(paths)} picture(s) to {storage.dirname(paths[0])}", file=sys.stderr)
-        return 0
-
-    return inference.run_main(run)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    paths = make_pictures(args)
+    if args.show:
+        print("\n".join(paths))
+    else:
+        print(f"wrote {len(paths)} picture(s) to {storage.dirname(paths[0])}", file=sys.stderr)
+    return 0

@@ -12,21 +12,14 @@ from collections.abc import Iterable, Iterator
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
-
-
-def batch_sharding(sharding: NamedSharding) -> NamedSharding:
-    """The sharding with only the batch (first) dimension partitioned."""
-    spec = tuple(sharding.spec)
-    return NamedSharding(sharding.mesh, PartitionSpec(spec[0] if spec else None))
+from jax.sharding import NamedSharding
 
 
 def to_global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """``jax.make_array_from_process_local_data`` for every entry of a process-local batch."""
-    only_batch = batch_sharding(sharding)
+    """``jax.make_array_from_process_local_data`` for every entry of a process-local batch;
+    `sharding` splits the first (batch) dimension only (``vit_jax.sharding.batch_sharding``)."""
     return {
-        k: jax.make_array_from_process_local_data(only_batch, np.asarray(v))
-        for k, v in batch.items()
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
     }
 
 

@@ -1,8 +1,8 @@
 """Measures train-pipeline throughput in images/s, or resume latency, and prints JSON.
 
-    python -m vit_jax.tools.input_benchmark --config PRESET_OR_FILE [--batch_size 256]
+    python -m vit_jax input_benchmark --config PRESET_OR_FILE [--batch_size 256]
         [--num_batches 40] [--compare_bare] [--repeats 3]
-    python -m vit_jax.tools.input_benchmark --config jft_synthetic [--num_records 1000000]
+    python -m vit_jax input_benchmark --config jft_synthetic [--num_records 1000000]
         [--num_shards 1024] [--resume_at 0.9] [--compare_legacy] [--data_dir DIR]
 
 ``--config`` is a preset name (``digits``, ``folder:/data/x``, ...), a ``.py`` file whose
@@ -23,13 +23,13 @@ import argparse
 import importlib.util
 import json
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
 
 import ml_collections
 
+from vit_jax import cli
 from vit_jax.data import pipeline, presets
 from vit_jax.data._tf import tf
 from vit_jax.data.sources import jft
@@ -84,7 +84,7 @@ def bare_dataset(paths: Sequence[str], batch_size: int, size: int = 224) -> tf.d
     return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
-def run(
+def measure(
     cfg: ml_collections.ConfigDict,
     *,
     batch_size: int,
@@ -213,9 +213,8 @@ def synthetic_jft(
     return cfg, seconds
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parser() -> argparse.ArgumentParser:
+    parser = cli.ArgumentParser("input_benchmark", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--num_batches", type=int, default=40)
@@ -238,7 +237,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--process_count", type=int, default=1, help="jft_synthetic processes")
     parser.add_argument("--compare_legacy", action="store_true")
     parser.add_argument("--data_dir", default=None, help="jft_synthetic: keep the records here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         if args.config == "jft_synthetic":
             root = args.data_dir or tmp
@@ -269,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg.name = "sample_photos"
         else:
             cfg = load_config(args.config)
-        result = run(
+        result = measure(
             cfg,
             batch_size=args.batch_size,
             num_batches=args.num_batches,
@@ -279,7 +281,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     print(json.dumps(result))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,14 +1,14 @@
 """Model speed benchmarks: ratios measured side by side in one run, not absolute times.
 
-`python -m vit_jax.tools.step_benchmark step --model ViT-Ti/16 --batch 32 --compare timm` times the
-real `Trainer` train step (forward, backward, AdamW) and eval step on random inputs and
+`python -m vit_jax step_benchmark step --model ViT-Ti/16 --batch 32 --compare timm` times the
+real `StepBuilder` train step (forward, backward, AdamW) and eval step on random inputs and
 prints JSON lines: images/s (median of timed steps after warm-up), compile time, peak host
 memory, XLA's FLOPs per step, achieved FLOP/s, and MFU against a large f32 matrix product
 timed in the same run (and against the nominal peak of a known GPU/TPU). `--compare timm`
 runs timm's model of the same variant in PyTorch eager in a child process
 (`vit_jax.tools.timm_benchmark`), alternating rounds of ours and theirs, and prints the ratios.
 
-`python -m vit_jax.tools.step_benchmark attention` compares the attention implementations on a
+`python -m vit_jax step_benchmark attention` compares the attention implementations on a
 jitted forward+backward of the bare model.
 """
 
@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from vit_jax import host_memory
+from vit_jax import cli, host_memory
 from vit_jax.models import create_model
 
 
@@ -122,60 +122,42 @@ class Steps:
     """The compiled train and eval steps of one config, with random inputs and a state."""
 
     def __init__(self, config, *, allocate: bool = True):
-        from vit_jax import data, sharding
-        from vit_jax.loop import step_flops
-        from vit_jax.steps import Trainer
+        from vit_jax.experiment import Experiment, lowered_flops
 
         self.config = config
-        mesh = sharding.make_mesh(config.mesh.to_dict())
-        self.trainer = Trainer(
-            config, mesh, num_classes=data.num_classes(config.data), total_steps=10_000
-        )
-        trainer, batch, size = self.trainer, config.batch_size, config.model.img_size
+        self.experiment = experiment = Experiment.from_config(config, steps=10_000)
+        builder, batch, size = experiment.steps, config.batch_size, config.model.img_size
+        classes = experiment.num_classes
         rng = np.random.default_rng(0)
-        labels = np.eye(trainer.num_classes, dtype=np.float32)[
-            rng.integers(0, trainer.num_classes, batch)
-        ]
         host = {
             "image": rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32),
-            "labels": labels,
+            "labels": np.eye(classes, dtype=np.float32)[rng.integers(0, classes, batch)],
             "mask": np.ones((batch,), np.float32),
         }
-        shardings = trainer.batch_shardings()
+        shardings = builder.batch_shardings()
         self.batch = {k: jax.device_put(v, shardings[k]) for k, v in host.items()}
         self.train_batch = {k: self.batch[k] for k in ("image", "labels")}
 
-        abstract_state, _ = trainer.state_shardings
         start = time.perf_counter()
-        self.train_step = (
-            trainer.make_train_step().lower(abstract_state, self.train_batch).compile()
-        )
+        self.train_step = experiment.compile_train_step()
         self.train_compile_s = time.perf_counter() - start
+        params = experiment.abstract_state["params"]
         start = time.perf_counter()
-        self.eval_step = (
-            trainer.make_eval_step().lower(abstract_state["params"], self.batch).compile()
-        )
+        self.eval_step = builder.make_eval_step().lower(params, self.batch).compile()
         self.eval_compile_s = time.perf_counter() - start
-        self.train_flops = step_flops(trainer)
-        self.eval_flops = self._eval_flops()
+        self.train_flops = experiment.step_flops()
+        if config.model.scan:  # XLA counts a loop body once: an unrolled twin, lowered only
+            twin = Experiment.from_config(_unrolled(config), steps=10_000)
+            twin_params = twin.abstract_state["params"]
+            self.eval_flops = lowered_flops(
+                twin.steps.make_eval_step().lower(twin_params, self.batch)
+            )
+        else:
+            self.eval_flops = lowered_flops(self.eval_step)
         if not allocate:  # compile-only: no parameters, no optimizer state
             return
-        self.state = trainer.init_state()
+        self.state = experiment.init_state()
         self.params = jax.tree.map(jnp.copy, self.state["params"])  # the state is donated
-
-    def _eval_flops(self) -> float | None:
-        """XLA's FLOPs of the eval step; a scanned model through an unrolled twin (lowered,
-        never compiled), since XLA counts a loop body once."""
-        trainer = self.trainer
-        if not self.config.model.scan:
-            return _flops(self.eval_step)
-        from vit_jax.steps import Trainer
-
-        config = ml_collections.ConfigDict(self.config.to_dict())
-        config.model.scan = False
-        twin = Trainer(config, trainer.mesh, num_classes=trainer.num_classes, total_steps=10_000)
-        abstract_state, _ = twin.state_shardings
-        return _flops(twin.make_eval_step().lower(abstract_state["params"], self.batch))
 
     def train(self) -> None:
         self.state, stats = self.train_step(self.state, self.train_batch)
@@ -185,15 +167,10 @@ class Steps:
         jax.block_until_ready(self.eval_step(self.params, self.batch))
 
 
-def _flops(compiled) -> float | None:
-    try:
-        analysis = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 - some backends do not implement it
-        return None
-    if isinstance(analysis, list):
-        analysis = analysis[0] if analysis else None
-    flops = (analysis or {}).get("flops")
-    return float(flops) if flops and flops > 0 else None
+def _unrolled(config):
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.scan = False
+    return config
 
 
 def timed(fn: Callable[[], None], steps: int) -> list[float]:
@@ -396,7 +373,9 @@ def _rounds(times: list[float], size: int) -> list[list[float]]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = cli.ArgumentParser(
+        "step_benchmark", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     p.add_argument("what", choices=["step", "attention"])
     p.add_argument("--model", default="ViT-Ti/16", help="a zoo name or ViT size (Ti/16)")
     p.add_argument("--batch", type=int, default=32)
@@ -438,16 +417,12 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
-    kept = host_memory.keep_freed_host_memory()  # before JAX starts its threads
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    kept = host_memory.keep_freed_host_memory()  # applied by the harness; this reports it
     args.host_malloc = "keep_freed" if kept else "default"
     if args.what == "attention":
         print(json.dumps(attention(args), indent=2))
-        return
+        return 0
     for record in step(args):
         print(json.dumps(record), flush=True)
-
-
-if __name__ == "__main__":
-    main()
+    return 0

@@ -1,4 +1,4 @@
-"""The PyTorch side of `vit_jax.tools.step_benchmark step --compare timm`, in its own process.
+"""The PyTorch side of `vit_jax step_benchmark step --compare timm`, in its own process.
 
 torch and TensorFlow crash when loaded into one interpreter, and PyTorch is not a
 dependency of this project, so timm runs here, in a child process that the benchmark

@@ -1,6 +1,6 @@
 """Writes JFT-like multi-label TFRecord shards plus their JSON metadata.
 
-    python -m vit_jax.tools.write_shards --input DIR_OR_CSV --output OUT --num_shards N \
+    python -m vit_jax write_shards --input DIR_OR_CSV --output OUT --num_shards N \
         [--split train] [--num_classes C] [--seed 0]
 
 Input is either a folder ``<class>/*.{jpg,jpeg,png}`` (one label per image, classes in
@@ -20,13 +20,12 @@ import csv
 import io
 import json
 import os
-import sys
 import tempfile
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from vit_jax import storage
+from vit_jax import cli, storage
 from vit_jax.data.sources.folder import EXTENSIONS
 
 Example = tuple[str, list[int]]
@@ -199,16 +198,18 @@ def write_synthetic(
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parser() -> argparse.ArgumentParser:
+    parser = cli.ArgumentParser("write_shards", description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", required=True, help="folder <class>/*.jpg or CSV path,labels")
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument("--num_shards", type=int, default=1)
     parser.add_argument("--split", default="train")
     parser.add_argument("--num_classes", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
     names = None
     if storage.is_dir(args.input):
         examples, names = read_folder(args.input)
@@ -225,7 +226,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(json.dumps({k: meta[k] for k in ("split", "num_classes", "num_examples")}))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

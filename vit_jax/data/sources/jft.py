@@ -10,7 +10,7 @@ A split ``S`` in folder ``D`` is described by ``D/S.json``:
    "shards": [{"file": "S-00000-of-00004.tfrecord", "num_examples": n0,
                "num_bytes": b0 (optional)}, ...],
    "class_names": [...] (optional)}
-``python -m vit_jax.tools.write_shards`` produces this layout.
+``python -m vit_jax write_shards`` produces this layout.
 
 Training order (when every process owns at least one whole file, the usual case): process
 ``i`` of ``P`` owns files ``i, i + P, ...``. Each epoch visits them in a new order drawn from
@@ -97,7 +97,7 @@ def load_metadata(root: str, split: str) -> dict:
         have = sorted(f[: -len(".json")] for f in _listing(root) if f.endswith(".json"))
         raise DataError(
             f"no metadata {path!r} for JFT-like split {split!r} (splits found: {have}); write "
-            "shards with `python -m vit_jax.tools.write_shards --input ... --output DIR "
+            "shards with `python -m vit_jax write_shards --input ... --output DIR "
             f"--split {split}` and set data_dir to DIR"
         ) from None
     try:
@@ -107,7 +107,7 @@ def load_metadata(root: str, split: str) -> dict:
     except ValueError as e:
         raise DataError(
             f"metadata {path!r} is not valid JFT-like metadata ({e}); rewrite it with "
-            "`python -m vit_jax.tools.write_shards`"
+            "`python -m vit_jax write_shards`"
         ) from None
     return meta
 

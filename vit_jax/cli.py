@@ -1,0 +1,123 @@
+"""The one command harness: `python -m vit_jax <command> [flags] [--config.<field>=<value>]`.
+
+Every command and tool runs through `run(name, argv)`, in this order:
+1. the host-memory setting (`host_memory.keep_freed_host_memory`), before JAX or TensorFlow
+   are imported, since a thread keeps the malloc arena it first allocated from;
+2. the command's module is imported and its flags parsed (`--config.<field>=<value>`
+   overrides split off for the commands that take a config);
+3. the command's `before_jax(args)` hook where it has one (the planner's simulated device
+   count, which JAX reads when it starts);
+4. logging: the project's progress messages on stderr, orbax's per-file messages muted;
+5. the command's `run(args, overrides)`. A `UserError` (a mistake the user can fix) is one
+   `error:` line on stderr and exit status 2; `--verbose` shows the traceback instead.
+
+A command module defines `parser()` and `run(args, overrides)`, and optionally
+`TAKES_CONFIG = True` and `before_jax(args)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from vit_jax import host_memory
+from vit_jax.errors import UserError
+
+USER_ERROR_STATUS = 2
+COMMANDS = {
+    "train": "vit_jax.commands.train",
+    "transfer": "vit_jax.commands.transfer",
+    "plan": "vit_jax.commands.plan",
+    "predict": "vit_jax.commands.predict",
+    "visualize": "vit_jax.commands.visualize",
+    "export": "vit_jax.commands.export",
+    "step_benchmark": "vit_jax.tools.step_benchmark",
+    "input_benchmark": "vit_jax.tools.input_benchmark",
+    "write_shards": "vit_jax.tools.write_shards",
+}
+PROG = "python -m vit_jax"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes are one line and exit status 2, like a UserError."""
+
+    def __init__(self, command: str, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(prog=f"{PROG} {command}", **kwargs)
+
+    def error(self, message: str):
+        self.exit(USER_ERROR_STATUS, f"error: {message} (see {self.prog} --help)\n")
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(other arguments, config overrides as 'field=value') from the command line."""
+    rest, overrides, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            field = arg[len("--config.") :]
+            if "=" not in field and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                field, i = f"{field}={argv[i + 1]}", i + 1
+            overrides.append(field)
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def run(name: str, argv: Sequence[str] = ()) -> int:
+    """Runs command `name` with its arguments; returns the exit status."""
+    if name not in COMMANDS:
+        print(f"error: no command {name!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return USER_ERROR_STATUS
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
+    host_memory.keep_freed_host_memory()
+    command = importlib.import_module(COMMANDS[name])
+    rest, overrides = list(argv), []
+    if getattr(command, "TAKES_CONFIG", False):
+        rest, overrides = split_overrides(rest)
+    args = command.parser().parse_intermixed_args(rest)
+    try:
+        if hasattr(command, "before_jax"):
+            command.before_jax(args)
+        _show_progress_messages()
+        status = command.run(args, overrides)
+    except UserError as e:
+        if getattr(args, "verbose", False):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return USER_ERROR_STATUS
+    return int(status or 0)
+
+
+def _show_progress_messages() -> None:
+    """The project's INFO messages (resumed from, initialised from) on stderr; orbax, which
+    logs every file it reads or writes through absl, only from WARNING on."""
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    log = logging.getLogger("vit_jax")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m vit_jax <command> ...` and the `vit-jax` console command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        lines = [f"usage: {PROG} <command> [flags]   ({PROG} <command> --help)", "commands:"]
+        lines += [f"  {name}" for name in COMMANDS]
+        print("\n".join(lines), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else USER_ERROR_STATUS
+    return run(argv[0], argv[1:])
+
+
+def entry() -> None:
+    """Console entry point."""
+    sys.exit(main())

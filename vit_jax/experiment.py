@@ -1,0 +1,298 @@
+"""One run, built once: the one place a config becomes a mesh, a model and compiled steps.
+
+An `Experiment` owns the mesh (a `-1` axis resolved once, by `sharding.mesh_shape`), the
+class count, the total steps, the `StepBuilder` (model, optimizer, shardings, jitted steps),
+the abstract state, the compiled train step and its FLOPs. It is made
+- `from_config(config)`: a run about to train (the training loop, plan, the step benchmark);
+- `from_workdir(run_dir, step)`: a trained run, its parameters restored (predict, visualize,
+  export, and `init_from` of another run);
+- `from_npz(path, model_name)`: a released public-layout `.npz` (predict, visualize, export).
+"A run" is always its directory, the `--workdir` it was trained in (local or gs://).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from vit_jax import data, sharding, storage
+from vit_jax.checkpoint import Checkpointer, load_npz
+from vit_jax.errors import UserError
+from vit_jax.steps import StepBuilder
+
+log = logging.getLogger("vit_jax")
+
+
+def total_steps(config: ml_collections.ConfigDict, train_examples: int | None) -> int | None:
+    """config.total_steps, or num_epochs over the train split's size (None while unknown)."""
+    if config.total_steps:
+        return int(config.total_steps)
+    if config.num_epochs and train_examples:
+        return max(1, math.ceil(config.num_epochs * train_examples / config.batch_size))
+    return None
+
+
+class Experiment:
+    """The mesh, model, optimizer, shardings and steps of one run (see the module doc)."""
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        mesh: jax.sharding.Mesh,
+        *,
+        num_classes: int,
+        total_steps: int,
+        params: dict | None = None,
+        checkpoint_step: int | None = None,
+    ):
+        self.config = config
+        self.mesh = mesh
+        self.num_classes = num_classes
+        self.total_steps = total_steps
+        self.steps = StepBuilder(config, mesh, num_classes=num_classes, total_steps=total_steps)
+        self.params = params  # restored parameters (from_workdir, from_npz), else None
+        self.checkpoint_step = checkpoint_step
+
+    # --- construction ----------------------------------------------------------------------
+
+    @classmethod
+    def from_config(
+        cls,
+        config: ml_collections.ConfigDict,
+        *,
+        devices: list | None = None,
+        num_classes: int | None = None,
+        steps: int | None = None,
+    ) -> Experiment:
+        """A run of `config` on `devices` (default: all). The class count and the total steps
+        come from the data unless given (the planner gives them: it reads no data)."""
+        devices = list(jax.devices() if devices is None else devices)
+        shape = sharding.mesh_shape(config.mesh, len(devices))
+        problems = sharding.batch_problems(config, shape, evaluation=num_classes is None)
+        if problems:
+            raise UserError(problems[0])
+        if num_classes is None:
+            num_classes = data.num_classes(config.data)
+        if steps is None:
+            examples = None if config.total_steps else data.num_examples(config.data, "train")
+            steps = total_steps(config, examples)
+            if steps is None:
+                raise UserError(
+                    "config.num_epochs is set but the train split's size is unknown; "
+                    "set config.total_steps instead"
+                )
+        mesh = sharding.make_mesh(shape, devices)
+        return cls(config, mesh, num_classes=num_classes, total_steps=steps)
+
+    @classmethod
+    def from_workdir(cls, workdir: str, step: int | None = None) -> Experiment:
+        """A trained run on one device with the parameters of its newest complete checkpoint
+        (or of `step`); UserError naming what is missing otherwise."""
+        config = read_config(workdir)
+        checkpoints = open_checkpoints(workdir)
+        try:
+            step = pick_step(workdir, checkpoints, step)
+            num_classes = _num_classes(config, workdir, step)
+            mesh = sharding.make_mesh({}, jax.devices()[:1])
+            experiment = cls(
+                config, mesh, num_classes=num_classes, total_steps=1, checkpoint_step=step
+            )
+            abstract = experiment.abstract_state["params"]
+            experiment.params = checkpoints.restore_params(abstract, step)
+        finally:
+            checkpoints.close()
+        return experiment
+
+    @classmethod
+    def from_npz(
+        cls, path: str, model_name: str, *, num_classes: int, img_size: int = 224
+    ) -> Experiment:
+        """A released public-layout `.npz` as a one-device experiment, its head kept."""
+        config = ml_collections.ConfigDict(
+            {"model_name": model_name, "model": {"img_size": img_size}, "sharding_rules": "dp"}
+        )
+        mesh = sharding.make_mesh({}, jax.devices()[:1])
+        experiment = cls(config, mesh, num_classes=num_classes, total_steps=1)
+        model = experiment.abstract_model()
+        load_npz(model, path, head="keep")
+        experiment.params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        return experiment
+
+    # --- state and steps -------------------------------------------------------------------
+
+    @property
+    def abstract_state(self) -> dict:
+        """The train state as shapes with shardings (nothing allocated)."""
+        return self.steps.state_shardings[0]
+
+    def abstract_model(self) -> nnx.Module:
+        """The model with shapes instead of arrays and no activation-sharding constraints
+        (for loading parameters into and running on one device)."""
+        overrides = dict(self.steps.model_overrides(), activation_sharding=None)
+        from vit_jax.models import create_model
+
+        return nnx.eval_shape(lambda: create_model(self.config.model_name, **overrides))
+
+    def model(self) -> nnx.Module:
+        """The model holding `self.params` (from_workdir, from_npz)."""
+        if self.params is None:
+            raise ValueError("this experiment has no restored parameters")
+        model = self.abstract_model()
+        state = nnx.state(model, nnx.Param)
+        nnx.replace_by_pure_dict(state, self.params)
+        nnx.update(model, state)
+        return model
+
+    def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """The global batch of one train step as shapes with shardings."""
+        config, shardings = self.config, self.steps.batch_shardings_without_mask()
+        size = config.data.image_size
+        shapes = {
+            "image": (config.batch_size, size, size, 3),
+            "labels": (config.batch_size, self.num_classes),
+        }
+        return {
+            k: jax.ShapeDtypeStruct(shapes[k], jnp.float32, sharding=shardings[k]) for k in shapes
+        }
+
+    def compile_train_step(self):
+        """The train step compiled ahead of time from abstract shapes (nothing allocated)."""
+        step = self.steps.make_train_step()
+        return step.lower(self.abstract_state, self.abstract_batch()).compile()
+
+    def step_flops(self, *, extrapolate_depth: bool = False) -> float | None:
+        """FLOPs of one train step for the global batch, from XLA's analysis of the program
+        before partitioning. XLA counts a loop body once, so a scanned model is counted
+        through an unrolled twin (lowered, never compiled). With `extrapolate_depth`, a deep
+        model is counted at depth 1 and 2 and extrapolated (its blocks are identical, so the
+        cost is linear in depth): lowering a 48-block model unrolled takes minutes."""
+        model = self.config.model
+        depth = model.get("depth")
+        if extrapolate_depth and depth and depth > 2:
+            one, two = (self._twin(depth=d).step_flops() for d in (1, 2))
+            if one is None or two is None:
+                return None
+            return one + (depth - 1) * (two - one)
+        if model.get("scan"):
+            return self._twin(scan=False).step_flops()
+        lowered = self.steps.make_train_step().lower(self.abstract_state, self.abstract_batch())
+        return lowered_flops(lowered)
+
+    def _twin(self, **model_fields) -> Experiment:
+        config = ml_collections.ConfigDict(self.config.to_dict())
+        config.model.update(model_fields)
+        return Experiment(
+            config, self.mesh, num_classes=self.num_classes, total_steps=self.total_steps
+        )
+
+    def init_state(self, params: dict | None = None) -> dict:
+        """A fresh sharded train state; `params` replaces the random initialisation."""
+        return self.steps.init_state(params)
+
+    # --- parameters from elsewhere (config.init_from) --------------------------------------
+
+    def initial_params(self) -> dict | None:
+        """Parameters from config.init_from.path: a released `.npz` or another run's
+        directory (local or gs://); None for a random initialisation."""
+        init = self.config.init_from
+        path = init.path
+        if not path:
+            return None
+        if path.endswith(".npz"):
+            # An abstract model: the file provides the values, nothing is randomly initialised.
+            model = nnx.eval_shape(lambda: self.steps.build_model(self.config.seed))
+            report = load_npz(
+                model, path, head=init.head, posemb_interpolation=init.posemb_interpolation
+            )
+            log.info("initialised from %s: %s", path, report)
+            return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        check_run_directory(path, "config.init_from.path")
+        source = open_checkpoints(path, "config.init_from.path")
+        try:
+            params = source.restore_params(self.abstract_state["params"])
+        finally:
+            source.close()
+        log.info("initialised from the run %s", path)
+        return params
+
+
+# --- a run's directory ---------------------------------------------------------------------
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    """The run's config as the trainer saved it in `config.json` (a folder or a bucket URL)."""
+    path = storage.join(workdir, "config.json")
+    check_run_directory(workdir, "--workdir")
+    text = storage.read_text(path)
+    try:
+        return ml_collections.ConfigDict(json.loads(text))
+    except ValueError as e:
+        raise UserError(f"{path}: not a readable config ({e})") from None
+
+
+def check_run_directory(path: str, name: str) -> None:
+    """UserError unless `path` is a training run's directory (it holds `config.json`)."""
+    storage.check_reachable(path)
+    if not storage.is_dir(path):
+        what = storage.missing(path)
+        if what == "no such file or folder":
+            what = "no such directory"
+        raise UserError(f"{name} {path}: {what}; give a training run's directory")
+    if not storage.is_file(storage.join(path, "config.json")):
+        parent = storage.dirname(path.rstrip("/"))
+        if storage.basename(path.rstrip("/")) == "checkpoints" and storage.is_file(
+            storage.join(parent, "config.json")
+        ):
+            raise UserError(f"{name} {path}: give the run's directory, {parent}")
+        raise UserError(
+            f"{name} {path}: no config.json, so not a training run's directory "
+            "(`python -m vit_jax train --workdir=...` writes it)"
+        )
+
+
+def open_checkpoints(workdir: str, name: str = "--workdir") -> Checkpointer:
+    """The run's checkpoints, read-only (`name`: the flag or field that gave the run)."""
+    directory = storage.join(workdir, "checkpoints")
+    if not storage.is_dir(directory):
+        raise UserError(f"{name} {workdir}: no checkpoints yet; train first")
+    return Checkpointer(directory, every_steps=1, read_only=True)
+
+
+def pick_step(workdir: str, checkpoints: Checkpointer, step: int | None) -> int:
+    """`step` if the run has a complete checkpoint there, else the newest one."""
+    steps = checkpoints.all_steps()
+    if not steps:
+        raise UserError(f"--workdir {workdir}: no complete checkpoint yet; train longer")
+    if step is not None and step not in steps:
+        raise UserError(f"--step {step}: {workdir} has checkpoints at steps {steps}")
+    return max(steps) if step is None else step
+
+
+def _num_classes(config: ml_collections.ConfigDict, workdir: str, step: int) -> int:
+    """From the data config, else (the dataset is gone) from the checkpoint's head shape."""
+    try:
+        return data.num_classes(config.data)
+    except (data.DataError, OSError):
+        import orbax.checkpoint as ocp
+
+        path = storage.as_path(storage.join(workdir, "checkpoints", str(step), "state"))
+        tree = ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree
+        return int(tree["params"]["head"]["bias"].shape[0])
+
+
+def lowered_flops(lowered) -> float | None:
+    """XLA's FLOPs of a lowered or compiled program (None where the backend has no count)."""
+    try:
+        analysis = lowered.cost_analysis()
+    except Exception:  # noqa: BLE001 - some backends do not implement it
+        return None
+    if isinstance(analysis, list):
+        analysis = analysis[0] if analysis else None
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
