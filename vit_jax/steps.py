@@ -65,7 +65,7 @@ def nonfinite_policy(config: ml_collections.ConfigDict) -> str:
     return policy
 
 
-class Trainer:
+class StepBuilder:
     """Everything needed to build, shard and compile the steps of one run."""
 
     def __init__(

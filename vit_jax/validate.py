@@ -20,10 +20,11 @@ from vit_jax import data, losses, optim, sharding, storage
 from vit_jax.checkpoint.npz import HEAD_POLICIES
 from vit_jax.checkpoint.posemb import INTERPOLATIONS
 from vit_jax.errors import UserError
+from vit_jax.experiment import total_steps
 from vit_jax.models.layers import REMAT_POLICIES
 from vit_jax.models.vit import ATTENTION_IMPLS, POOL_TYPES, POSEMB_TYPES
+from vit_jax.steps import NONFINITE_POLICIES
 
-NONFINITE_POLICIES = ("stop", "skip")
 DTYPES = ("float32", "bfloat16", "float16")
 REMOTE_PREFIXES = ("gs://", "s3://", "hf://", "http://", "https://")
 
@@ -75,12 +76,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         )
     _check_positive(config, "batch_size", "eval_batch_size", "optim.grad_accum_steps")
     _check_positive(config, "log_every_steps", "eval_every_steps", "checkpoint.every_steps")
-    accum = config.optim.grad_accum_steps
-    if config.batch_size % accum:
-        raise UserError(
-            f"config.batch_size={config.batch_size} is not divisible by "
-            f"config.optim.grad_accum_steps={accum}"
-        )
+    one_device = sharding.mesh_shape({}, 1)
+    for problem in sharding.batch_problems(config, one_device, evaluation=False):
+        raise UserError(problem)
     if config.total_steps is None and config.num_epochs is None:
         raise UserError("set config.total_steps or config.num_epochs")
     if config.total_steps is not None and config.total_steps <= 0:
@@ -108,12 +106,10 @@ def _check_positive(config, *fields: str) -> None:
 
 
 def _check_mesh_fields(mesh) -> None:
+    """The mesh's sizes, whatever the device count: positive, at most one -1."""
     sizes = dict(mesh.items())
-    for axis, value in sizes.items():
-        if value != -1 and value < 1:
-            raise UserError(f"config.mesh.{axis}={value} must be a positive size or -1")
-    if list(sizes.values()).count(-1) > 1:
-        raise UserError(f"config.mesh: at most one axis may be -1 (the rest), got {sizes}")
+    fixed = math.prod(v for v in sizes.values() if v > 0) or 1
+    sharding.mesh_shape(sizes, fixed)  # MeshError (one line) for a bad size or two -1s
 
 
 def _check_classes(config) -> None:
@@ -125,26 +121,6 @@ def _check_classes(config) -> None:
         )
     if configured is not None and configured < 1:
         raise UserError(f"config.data.num_classes={configured} must be positive")
-
-
-def mesh_shape(mesh, device_count: int) -> dict[str, int]:
-    """The mesh's axis sizes on `device_count` devices (-1 resolved); UserError if none fit."""
-    sizes = dict(mesh.items())
-    fixed = math.prod(v for v in sizes.values() if v != -1)
-    if -1 in sizes.values():
-        if device_count % fixed:
-            raise UserError(
-                f"config.mesh {sizes} needs a multiple of {fixed} devices; "
-                f"{device_count} are available"
-            )
-        free = next(k for k, v in sizes.items() if v == -1)
-        sizes[free] = device_count // fixed
-    elif fixed != device_count:
-        raise UserError(
-            f"config.mesh {sizes} needs {fixed} devices but {device_count} are available; "
-            "set one axis to -1 to use the rest"
-        )
-    return sizes
 
 
 def check_machine(
@@ -159,8 +135,8 @@ def check_machine(
     """
     problems = []
     try:
-        shape = mesh_shape(config.mesh, device_count)
-        problems += batch_problems(config, shape)
+        shape = sharding.mesh_shape(config.mesh, device_count)
+        problems += sharding.batch_problems(config, shape)
     except UserError as e:
         problems.append(str(e))
     problem = _workdir_problem(workdir, create=create)
@@ -169,25 +145,6 @@ def check_machine(
             problems.append(f"config.{field}={path!r} does not exist")
     if problem:
         problems.append(problem)
-    return problems
-
-
-def batch_problems(config, shape: dict[str, int], *, evaluation: bool = True) -> list[str]:
-    """The batch sizes (train, and eval with `evaluation`) against the data-parallel devices
-    (data x fsdp) of a mesh shape."""
-    parallel = math.prod(shape[a] for a in sharding.BATCH_AXES)
-    accum = config.optim.grad_accum_steps
-    problems = []
-    if config.batch_size % (parallel * accum):
-        problems.append(
-            f"config.batch_size={config.batch_size} is not divisible by the {parallel} "
-            f"data-parallel devices x config.optim.grad_accum_steps={accum}"
-        )
-    if evaluation and config.eval_batch_size % parallel:
-        problems.append(
-            f"config.eval_batch_size={config.eval_batch_size} is not divisible by the "
-            f"{parallel} data-parallel devices"
-        )
     return problems
 
 
@@ -235,7 +192,7 @@ def _workdir_problem(workdir: str, *, create: bool) -> str | None:
 
 def run_summary(config: ml_collections.ConfigDict, device_count: int) -> dict[str, Any]:
     """Mesh, per-device and per-micro-batch sizes, steps and epochs of the run."""
-    shape = mesh_shape(config.mesh, device_count)
+    shape = sharding.mesh_shape(config.mesh, device_count)
     parallel = math.prod(shape[a] for a in sharding.BATCH_AXES)
     accum = config.optim.grad_accum_steps
     summary: dict[str, Any] = {
@@ -252,9 +209,7 @@ def run_summary(config: ml_collections.ConfigDict, device_count: int) -> dict[st
     except Exception as e:  # noqa: BLE001 - the data may live on another machine
         examples, summary["train_examples_unknown"] = None, f"{type(e).__name__}: {e}"
     summary["train_examples"] = examples
-    steps = config.total_steps
-    if steps is None and examples:
-        steps = max(1, math.ceil(config.num_epochs * examples / config.batch_size))
+    steps = total_steps(config, examples)
     summary["total_steps"] = steps
     summary["epochs"] = steps * config.batch_size / examples if steps and examples else None
     if steps and config.schedule.warmup_steps > steps:
