@@ -99,6 +99,10 @@ def base_config() -> ml_collections.ConfigDict:
     # update, counted); `max_consecutive_skips` skipped steps in a row stop the run.
     config.on_nonfinite = "stop"
     config.max_consecutive_skips = 10
+    # model.param_dtype other than float32 stores the weights themselves in low precision:
+    # there is no float32 master copy, so updates smaller than the dtype's resolution are
+    # lost. Set True to acknowledge that (validation refuses it otherwise).
+    config.low_precision_params_ok = False
     return config
 
 

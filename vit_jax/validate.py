@@ -25,7 +25,8 @@ from vit_jax.models.layers import REMAT_POLICIES
 from vit_jax.models.vit import ATTENTION_IMPLS, POOL_TYPES, POSEMB_TYPES
 from vit_jax.steps import NONFINITE_POLICIES
 
-DTYPES = ("float32", "bfloat16", "float16")
+# float16 is not offered: it needs loss scaling, which the train step does not do.
+DTYPES = ("float32", "bfloat16")
 REMOTE_PREFIXES = ("gs://", "s3://", "hf://", "http://", "https://")
 
 
@@ -59,9 +60,21 @@ def _choices(config) -> list[tuple[str, Any, tuple]]:
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Raises UserError on the first inconsistency of the config itself."""
     for field, value, valid in _choices(config):
+        if field.endswith("dtype") and value == "float16":
+            raise UserError(
+                f"config.{field}='float16' needs loss scaling, which this trainer does not "
+                "do; use bfloat16 (same memory, float32's range)"
+            )
         if value not in valid:
             shown = ", ".join("None" if v is None else str(v) for v in valid)
             raise UserError(f"config.{field}={value!r} is not one of: {shown}")
+    param_dtype = config.model.get("param_dtype")
+    if param_dtype != "float32" and not config.get("low_precision_params_ok", False):
+        raise UserError(
+            f"config.model.param_dtype={param_dtype!r} keeps no float32 master copy of the "
+            "weights (updates below its precision are lost); use float32, or set "
+            "config.low_precision_params_ok=True to accept that"
+        )
     model = config.model
     size, patch = model.img_size, model.patch_size
     if size <= 0 or size % patch:
