@@ -1,0 +1,107 @@
+"""The one command harness (`python -m vit_jax <command>`): order of start-up, one-line
+mistakes, and the planner's simulated devices set in its own process."""
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import ROOT
+from vit_jax import cli
+from vit_jax.errors import UserError
+
+SPY = """
+import os, sys
+from vit_jax import cli, host_memory
+
+real = host_memory.keep_freed_host_memory
+
+def spy():
+    threads = len(os.listdir("/proc/self/task"))
+    print("at host memory:", threads, "jax" in sys.modules, "tensorflow" in sys.modules)
+    return real()
+
+host_memory.keep_freed_host_memory = spy
+"""
+
+
+def run_python(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_host_memory_is_set_before_any_thread_jax_or_tensorflow():
+    """The training command imports JAX and TensorFlow, which start threads; the harness
+    applies the malloc setting while the process still has its one thread."""
+    code = SPY + (
+        "try:\n"
+        '    cli.main(["train", "--help"])\n'
+        "finally:\n"
+        '    print("after:", "jax" in sys.modules)\n'
+    )
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert "at host memory: 1 False False" in result.stdout
+    assert "--workdir" in result.stdout  # the command's own help came after
+    assert "after: True" in result.stdout  # the command's own imports came after
+
+
+def test_plan_simulates_its_devices_in_its_own_process_without_starting_another():
+    code = SPY + (
+        "import subprocess\n"
+        "def refuse(*a, **k):\n"
+        "    raise AssertionError('the planner started a process')\n"
+        "subprocess.Popen.__init__ = refuse\n"
+        'status = cli.main(["plan", "--config=vit", "--devices", "4", "--mesh", "data=4",'
+        ' "--config.batch_size=8", "--no-propose"])\n'
+        "import jax\n"
+        "print('devices', jax.device_count())\n"
+        "sys.exit(status)\n"
+    )
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert "at host memory: 1 False False" in result.stdout
+    assert "devices 4" in result.stdout
+    plan = json.loads(result.stdout[result.stdout.index("{") : result.stdout.rindex("}") + 1])
+    assert plan["devices"] == 4 and plan["mesh"] == {"data": 4, "fsdp": 1, "model": 1}
+
+
+def test_every_command_module_has_the_harness_interface_and_no_other_entry():
+    for name, module_name in cli.COMMANDS.items():
+        module = importlib.import_module(module_name)
+        assert callable(module.parser) and callable(module.run), name
+        assert module.parser().prog == f"python -m vit_jax {name}"
+        assert not hasattr(module, "main"), f"{name}: the harness is the only entry point"
+
+
+def test_an_unknown_command_and_a_bad_flag_are_one_line_and_status_2(capsys):
+    assert cli.main(["tarin"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no command 'tarin'" in err and "train" in err
+    with pytest.raises(SystemExit) as stop:
+        cli.run("predict", ["--top_k", "3"])  # no images, no model
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error:") and "python -m vit_jax predict" in err
+
+
+def test_a_user_error_is_one_line_and_verbose_shows_the_traceback(capsys, tmp_path):
+    missing = str(tmp_path / "nope")
+    assert cli.run("predict", ["--workdir", missing, "x.png"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err
+    argv = ["--init_from", missing, "--model", "Ti/16", "--workdir", str(tmp_path / "w")]
+    assert cli.run("transfer", argv) == 2
+    assert "--init_from" in capsys.readouterr().err
+    with pytest.raises(UserError, match="does not exist"):
+        cli.run("transfer", [*argv, "--verbose"])
