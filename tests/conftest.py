@@ -13,3 +13,51 @@ from vit_jax.host_memory import keep_freed_host_memory  # noqa: E402
 keep_freed_host_memory()  # what the commands do: freed step memory is reused, not refaulted
 
 pytest_plugins = ["storage_server"]  # the `storage_server` and `bucket` fixtures
+
+import pytest  # noqa: E402
+from helpers import RESUME_RUN, STOPPED_RUN, TRAINED_RUN, tiny_config  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "slow: over ~20 s on a 2-core machine (real processes, long runs); "
+        '`pytest -m "not slow"` is the quick loop',
+    )
+
+
+# Runs trained once per test process (once per xdist worker) and shared. They are read-only:
+# a test that writes into one works on a copy (`shutil.copytree`).
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> str:
+    """A tiny class-token ViT trained on digits for TRAINED_RUN's 100 steps (evaluated twice),
+    for predict, visualize, export and the bucket commands."""
+    from vit_jax import loop
+
+    workdir = str(tmp_path_factory.mktemp("trained_run"))
+    loop.run(tiny_config(**TRAINED_RUN), workdir)
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def straight_run(tmp_path_factory) -> str:
+    """The uninterrupted RESUME_RUN (6 steps, checkpoints at 3 and 6) that interrupted runs
+    must equal bit for bit."""
+    from vit_jax import loop
+
+    workdir = str(tmp_path_factory.mktemp("straight_run"))
+    loop.run(tiny_config(**RESUME_RUN), workdir)
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def straight_long_run(tmp_path_factory) -> str:
+    """The uninterrupted STOPPED_RUN (200 steps, one checkpoint at the end), in this process
+    on its 8 devices: what a command stopped by SIGTERM and run again must equal."""
+    from vit_jax import loop
+
+    workdir = str(tmp_path_factory.mktemp("straight_long_run"))
+    loop.run(tiny_config(**STOPPED_RUN), workdir)
+    return workdir

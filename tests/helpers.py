@@ -65,9 +65,72 @@ TINY_MODEL = (
     "model.img_size=8",
 )
 
+# The tiny run every training test starts from: the demo config (digits) with a 2-block
+# width-32 ViT at 8 px, 6 steps of batch 32, a log line every 2 steps, an evaluation and a
+# checkpoint every 3.
+TINY_RUN = {
+    **dict(o.split("=") for o in TINY_MODEL),
+    "batch_size": 32,
+    "eval_batch_size": 128,
+    "total_steps": 6,
+    "log_every_steps": 2,
+    "eval_every_steps": 3,
+    "checkpoint.every_steps": 3,
+    "checkpoint.keep": 5,
+    "schedule.warmup_steps": 2,
+    "schedule.base_lr": 1e-3,
+}
 
-def tiny_config(*overrides: str) -> ml_collections.ConfigDict:
-    """The demo config with a tiny model at 8 px, through the command line's own parser."""
+
+def _text(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple | list):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def tiny_overrides(*overrides: str, **changes) -> list[str]:
+    """`field=value` overrides of the tiny run. `changes` take dotted names through
+    `**{"model.dropout": 0.1}` or with `__` for the dot (`checkpoint__every_steps=2`); a
+    change to None leaves that field at the named config's default; `overrides` come last."""
+    settings = dict(TINY_RUN)
+    for key, value in changes.items():
+        settings[key.replace("__", ".")] = value
+    given = [f"{key}={_text(value)}" for key, value in settings.items() if value is not None]
+    return [*given, *overrides]
+
+
+def tiny_config(*overrides: str, **changes) -> ml_collections.ConfigDict:
+    """The tiny run's config, through the command line's own parser (`--config=vit`)."""
     from vit_jax import config_loader
 
-    return config_loader.load_config("vit", [*TINY_MODEL, *overrides])
+    return config_loader.load_config("vit", tiny_overrides(*overrides, **changes))
+
+
+def tiny_flags(*overrides: str, **changes) -> list[str]:
+    """The same run as `tiny_config(...)` as `vit_jax train` flags."""
+    return ["--config=vit", *(f"--config.{o}" for o in tiny_overrides(*overrides, **changes))]
+
+
+# The runs that tests/conftest.py trains once per test process (as `tiny_config` changes).
+TRAINED_RUN = {
+    "model.pool_type": "tok",
+    "batch_size": 64,
+    "total_steps": 100,
+    "log_every_steps": 10,
+    "eval_every_steps": 50,
+    "checkpoint.every_steps": 100,
+    "checkpoint.async_save": False,
+    "schedule.warmup_steps": 5,
+    "schedule.base_lr": 3e-3,
+}
+# Dropout and mixup draw random numbers every step: a resume must restore them too.
+RESUME_RUN = {"model.dropout": 0.1, "mixup.mixup_alpha": 0.2}
+# Long enough that a SIGTERM sent at step 3 lands mid-run; a log line every step.
+STOPPED_RUN = {
+    "total_steps": 200,
+    "log_every_steps": 1,
+    "eval_every_steps": 200,
+    "checkpoint.every_steps": 200,
+}

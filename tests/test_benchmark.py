@@ -1,4 +1,4 @@
-"""`python -m vit_jax.tools.step_benchmark step` runs on a tiny model and prints JSON lines;
+"""`python -m vit_jax step_benchmark step` runs on a tiny model and prints JSON lines;
 the trainer's progress reports the device's input wait."""
 
 import json
@@ -22,7 +22,7 @@ def run_benchmark(*args: str) -> list[dict]:
     """The benchmark in a fresh process (torch and TensorFlow must not share one)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
     result = subprocess.run(
-        [sys.executable, "-m", "vit_jax.tools.step_benchmark", "step", *TINY, *args],
+        [sys.executable, "-m", "vit_jax", "step_benchmark", "step", *TINY, *args],
         capture_output=True,
         text=True,
         env=env,
@@ -143,7 +143,7 @@ for args in json.loads(sys.argv[1]):
 
 
 def test_readme_benchmark_commands_parse_and_the_smallest_compiles():
-    """Every `python3 -m vit_jax.tools.step_benchmark` command in README.md parses and names a zoo
+    """Every `python3 -m vit_jax step_benchmark` command in README.md parses and names a zoo
     model; the smallest one's train and eval steps compile (compile only, later flags win).
     Compiling every command (ViT-L/16 twice) would cost minutes and show nothing more."""
     from vit_jax import models

@@ -95,7 +95,7 @@ def test_predict_reads_the_run_and_an_image_from_the_bucket(
     storage_server, bucket_run, local_run, digit_png, empty_cwd
 ):
     url, image_url = f"gs://{bucket_run}/run", f"gs://{bucket_run}/images/seven.png"
-    argv = ["-m", "vit_jax.commands.predict", f"--workdir={url}", "--json", "--quiet", "--top_k=3"]
+    argv = ["-m", "vit_jax", "predict", f"--workdir={url}", "--json", "--quiet", "--top_k=3"]
     result = command(storage_server, empty_cwd, *argv, digit_png, image_url)
     entries = json.loads(result.stdout)
     assert [e["file"] for e in entries] == [digit_png, image_url]
@@ -116,7 +116,7 @@ VISUALIZE_KINDS = textwrap.dedent(
     workdir = sys.argv[1]
     for kind in ("posemb", "filters", "distance", "curves"):
         extra = ["--num_images", "20"] if kind == "distance" else []
-        status = visualize.main([kind, "--workdir", workdir, "--show", *extra])
+        status = cli.run("visualize", [kind, "--workdir", workdir, "--show", *extra])
         if status:
             sys.exit(status)
     """
@@ -130,7 +130,8 @@ def test_visualize_writes_every_picture_into_the_bucket(
     image_url = f"gs://{bucket_run}/images/seven.png"
     argv = [
         "-m",
-        "vit_jax.commands.visualize",
+        "vit_jax",
+        "visualize",
         "attention",
         image_url,
         f"--workdir={url}",
@@ -157,7 +158,7 @@ def test_export_writes_npz_and_jax_into_the_bucket(
 ):
     url = f"gs://{bucket_run}/run"
     for fmt in ("npz", "jax"):
-        argv = ["-m", "vit_jax.commands.export", f"--workdir={url}", f"--format={fmt}"]
+        argv = ["-m", "vit_jax", "export", f"--workdir={url}", f"--format={fmt}"]
         result = command(storage_server, empty_cwd, *argv)
         written = [f"{url}/export/model.{fmt}"] + ([f"{url}/export/model.json"] * (fmt == "jax"))
         assert result.stdout.split() == written

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from data_fixtures.images import encode, pattern, write_folder
 
-from vit_jax import data, storage
+from vit_jax import cli, data, storage
 from vit_jax.data._tf import tf
 from vit_jax.data.sources import jft
 from vit_jax.tools import write_shards
@@ -101,7 +101,8 @@ def test_cli_from_folder(tmp_path):
         [
             sys.executable,
             "-m",
-            "vit_jax.tools.write_shards",
+            "vit_jax",
+            "write_shards",
             "--input",
             str(tmp_path / "src/x"),
             "--output",
@@ -286,7 +287,7 @@ def test_cli_reads_a_folder_in_a_bucket_and_writes_to_one(tmp_path, storage_serv
     upload_tree(str(tmp_path / "src/x"), f"gs://{bucket}/src")
     url = f"gs://{bucket}/out"
     args = ["--input", f"gs://{bucket}/src", "--output", url, "--num_shards", "2"]
-    assert write_shards.main([*args, "--split", "val"]) == 0
+    assert cli.run("write_shards", [*args, "--split", "val"]) == 0
     assert [n for n in storage_server.objects(bucket) if n.startswith("out/")] == [
         "out/val-00000-of-00002.tfrecord",
         "out/val-00001-of-00002.tfrecord",

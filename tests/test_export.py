@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from helpers import as_in_readme, readme_commands, tiny_config
 
-from vit_jax import inference, loop
+from vit_jax import cli, inference, loop
 from vit_jax.checkpoint import npz_arrays, read_npz
 from vit_jax.commands import export
 
@@ -53,7 +53,7 @@ def run_dir(tmp_path_factory):
 
 def test_jax_artifact_runs_without_the_project_and_matches_the_model(run_dir, tmp_path, capsys):
     out = str(tmp_path / "shipped" / "vit.jax")
-    assert export.main(["--workdir", run_dir, "--format", "jax", "--out", out]) == 0
+    assert cli.run("export", ["--workdir", run_dir, "--format", "jax", "--out", out]) == 0
     assert capsys.readouterr().out.split() == [out, str(tmp_path / "shipped" / "vit.json")]
 
     loaded = inference.load_run(run_dir)
@@ -91,7 +91,7 @@ def test_jax_artifact_runs_without_the_project_and_matches_the_model(run_dir, tm
 
 
 def test_npz_export_writes_the_public_layout(run_dir, capsys):
-    assert export.main(["--workdir", run_dir, "--format", "npz"]) == 0
+    assert cli.run("export", ["--workdir", run_dir, "--format", "npz"]) == 0
     path = os.path.join(run_dir, "export", "model.npz")
     assert capsys.readouterr().out.strip() == path
     arrays = read_npz(path)
@@ -111,7 +111,7 @@ def test_value_range_is_read_from_the_preprocessing():
 
 
 def test_export_needs_a_run(tmp_path, capsys):
-    assert export.main(["--workdir", str(tmp_path), "--format", "jax"]) == 2
+    assert cli.run("export", ["--workdir", str(tmp_path), "--format", "jax"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --workdir") and "no config.json" in err
 
@@ -122,7 +122,7 @@ def test_readme_export_commands_run(run_dir, tmp_path, monkeypatch, capsys):
     assert len(commands) == 3
     for args in commands:
         args = as_in_readme(args, run_dir, **{"--out=digits_vit": f"--out={tmp_path}/digits_vit"})
-        assert export.main(args) == 0
+        assert cli.run("export", args) == 0
     written = capsys.readouterr().out.split()
     assert written == [
         f"{tmp_path}/digits_vit.npz",

@@ -9,7 +9,7 @@ import pytest
 from sklearn.datasets import load_digits
 
 from tests.helpers import TINY_MODEL, tiny_config, with_changes
-from vit_jax import data, evaluate, fewshot, sharding
+from vit_jax import cli, data, evaluate, fewshot, sharding
 from vit_jax.errors import UserError
 
 
@@ -135,7 +135,7 @@ def tiny_tfds_root(tmp_path_factory):
 
 
 class FakeTrainer:
-    """What the Evaluator uses of a Trainer, with images as features."""
+    """What the Evaluator uses of a StepBuilder, with images as features."""
 
     def __init__(self, config, mesh):
         self.config, self.mesh = config, mesh
@@ -189,7 +189,6 @@ def test_fewshot_datasets_are_read_from_config_data_data_dir(tiny_tfds_root, mes
 
 
 def test_a_short_class_refuses_the_run_before_training(tmp_path, monkeypatch, capsys, mesh):
-    from vit_jax.commands import train
 
     monkeypatch.chdir(tmp_path)
     workdir = tmp_path / "run"
@@ -206,7 +205,7 @@ def test_a_short_class_refuses_the_run_before_training(tmp_path, monkeypatch, ca
         "--config.fewshot.shots=1,5",
         "--config.fewshot.max_train_examples=20",
     ]
-    assert train.main(args) == 2
+    assert cli.run("train", args) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     labels = evaluate.fewshot_train_labels(
         tiny_config("fewshot.max_train_examples=20").fewshot,

@@ -3,6 +3,7 @@ embedding resizing, head / pre_logits policies, clear errors, pickles refused.""
 
 import os
 import pickle
+import re
 
 import jax
 import jax.numpy as jnp
@@ -439,3 +440,27 @@ def test_a_failed_save_leaves_the_old_file(storage_server, bucket, tmp_path):
         assert_same_arrays(read_npz(path), good)
     assert os.listdir(tmp_path) == ["w.npz"]  # no temporary file left behind
     assert storage_server.objects(bucket) == ["w.npz"]
+
+
+def test_hybrid_group_norm_params_stored_as_1x1x1xc_load(tmp_path):
+    # The released R+ViT files store GroupNorm scale/bias as (1, 1, 1, C); the model's are (C,).
+    tiny_hybrid = dict(
+        img_size=64, num_classes=5, width=32, depth=1, mlp_dim=64, num_heads=2,
+        stem_layers=(1, 1), stem_width=0.5,
+    )  # fmt: skip
+    build = lambda: nnx.eval_shape(lambda: create_model("R26+ViT-S/32", **tiny_hybrid))  # noqa: E731
+    source = randomize(build(), seed=7)
+    path = tmp_path / "hybrid.npz"
+    save_npz(source, path)
+    arrays = read_npz(path)
+    group_norm = [k for k in arrays if re.search(r"(^|/)gn[^/]*/(scale|bias)$", k)]
+    assert len(group_norm) >= 2 * 4  # gn_root and a unit's gn1..3 / gn_proj, scale and bias
+    for key in group_norm:
+        arrays[key] = arrays[key].reshape(1, 1, 1, -1)
+    released = tmp_path / "released.npz"
+    write_npz(released, arrays)
+    model = build()
+    report = load_npz(model, released)
+    assert not report.mismatched and not report.missing
+    images = jnp.asarray(np.random.default_rng(2).standard_normal((2, 64, 64, 3)), jnp.float32)
+    np.testing.assert_array_equal(forward(model, images), forward(source, images))

@@ -12,7 +12,7 @@ from data_fixtures.images import write_folder
 from helpers import as_in_readme, readme_commands, tiny_config
 from PIL import Image
 
-from vit_jax import data, inference, loop
+from vit_jax import cli, data, inference, loop
 from vit_jax.checkpoint import save_npz
 from vit_jax.commands import predict
 from vit_jax.data.sources import digits
@@ -108,7 +108,7 @@ def test_cli_json_expands_folders_and_is_well_formed(run_dir, heldout, tmp_path,
         target.write_bytes(open(path, "rb").read())
     (tmp_path / "photos" / "notes.txt").write_text("not an image")
     argv = ["--workdir", run_dir, "--json", "--top_k", "3", "--batch_size", "2"]
-    assert predict.main([*argv, str(tmp_path / "photos"), paths[5]]) == 0
+    assert cli.run("predict", [*argv, str(tmp_path / "photos"), paths[5]]) == 0
     captured = capsys.readouterr()
     results = json.loads(captured.out)
     assert [os.path.basename(r["file"]) for r in results] == [
@@ -125,7 +125,7 @@ def test_cli_json_expands_folders_and_is_well_formed(run_dir, heldout, tmp_path,
 
 def test_cli_text_output_names_classes(run_dir, heldout, capsys):
     paths, _ = heldout
-    assert predict.main(["--workdir", run_dir, "--quiet", paths[0]]) == 0
+    assert cli.run("predict", ["--workdir", run_dir, "--quiet", paths[0]]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == paths[0] and len(lines) == 6
     prob, label = lines[1].split()
@@ -138,7 +138,10 @@ def test_released_npz_with_labels_file(tmp_path, heldout, capsys):
     (tmp_path / "labels.txt").write_text("cat\ndog\nbird\n")
     paths, _ = heldout
     argv = ["--checkpoint", str(tmp_path / "m.npz"), "--model", "ViT-Ti/4", "--img_size", "8"]
-    assert predict.main([*argv, "--labels", str(tmp_path / "labels.txt"), "--json", paths[0]]) == 0
+    assert (
+        cli.run("predict", [*argv, "--labels", str(tmp_path / "labels.txt"), "--json", paths[0]])
+        == 0
+    )
     (entry,) = json.loads(capsys.readouterr().out)
     loaded = inference.load_npz_model(str(tmp_path / "m.npz"), "ViT-Ti/4", img_size=8)
     assert loaded.num_classes == 3 and loaded.class_names is None  # the count from the head
@@ -150,7 +153,7 @@ def test_released_npz_with_labels_file(tmp_path, heldout, capsys):
 
 
 def one_line_error(capsys, argv) -> str:
-    assert predict.main(argv) == 2
+    assert cli.run("predict", argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
     return err
@@ -175,7 +178,7 @@ def test_user_mistakes_give_one_line(run_dir, heldout, tmp_path, capsys):
     assert "either --workdir" in one_line_error(capsys, [paths[0]])
     assert "--step 7: " in one_line_error(capsys, ["--workdir", run_dir, "--step", "7", paths[0]])
     with pytest.raises(SystemExit) as exit_info:  # argparse's own mistakes: one line too
-        predict.main(["--workdir", run_dir, "--top_k", "x", paths[0]])
+        cli.run("predict", ["--workdir", run_dir, "--top_k", "x", paths[0]])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: argument --top_k") and len(err.splitlines()) == 1
@@ -227,5 +230,7 @@ def test_readme_predict_commands_run(run_dir, heldout, monkeypatch, capsys):
     commands = readme_commands("predict")
     assert len(commands) == 3
     for args in commands:
-        assert predict.main(as_in_readme(args, run_dir, **{"new_photo.jpg": heldout[0][0]})) == 0
+        assert (
+            cli.run("predict", as_in_readme(args, run_dir, **{"new_photo.jpg": heldout[0][0]})) == 0
+        )
         assert capsys.readouterr().out

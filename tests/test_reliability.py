@@ -23,7 +23,7 @@ from vit_jax.checkpoint import manager as checkpoint_manager
 from vit_jax.data.sources import folder
 from vit_jax.errors import UserError
 from vit_jax.sharding import make_mesh
-from vit_jax.steps import ConfigValueError, Trainer
+from vit_jax.steps import ConfigValueError, StepBuilder
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -60,7 +60,8 @@ def cli_command(workdir, steps):
     return [
         sys.executable,
         "-m",
-        "vit_jax.commands.train",
+        "vit_jax",
+        "train",
         "--config=configs/vit.py",
         f"--workdir={workdir}",
         *overrides,
@@ -330,9 +331,9 @@ def test_nonfinite_settings_are_validated(tmp_path, changes, expected):
 
 def write_checkpoint(config, directory, num_classes=10, step=1):
     mesh = make_mesh(config.mesh.to_dict())
-    trainer = Trainer(config, mesh, num_classes=num_classes, total_steps=6)
+    trainer = StepBuilder(config, mesh, num_classes=num_classes, total_steps=6)
     checkpointer = Checkpointer(directory, every_steps=1, async_save=False)
-    checkpointer.save(step, trainer.init_state(), {"step": step, "data_position": step})
+    checkpointer.save(step, trainer.init_state(), {"step": step})
     checkpointer.close()
 
 

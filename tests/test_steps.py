@@ -11,7 +11,7 @@ from helpers import with_changes
 from configs.vit import demo_config
 from vit_jax import sharding
 from vit_jax.checkpoint import Checkpointer
-from vit_jax.steps import Trainer
+from vit_jax.steps import StepBuilder
 
 BATCH = 32
 STEPS = 4
@@ -40,7 +40,7 @@ def batches(count=STEPS, batch=BATCH, seed=0):
 def make_trainer(config, mesh_shape, devices=None):
     devices = devices or jax.devices()[: int(np.prod(list(mesh_shape.values())))]
     mesh = sharding.make_mesh(mesh_shape, devices)
-    return Trainer(config, mesh, num_classes=10, total_steps=100)
+    return StepBuilder(config, mesh, num_classes=10, total_steps=100)
 
 
 def loss_trajectory(config, mesh_shape):
@@ -175,7 +175,7 @@ def test_checkpointer_keeps_last_k_and_every_mth_and_ignores_partial_saves(tmp_p
 def test_train_step_compiles_from_abstract_shapes_with_the_published_cost():
     """ViT-Ti/16 at 224 px: ahead-of-time compile on a 4x2 mesh, nothing allocated; XLA's FLOP
     count is about 3 forward passes (1.25 G multiply-adds each) per image."""
-    from vit_jax.loop import compile_train_step
+    from vit_jax.experiment import Experiment
 
     config = demo_config()
     with config.unlocked():
@@ -184,10 +184,9 @@ def test_train_step_compiles_from_abstract_shapes_with_the_published_cost():
         config.model.update(img_size=224, scan=True, pool_type="tok")
         config.data.image_size = 224
         config.batch_size = 8
-    trainer = Trainer(
-        config, sharding.make_mesh({"fsdp": 4, "model": 2}), num_classes=1000, total_steps=1000
-    )
-    compiled, flops = compile_train_step(trainer)
+    config.mesh.update(data=1, fsdp=4, model=2)
+    experiment = Experiment.from_config(config, devices=jax.devices()[:8], num_classes=1000)
+    compiled, flops = experiment.compile_train_step(), experiment.step_flops()
     expected = 3 * 2 * 1.25e9 * config.batch_size
     assert 0.9 * expected < flops < 1.25 * expected
     assert compiled.memory_analysis().argument_size_in_bytes > 0

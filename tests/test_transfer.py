@@ -14,8 +14,8 @@ import tensorflow_datasets as tfds
 from tests.data_fixtures.images import write_folder
 from tests.helpers import TINY_MODEL
 from tests.test_cli import TINY, cli_env, failure
-from vit_jax import config_loader, loop, storage
-from vit_jax.commands import export, transfer
+from vit_jax import cli, config_loader, loop, storage
+from vit_jax.commands import transfer
 
 ARCH = [o for o in TINY_MODEL if "img_size" not in o]
 SHORT = ["total_steps=3", "schedule.warmup_steps=1", "batch_size=16", "eval_batch_size=16"]
@@ -29,7 +29,7 @@ def pretrained(tmp_path_factory):
     config = config_loader.load_config("vit", [*ARCH, "model.img_size=8", *SHORT])
     loop.run(config, str(workdir))
     path = str(workdir / "pretrained.npz")
-    assert export.main(["--workdir", str(workdir), "--format", "npz", "--out", path]) == 0
+    assert cli.run("export", ["--workdir", str(workdir), "--format", "npz", "--out", path]) == 0
     return path
 
 
@@ -47,7 +47,7 @@ def test_finetune_on_an_image_folder_from_an_npz(pretrained, tmp_path):
         "--config.schedule.base_lr=0.01",
     ]
     result = subprocess.run(
-        [sys.executable, "-m", "vit_jax.commands.train", *args],
+        [sys.executable, "-m", "vit_jax", "train", *args],
         cwd=tmp_path,
         env=cli_env(2),
         capture_output=True,
@@ -70,7 +70,7 @@ def test_transfer_sweep_selects_on_validation_and_writes_the_tables(pretrained, 
     argv += [f"--config.{o}" for o in [*ARCH, "model.img_size=8", "model.pool_type=gap", *SHORT]]
     argv += ["--config.checkpoint.async_save=false"]  # orbax's async writer and mock_data clash
     with tfds.testing.mock_data(num_examples=64):
-        assert transfer.main(argv) == 0
+        assert cli.run("transfer", argv) == 0
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [r["task"] for r in rows] == ["cifar10", "vtab/dtd"]
     # The chosen lr is the one with the best validation accuracy among the runs.
@@ -91,12 +91,12 @@ def test_transfer_sweep_selects_on_validation_and_writes_the_tables(pretrained, 
 
 def test_sweep_checks_every_config_before_training(pretrained, tmp_path, capsys):
     argv = [f"--init_from={pretrained}", "--model=mu/4", f"--workdir={tmp_path}"]
-    assert transfer.main([*argv, "--tasks=cifar10,cifar11"]) == 2
+    assert cli.run("transfer", [*argv, "--tasks=cifar10,cifar11"]) == 2
     assert "unknown data preset 'cifar11'" in capsys.readouterr().err
-    assert transfer.main([*argv, "--tasks=digits"]) == 2  # no val split: lr chosen on what?
+    assert cli.run("transfer", [*argv, "--tasks=digits"]) == 2  # no val split: lr chosen on what?
     assert "digits has no 'val' split" in capsys.readouterr().err
-    assert transfer.main([*argv, "--lrs=fast"]) == 2
-    assert transfer.main([*argv, "--tasks=paper", "--dry_run"]) == 0
+    assert cli.run("transfer", [*argv, "--lrs=fast"]) == 2
+    assert cli.run("transfer", [*argv, "--tasks=paper", "--dry_run"]) == 0
     assert "oxford_flowers102: lrs" in capsys.readouterr().out
     assert not os.listdir(tmp_path)  # nothing trained, nothing written
     assert (
@@ -116,7 +116,7 @@ def test_transfer_sweep_in_a_bucket(pretrained, storage_server, bucket, tmp_path
     argv += [f"--config.{o}" for o in [*ARCH, "model.img_size=8", "model.pool_type=gap", *SHORT]]
     argv += ["--config.checkpoint.async_save=false"]
     with tfds.testing.mock_data(num_examples=64):
-        assert transfer.main(argv) == 0
+        assert cli.run("transfer", argv) == 0
     objects = storage_server.objects(bucket, "sweep/")
     run = "sweep/cifar10/lr_0.03/"
     assert {"sweep/results.csv", "sweep/results.md", f"{run}config.json"} <= set(objects)

@@ -8,7 +8,7 @@ import pytest
 from helpers import as_in_readme, readme_commands, tiny_config
 from PIL import Image
 
-from vit_jax import loop
+from vit_jax import cli, loop
 from vit_jax.commands import visualize
 from vit_jax.data.sources import digits
 
@@ -121,7 +121,8 @@ def check_png(path, kind):
 def test_each_picture_is_a_png_of_the_expected_size(run_dir, tmp_path, capsys, kind):
     extra = ["--num_images", "20"] if kind == "distance" else []
     assert (
-        visualize.main([kind, "--workdir", run_dir, "--out", str(tmp_path), "--show", *extra]) == 0
+        cli.run("visualize", [kind, "--workdir", run_dir, "--out", str(tmp_path), "--show", *extra])
+        == 0
     )
     (path,) = capsys.readouterr().out.split()
     assert path == str(tmp_path / f"{kind}.png")
@@ -129,7 +130,7 @@ def test_each_picture_is_a_png_of_the_expected_size(run_dir, tmp_path, capsys, k
 
 
 def test_attention_goes_to_the_workdir_by_default(run_dir, digit_png, capsys):
-    assert visualize.main(["attention", "--workdir", run_dir, "--show", digit_png]) == 0
+    assert cli.run("visualize", ["attention", "--workdir", run_dir, "--show", digit_png]) == 0
     (path,) = capsys.readouterr().out.split()
     assert path == os.path.join(run_dir, "pictures", "attention_seven.png")
     check_png(path, "attention")
@@ -137,7 +138,7 @@ def test_attention_goes_to_the_workdir_by_default(run_dir, digit_png, capsys):
 
 def test_distance_over_given_images_and_a_png_out(run_dir, digit_png, tmp_path, capsys):
     out = str(tmp_path / "sub" / "d.png")
-    assert visualize.main(["distance", digit_png, "--workdir", run_dir, "--out", out]) == 0
+    assert cli.run("visualize", ["distance", digit_png, "--workdir", run_dir, "--out", out]) == 0
     check_png(out, "distance")
     assert "wrote 1 picture" in capsys.readouterr().err
 
@@ -153,7 +154,7 @@ def test_user_mistakes_give_one_line(run_dir, digit_png, tmp_path, capsys):
         ),
     ]
     for argv, message in cases:
-        assert visualize.main(argv) == 2
+        assert cli.run("visualize", argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
 
@@ -163,6 +164,8 @@ def test_readme_visualize_commands_run(run_dir, digit_png, monkeypatch, capsys):
     commands = readme_commands("visualize")
     assert sorted({args[0] for args in commands}) == sorted(visualize.KINDS)
     for args in commands:
-        assert visualize.main(as_in_readme(args, run_dir, **{"new_photo.jpg": digit_png})) == 0
+        assert (
+            cli.run("visualize", as_in_readme(args, run_dir, **{"new_photo.jpg": digit_png})) == 0
+        )
     pictures = sorted(os.listdir(os.path.join(run_dir, "pictures")))
     assert {"posemb.png", "filters.png", "distance.png", "curves.png"} <= set(pictures)

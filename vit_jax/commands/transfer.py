@@ -24,7 +24,7 @@ from vit_jax.errors import UserError
 
 PAPER_TASKS = ("cifar10", "cifar100", "oxford_iiit_pet", "oxford_flowers102")
 LEARNING_RATES = (0.001, 0.003, 0.01, 0.03)
-# Top-1 (%) of the paper's Table 2 and the release (REFERENCE: "Published results").
+# Top-1 (%) of the paper's Table 2 and of the original release's published results.
 PAPER = {
     "jft-h14": {"cifar10": 99.50, "cifar100": 94.55, "oxford_iiit_pet": 97.56,
                 "oxford_flowers102": 99.68, "vtab": 77.63},

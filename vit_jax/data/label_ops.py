@@ -1,5 +1,7 @@
 """Label and key ops: one-hot/multi-hot targets, key selection, VTAB label derivations."""
 
+from __future__ import annotations
+
 from collections.abc import Sequence
 
 from vit_jax.data._tf import tf

@@ -5,6 +5,8 @@ back to uint8, which would cost time and precision), other ops keep the input dt
 Random ops take a stateless seed (see ``registry.build_pp``).
 """
 
+from __future__ import annotations
+
 from collections.abc import Sequence
 
 from vit_jax.data._tf import tf

@@ -12,6 +12,8 @@ Eval: one pass in file order, every example once; the last batch is padded to fu
 and ``mask`` marks real examples, and all processes yield the same number of batches.
 """
 
+from __future__ import annotations
+
 import math
 from collections.abc import Iterator
 
@@ -84,13 +86,15 @@ def num_bad_examples(data_config: ml_collections.ConfigDict, split_name: str = "
     return int(count(cfg)) if count is not None else 0
 
 
-def _named_errors(
-    batches: Iterator, cfg, invalid_argument: type = tf.errors.InvalidArgumentError
-) -> Iterator:
+def _named_errors(batches: Iterator, cfg) -> Iterator:
     """Re-raises a label-range failure inside tf.data as a DataError naming the dataset.
 
-    The error class is bound when the function is defined: a generator closed at
-    interpreter exit evaluates the `except` clause after the `tf` module is torn down."""
+    The error class is bound when the generator is made: a generator closed at interpreter
+    exit evaluates the `except` clause after the `tf` module is torn down."""
+    return _named_errors_as(batches, cfg, tf.errors.InvalidArgumentError)
+
+
+def _named_errors_as(batches: Iterator, cfg, invalid_argument: type) -> Iterator:
     try:
         yield from batches
     except invalid_argument as e:

@@ -6,6 +6,8 @@ Each of ``num_layers`` layers picks one of the ops below uniformly and applies i
 RGB images; float inputs in [0, 255] are rounded to uint8 first.
 """
 
+from __future__ import annotations
+
 import math
 
 from vit_jax.data._tf import tf

@@ -237,7 +237,7 @@ class Conv(nnx.Module):
     def _patchify(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
         """A convolution whose stride equals its kernel (ViT's patch embedding) as one 2-D
         matmul over non-overlapping patches: on CPU its forward and kernel gradient run
-        faster than XLA's convolution (REFERENCE section 6: 30 ms against 48 ms)."""
+        faster than XLA's convolution (30 ms against 48 ms for a ViT-Ti/16 step on 2 CPU cores)."""
         kh, kw, channels, out = kernel.shape
         batch, height, width = x.shape[:3]
         gh, gw = height // kh, width // kw

@@ -19,6 +19,8 @@ and the records read from the shard files when starting at step 0 and when resum
 (files in a fixed order, a shuffle buffer, skipping by reading).
 """
 
+from __future__ import annotations
+
 import argparse
 import importlib.util
 import json

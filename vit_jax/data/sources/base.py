@@ -1,5 +1,7 @@
 """What every source returns: a dataset of encoded records for one process plus its sizes."""
 
+from __future__ import annotations
+
 import dataclasses
 from collections.abc import Callable
 from typing import Any

@@ -31,6 +31,8 @@ sizes go through ``vit_jax.storage``; the records themselves are read by
 ``tf.data.TFRecordDataset``, i.e. TensorFlow's own file system (its GCS client for ``gs://``).
 """
 
+from __future__ import annotations
+
 import contextlib
 import functools
 import json
@@ -44,15 +46,19 @@ from vit_jax.data import splits
 from vit_jax.data._tf import tf
 from vit_jax.data.sources.base import DataError, Records
 
-FEATURES = {
-    "image/encoded": tf.io.FixedLenFeature([], tf.string),
-    "image/labels": tf.io.VarLenFeature(tf.int64),
-}
 CYCLE_LENGTH = 4  # Files interleaved per round: the jft preset's default `cycle_length`.
 SHUFFLE_BYTES = 1 << 30  # Byte budget of one shuffle window.
 DEFAULT_WINDOW = 10_000  # Shuffle window when ``cfg.shuffle_buffer`` is unset.
 
 _read_counter: tf.Variable | None = None
+
+
+def _features() -> dict:
+    """The features of one record (a function: TensorFlow is set up when first used)."""
+    return {
+        "image/encoded": tf.io.FixedLenFeature([], tf.string),
+        "image/labels": tf.io.VarLenFeature(tf.int64),
+    }
 
 
 @contextlib.contextmanager
@@ -137,7 +143,7 @@ def _shard_paths(root: str, meta: dict) -> list[str]:
 
 def parse_record(serialized: tf.Tensor) -> dict:
     """Parses one serialized example into ``{'image': bytes, 'label': int64 [k]}``."""
-    ex = tf.io.parse_single_example(serialized, FEATURES)
+    ex = tf.io.parse_single_example(serialized, _features())
     return {"image": ex["image/encoded"], "label": tf.sparse.to_dense(ex["image/labels"])}
 
 
