@@ -30,6 +30,7 @@ from flax import nnx
 from vit_jax import storage
 from vit_jax.checkpoint.posemb import INTERPOLATIONS, resize_posemb
 from vit_jax.errors import UserError
+from vit_jax.models.resnet import GroupNorm
 
 LAYOUTS = ("original", "big_vision")
 HEAD_POLICIES = ("auto", "keep", "replace", "drop")
@@ -249,6 +250,16 @@ def _params(model: nnx.Module) -> dict[str, nnx.Variable]:
     return {"/".join(str(k) for k in path): var for path, var in nnx.to_flat_state(state)}
 
 
+def _group_norm_params(model: nnx.Module) -> set[str]:
+    """Paths of the GroupNorm scales and biases (the hybrid's ResNet stem)."""
+    paths = set()
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, GroupNorm):
+            prefix = "/".join(str(k) for k in path)
+            paths.update(f"{prefix}/{leaf}" for leaf in ("scale", "bias"))
+    return paths
+
+
 def _layout_names(model: nnx.Module) -> dict[str, dict[str, str]]:
     """`model.npz_names(layout)` for every layout the model supports."""
     names = {}
@@ -376,6 +387,7 @@ def load_npz(
 
     consumed: set[str] = set()
     values: dict[_Slot, np.ndarray] = {}
+    group_norm = _group_norm_params(model)
     for slot, keys in aliases.items():
         group = next((g for g in actions if keys[0].startswith(g)), None)
         if group is not None and actions[group] != "load":
@@ -396,6 +408,10 @@ def load_npz(
             )
             if adapted is not None:
                 value, report.posemb = adapted
+        if slot.path in group_norm and value.shape != slot.shape:
+            # The released R+ViT files store GroupNorm scale/bias as (1, 1, 1, C).
+            if value.size == math.prod(slot.shape):
+                value = value.reshape(slot.shape)
         if value.shape != slot.shape:
             report.mismatched.append((sources.get(key, key), value.shape, slot.shape))
             continue
