@@ -7,7 +7,8 @@ a local path behaves as it always did. Underneath is `etils.epath`, which orbax 
 Buckets (`gs://`) are served by fsspec (gcsfs for `gs://`), not by TensorFlow's
 own GCS file system: TensorFlow has Google's endpoint compiled in, so it cannot be pointed
 at a test server and what went through it would be untested. `EPATH_USE_TF=false` is set
-here (unless the user set it) before etils reads it; etils reads it on every call.
+(unless the user set it) when this module is first used, before etils reads it; etils reads
+it on every call. Importing this module changes nothing (no environment, no logging).
 Object stores have no appends and no renames: a single write of a whole object is atomic,
 so `write_*` is one upload there and a temporary file plus `os.replace` on a local disk.
 """
@@ -26,20 +27,28 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import IO, BinaryIO
 
-os.environ.setdefault("EPATH_USE_TF", "false")
+import fsspec
+from etils import epath
 
-import fsspec  # noqa: E402
-from etils import epath  # noqa: E402
-
-from vit_jax.errors import UserError  # noqa: E402
-
-# Several processes write one run: a listing must show what the others wrote since.
-fsspec.config.conf.setdefault("gs", {}).setdefault("use_listings_cache", False)
-# gcsfs logs each retry's traceback and a warning per bucket when no Cloud credentials are
-# found; a failure reaches the user as one StorageError line instead.
-logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
+from vit_jax.errors import UserError
 
 URL_SCHEMES = ("gs://",)  # what is tested; other fsspec schemes would need their package
+_configured = False
+
+
+def _configure() -> None:
+    """The settings paths need, made once, on first use (every path goes through
+    `is_remote` or `as_path`) rather than when the module is imported."""
+    global _configured
+    if _configured:
+        return
+    os.environ.setdefault("EPATH_USE_TF", "false")  # epath through fsspec, not TensorFlow
+    # Several processes write one run: a listing must show what the others wrote since.
+    fsspec.config.conf.setdefault("gs", {}).setdefault("use_listings_cache", False)
+    # gcsfs logs each retry's traceback and a warning per bucket when no Cloud credentials
+    # are found; a failure reaches the user as one StorageError line instead.
+    logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
+    _configured = True
 
 
 class StorageError(UserError):
@@ -48,6 +57,7 @@ class StorageError(UserError):
 
 def is_remote(path: str) -> bool:
     """Whether `path` is a bucket URL (`gs://...`), which never goes through `os.path`."""
+    _configure()
     return str(path).startswith(URL_SCHEMES)
 
 
@@ -78,6 +88,7 @@ def dirname(path: str) -> str:
 
 def as_path(path: str) -> epath.Path:
     """The `epath.Path` of a local path or URL."""
+    _configure()
     return epath.Path(str(path))
 
 
