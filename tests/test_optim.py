@@ -82,38 +82,11 @@ def run_steps(tx, params, grads_list):
 
 
 def flat(tree):
-    names = jax.tree_util.tree_leaves(optim.param_path_names(tree))
-    return dict(zip(names, [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)], strict=True))
-
-
-# ------------------------------------------------------------------ param names
-
-
-def test_param_path_names_dict_with_int_and_list_keys():
-    tree = {"blocks": {0: {"kernel": 1.0}, 1: {"bias": 2.0}}, "layers": [3.0, {"scale": 4.0}]}
-    names = optim.param_path_names(tree)
-    assert names["blocks"][0]["kernel"] == "blocks/0/kernel"
-    assert names["blocks"][1]["bias"] == "blocks/1/bias"
-    assert names["layers"][0] == "layers/0"
-    assert names["layers"][1]["scale"] == "layers/1/scale"
-
-
-def test_param_path_names_nnx_state():
-    class Tiny(nnx.Module):
-        def __init__(self, rngs):
-            self.patch_embed = nnx.Linear(2, 3, rngs=rngs)
-            self.norm1 = nnx.LayerNorm(3, rngs=rngs)
-            self.cls_token = nnx.Param(jnp.zeros((1, 3)))
-
-    state = nnx.state(Tiny(nnx.Rngs(0)), nnx.Param)
-    names = sorted(jax.tree_util.tree_leaves(optim.param_path_names(state)))
-    assert names == [
-        "cls_token",
-        "norm1/bias",
-        "norm1/scale",
-        "patch_embed/bias",
-        "patch_embed/kernel",
-    ]
+    """{'head/kernel': array, ...} of a params-like tree (plain dicts or nnx.State)."""
+    if isinstance(tree, nnx.State):
+        tree = nnx.to_pure_dict(tree)
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(k.key) for k in path): np.asarray(x) for path, x in leaves}
 
 
 # ------------------------------------------------------------------ schedules
@@ -195,7 +168,7 @@ def test_adamw_matches_numpy():
         np.testing.assert_allclose(got[name], p, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
-def test_weight_decay_exclusion_and_describe():
+def test_weight_decay_exclusion():
     params = tiny_params()
     cfg = optim_cfg(weight_decay=0.5)
     tx = optim.make_optimizer(cfg, sched_cfg(base_lr=0.1), params, 10)
@@ -215,10 +188,6 @@ def test_weight_decay_exclusion_and_describe():
             np.testing.assert_array_equal(after[name], before[name], err_msg=name)
         else:  # Adam direction is 0 for zero grads, so only decay: p * (1 - lr * wd).
             np.testing.assert_allclose(after[name], before[name] * 0.95, rtol=1e-6)
-    groups = optim.describe_param_groups(cfg, params)
-    assert set(groups["no_decay"]) == excluded
-    assert set(groups["decay"]) == {"patch_embed/kernel", "blocks/mlp/fc1/kernel", "head/kernel"}
-    assert groups["frozen"] == []
 
 
 def test_freeze_gives_zero_updates_and_no_state():
@@ -238,7 +207,6 @@ def test_freeze_gives_zero_updates_and_no_state():
     trainable = sum(v.size for k, v in before.items() if k not in frozen)
     state_size = sum(x.size for x in jax.tree_util.tree_leaves(state) if x.ndim > 0)
     assert state_size == 2 * trainable
-    assert sorted(optim.describe_param_groups(cfg, params)["frozen"]) == sorted(frozen)
 
 
 def test_lr_mult_scales_sgd_update_exactly():
@@ -255,8 +223,6 @@ def test_lr_mult_scales_sgd_update_exactly():
         for name in fb:
             factor = 0.1 if name.startswith("head/") else 2.0  # first match wins
             np.testing.assert_allclose(fm[name], factor * fb[name], rtol=1e-6, err_msg=name)
-    groups = optim.describe_param_groups(optim_cfg(lr_mults=(("head/.*", 0.1),)), params)
-    assert sorted(groups["lr_mult=0.1"]) == ["head/bias", "head/kernel"]
 
 
 def test_clipping_caps_global_norm():
@@ -371,6 +337,9 @@ def test_config_errors():
     params = tiny_params()
     with pytest.raises(ValueError, match="adamw.*sgd"):
         optim.make_optimizer(optim_cfg(name="lamb"), sched_cfg(), params, 10)
+    # One Adam: "adamw" (decoupled decay; weight_decay=0 is plain Adam), no look-alike "adam".
+    with pytest.raises(ValueError, match="adamw.*sgd"):
+        optim.make_optimizer(optim_cfg(name="adam"), sched_cfg(), params, 10)
     with pytest.raises(ValueError, match=r"'heda/\.\*'"):
         optim.make_optimizer(optim_cfg(freeze="heda/.*"), sched_cfg(), params, 10)
     with pytest.raises(ValueError, match=r"'encoder/.*'"):

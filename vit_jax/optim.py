@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-VALID_OPTIMIZERS = ("adam", "adamw", "sgd", "adafactor")
+# "adamw": Adam with decoupled weight decay (plain Adam with weight_decay=0).
+VALID_OPTIMIZERS = ("adamw", "sgd", "adafactor")
 VALID_DECAYS = ("cosine", "linear", "rsqrt", "constant")
 
 PyTree = Any
@@ -64,16 +65,6 @@ def _path_to_name(path: Sequence[Any]) -> str:
 def _names_and_treedef(tree: PyTree) -> tuple[list[str], Any]:
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
     return [_path_to_name(p) for p, _ in leaves_with_path], treedef
-
-
-def param_path_names(tree: PyTree) -> PyTree:
-    """Returns a pytree of the same structure whose leaves are '/'-joined path strings.
-
-    Works on plain nested dicts/lists and on ``flax.nnx.State`` (e.g.
-    ``nnx.state(model, nnx.Param)``), whose ``Variable`` wrappers are not part of the name.
-    """
-    names, treedef = _names_and_treedef(tree)
-    return jax.tree_util.tree_unflatten(treedef, names)
 
 
 def _tree_from_names(tree: PyTree, fn: Callable[[str], Any]) -> PyTree:
@@ -186,29 +177,6 @@ def _check_patterns_match(optim_config: Any, names: Sequence[str]) -> None:
             )
 
 
-def describe_param_groups(optim_config: Any, params: PyTree) -> dict[str, list[str]]:
-    """Lists which parameter paths are frozen, decayed / not decayed, and their lr multiplier.
-
-    Keys: ``'frozen'``, ``'decay'``, ``'no_decay'`` and one ``'lr_mult=<m>'`` per distinct
-    multiplier; the last three only list trainable parameters. With ``weight_decay == 0``
-    every trainable parameter is under ``'no_decay'``. Meant for logging at start-up.
-    """
-    names, _ = _names_and_treedef(params)
-    freeze = _cfg_get(optim_config, "freeze", "") or ""
-    exclude = _cfg_get(optim_config, "weight_decay_exclude", "") or ""
-    wd = float(_cfg_get(optim_config, "weight_decay", 0.0) or 0.0)
-    lr_mults = _parse_lr_mults(optim_config)
-    groups: dict[str, list[str]] = {"frozen": [], "decay": [], "no_decay": []}
-    for name in names:
-        if _fullmatch(freeze, name):
-            groups["frozen"].append(name)
-            continue
-        decays = wd != 0.0 and not _fullmatch(exclude, name)
-        groups["decay" if decays else "no_decay"].append(name)
-        groups.setdefault(f"lr_mult={_lr_mult_for(lr_mults, name):g}", []).append(name)
-    return groups
-
-
 # ---------------------------------------------------------------------------------------
 # Optimizer.
 # ---------------------------------------------------------------------------------------
@@ -237,7 +205,7 @@ def _base_optimizer(optim_config: Any) -> optax.GradientTransformation:
     name = _cfg_get(optim_config, "name", "adamw")
     mu_dtype = _cfg_get(optim_config, "mu_dtype", None)
     mu_dtype = jnp.dtype(mu_dtype) if mu_dtype else None
-    if name in ("adam", "adamw"):
+    if name == "adamw":
         return optax.scale_by_adam(
             b1=float(_cfg_get(optim_config, "b1", 0.9)),
             b2=float(_cfg_get(optim_config, "b2", 0.999)),
