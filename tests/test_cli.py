@@ -85,6 +85,7 @@ def test_dry_run_prints_the_resolved_run_and_writes_nothing(tmp_path):
     result = run_outside(
         [
             "--config=vit:B/16,cifar10,finetune",
+            "--config.init_from.path=/data/ViT-B_16.npz",
             f"--workdir={workdir}",
             "--config.model.dtype=bfloat16",
             "--config.optim.grad_accum_steps=4",

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vit_jax.errors import UserError
+
 # "adamw": Adam with decoupled weight decay (plain Adam with weight_decay=0).
 VALID_OPTIMIZERS = ("adamw", "sgd", "adafactor")
 VALID_DECAYS = ("cosine", "linear", "rsqrt", "constant")
@@ -26,6 +28,10 @@ PyTree = Any
 
 # Trailing attribute entries that only unwrap a flax.nnx.Variable (not part of the name).
 _VARIABLE_VALUE_ATTRS = ("value", "raw_value")
+
+
+class PatternError(UserError, ValueError):
+    """An `optim.lr_mults` or `optim.freeze` entry that is malformed or matches nothing."""
 
 
 def _cfg_get(config: Any, name: str, default: Any = None) -> Any:
@@ -153,33 +159,41 @@ def _parse_lr_mults(optim_config: Any) -> tuple[tuple[str, float], ...]:
     parsed = []
     for item in lr_mults:
         if len(item) != 2:
-            raise ValueError(f"lr_mults entries must be (regex, multiplier) pairs, got {item!r}.")
-        parsed.append((str(item[0]), float(item[1])))
+            raise PatternError(
+                f"config.optim.lr_mults entries must be (regex, multiplier) pairs, got {item!r}; "
+                "e.g. --config.optim.lr_mults=\"(('head/.*', 10.0),)\""
+            )
+        try:
+            parsed.append((str(item[0]), float(item[1])))
+        except (TypeError, ValueError):
+            raise PatternError(
+                f"config.optim.lr_mults: the multiplier of {item!r} is not a number"
+            ) from None
     return tuple(parsed)
 
 
-def _check_patterns_match(optim_config: Any, names: Sequence[str]) -> None:
-    """Raises ValueError for any lr_mults / freeze regex that matches no parameter (typos)."""
+def check_patterns(optim_config: Any) -> list[tuple[str, str]]:
+    """The (field, regex) pairs of `freeze` and `lr_mults`, parsed and compiled; PatternError
+    (one line) for a malformed entry or regex. Runs before anything compiles."""
     checks = [("freeze", _cfg_get(optim_config, "freeze", "") or "")]
     checks += [("lr_mults", p) for p, _ in _parse_lr_mults(optim_config)]
     for field, pattern in checks:
-        if not pattern:
-            continue
         try:
             re.compile(pattern)
         except re.error as e:
-            raise ValueError(f"optim.{field} regex {pattern!r} is invalid: {e}") from e
+            raise PatternError(f"config.optim.{field} regex {pattern!r} is invalid: {e}") from e
+    return [(field, pattern) for field, pattern in checks if pattern]
+
+
+def _check_patterns_match(optim_config: Any, names: Sequence[str]) -> None:
+    """Raises PatternError for any lr_mults / freeze regex that matches no parameter."""
+    for field, pattern in check_patterns(optim_config):
         if not any(re.fullmatch(pattern, n) for n in names):
             examples = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
-            raise ValueError(
-                f"optim.{field} regex {pattern!r} matches no parameter (regexes must match the "
-                f"whole path). Parameter paths look like: {examples}"
+            raise PatternError(
+                f"config.optim.{field} regex {pattern!r} matches no parameter (regexes must "
+                f"match the whole path). Parameter paths look like: {examples}"
             )
-
-
-# ---------------------------------------------------------------------------------------
-# Optimizer.
-# ---------------------------------------------------------------------------------------
 
 
 def _scale_by_lr_mults(lr_mults: Sequence[tuple[str, float]]) -> optax.GradientTransformation:

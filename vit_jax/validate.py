@@ -103,10 +103,65 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             f"config.schedule.warmup_steps={config.schedule.warmup_steps} is longer than "
             f"config.total_steps={config.total_steps}"
         )
-    if not 0 <= config.label_smoothing < 1:
-        raise UserError(f"config.label_smoothing={config.label_smoothing} must be in [0, 1)")
+    _check_values(config)
+    optim.check_patterns(config.optim)  # lr_mults / freeze: parsed and compiled here
     _check_mesh_fields(config.mesh)
     _check_classes(config)
+    _check_starting_weights(config)
+
+
+# (field, lowest, highest, highest included): values outside train nonsense or crash later.
+RANGES = (
+    ("model.dropout", 0.0, 1.0, False),
+    ("model.attention_dropout", 0.0, 1.0, False),
+    ("model.drop_path", 0.0, 1.0, False),
+    ("label_smoothing", 0.0, 1.0, False),
+    ("schedule.end_lr", 0.0, math.inf, False),
+    ("schedule.warmup_steps", 0, math.inf, False),
+    ("schedule.cooldown_steps", 0, math.inf, False),
+    ("optim.weight_decay", 0.0, math.inf, False),
+    ("mixup.mixup_alpha", 0.0, math.inf, False),
+    ("mixup.cutmix_alpha", 0.0, math.inf, False),
+    ("mixup.switch_prob", 0.0, 1.0, True),
+)
+# Recipes that continue from pre-trained weights (config.init_from.path).
+FROM_WEIGHTS_RECIPES = ("finetune", "finetune_short")
+
+
+def _field(config, field: str):
+    value = config
+    for part in field.split("."):
+        if part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _check_values(config) -> None:
+    """Numbers inside their ranges, finite; the learning rate positive."""
+    for field, low, high, high_included in RANGES:
+        value = _field(config, field)
+        if value is None:
+            continue
+        inside = value <= high if high_included else value < high
+        if not (math.isfinite(value) and low <= value and inside):
+            bracket = "]" if high_included else ")"
+            raise UserError(f"config.{field}={value} must be in [{low}, {high}{bracket}")
+    base_lr = config.schedule.base_lr
+    if not (math.isfinite(base_lr) and base_lr > 0):
+        raise UserError(f"config.schedule.base_lr={base_lr} must be a positive number")
+
+
+def _check_starting_weights(config) -> None:
+    """A fine-tuning recipe needs the weights it fine-tunes."""
+    recipe = config.get("recipe")
+    if recipe in FROM_WEIGHTS_RECIPES and not config.init_from.path:
+        raise UserError(
+            f"config.recipe={recipe} fine-tunes pre-trained weights, but config.init_from.path "
+            "is empty: set it to a released .npz or a run's directory, or train from scratch "
+            "on purpose with a from-scratch recipe (--config.recipe=small, pretrain or "
+            "plain_baseline)"
+        )
 
 
 def _check_positive(config, *fields: str) -> None:
