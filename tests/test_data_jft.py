@@ -1,6 +1,7 @@
 """JFT-like multi-label shards: the writer (folder and CSV input), the sharded reader, and
 shards in a bucket."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -187,19 +188,43 @@ def test_resume_is_bit_identical_deep_and_across_epochs(synthetic):
     assert not np.array_equal(flat(full[:60]), flat(full[60:120]))  # Epochs differ.
 
 
-def test_resume_reads_at_most_one_round(synthetic):
+@pytest.fixture
+def count_reads(monkeypatch):
+    """``with count_reads() as counter:`` counts the records that the shard readers of the
+    datasets built in the block hand out, those read only to be skipped included."""
+
+    @contextlib.contextmanager
+    def counting():
+        counter = tf.Variable(0, dtype=tf.int64, trainable=False)
+        read = jft._records
+
+        def counted(files):
+            def count(record):
+                with tf.control_dependencies([counter.assign_add(1)]):
+                    return tf.identity(record)
+
+            return read(files).map(count)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(jft, "_records", counted)
+            yield counter
+
+    return counting
+
+
+def test_resume_reads_at_most_one_round(synthetic, count_reads):
     cfg = synthetic_config(synthetic)
     # Two processes own 12 files (240 records) each; a round is 4 files (80 records).
     round_records = jft.CYCLE_LENGTH * SHARD
     reads = {}
     for step in (0, 3, 27, 29, 60 * 7 + 28):  # Start, early, deep (224 of 240), epoch 14.
-        with jft.count_reads() as counter:
+        with count_reads() as counter:
             batches_from(cfg, step, 1, process_index=1, process_count=2)
             reads[step] = int(counter.numpy())
     # Slack of a few windows (16 records) for what the prefetching reads ahead meanwhile.
     assert all(0 < n <= round_records + 3 * 16 for n in reads.values()), reads
     # The old way (fixed file order, shuffle buffer, skip by reading) reads up to the position.
-    with jft.count_reads() as counter:
+    with count_reads() as counter:
         legacy = jft.open_split(cfg.train, 1, 2, epoch_order=False)
         data.train_dataset(
             cfg,
@@ -213,10 +238,10 @@ def test_resume_reads_at_most_one_round(synthetic):
         assert int(counter.numpy()) >= 27 * 8
 
 
-def test_resume_with_cycle_length_one_reads_at_most_one_shard(synthetic):
+def test_resume_with_cycle_length_one_reads_at_most_one_shard(synthetic, count_reads):
     cfg = synthetic_config(synthetic, cycle_length=1)
     for step in (3, 29, 60 * 7 + 28):
-        with jft.count_reads() as counter:
+        with count_reads() as counter:
             batches_from(cfg, step, 1, process_index=1, process_count=2)
             assert 0 < int(counter.numpy()) <= SHARD + 3 * 16
 
@@ -231,7 +256,6 @@ def test_epochs_visit_files_in_new_orders(synthetic):
         return list(dict.fromkeys(i // SHARD for i in ids))
 
     assert file_visits(first) != file_visits(second)
-    assert not np.array_equal(jft.file_order(24, 0, 0), jft.file_order(24, 0, 1))
     # Records interleave across several files: the first 16 come from more than one file.
     assert len({i // SHARD for i in first[:16]}) > 1
 

@@ -39,8 +39,6 @@ import json
 import math
 from collections.abc import Callable, Iterator
 
-import numpy as np
-
 from vit_jax import storage
 from vit_jax.data import splits
 from vit_jax.data._tf import tf
@@ -66,7 +64,7 @@ def count_reads() -> Iterator[tf.Variable]:
     """Counts records handed out by the shard readers of train datasets built in the block.
 
     Every record read from a file counts, including those read only to be skipped, so the
-    figure measures the reading work of a pipeline (used by tests and the benchmark).
+    figure measures the reading work of a pipeline (the input benchmark's `records_read`).
     """
     global _read_counter
     previous, _read_counter = _read_counter, tf.Variable(0, dtype=tf.int64, trainable=False)
@@ -76,8 +74,9 @@ def count_reads() -> Iterator[tf.Variable]:
         _read_counter = previous
 
 
-def _reader(path: tf.Tensor) -> tf.data.Dataset:
-    return tf.data.TFRecordDataset(path).apply(_counted)
+def _records(files: tf.Tensor | list[str]) -> tf.data.Dataset:
+    """The records of one or more shard files: every read of this source goes through here."""
+    return tf.data.TFRecordDataset(files).apply(_counted)
 
 
 def _counted(ds: tf.data.Dataset) -> tf.data.Dataset:
@@ -152,11 +151,6 @@ def _key(seed: int, epoch: tf.Tensor) -> tf.Tensor:
     return tf.stack([tf.constant(seed % 2**63, tf.int64), tf.cast(epoch, tf.int64)])
 
 
-def file_order(num_files: int, seed: int, epoch: int) -> np.ndarray:
-    """The order in which an epoch visits a process's ``num_files`` files."""
-    return _shuffle(tf.range(num_files, dtype=tf.int64), _key(seed, epoch)).numpy()
-
-
 def _shuffle(values: tf.Tensor, key: tf.Tensor) -> tf.Tensor:
     return tf.random.experimental.stateless_shuffle(values, seed=key)
 
@@ -182,7 +176,7 @@ def ordered_epochs(
         first = offset // window * window  # Start of the window holding ``offset``.
         skips = tf.math.bincount(choices[:first], minlength=k, maxlength=k, dtype=tf.int64)
         readers = [
-            _reader(paths_t[files[j]]).skip(skips[j]).take(counts[j] - skips[j]) for j in range(k)
+            _records(paths_t[files[j]]).skip(skips[j]).take(counts[j] - skips[j]) for j in range(k)
         ]
         ds = tf.data.Dataset.choose_from_datasets(
             readers, tf.data.Dataset.from_tensor_slices(choices[first:])
@@ -271,14 +265,14 @@ def open_split(cfg, process_index: int, process_count: int, *, epoch_order: bool
                 window=shuffle_window(cfg, root, meta),
             )
         return Records(
-            tf.data.TFRecordDataset([files[j] for j in mine]).apply(_counted),
+            _records([files[j] for j in mine]),
             parse=parse_record,
             num_examples=counts[process_index],
             max_examples=max(counts),
             epochs=epochs,
         )
     _, idx = splits.slice_indices(cfg.split, sum(sizes))
-    ds = tf.data.TFRecordDataset(files).apply(_counted)
+    ds = _records(files)
     if len(idx):
         ds = ds.skip(int(idx[0])).take(len(idx))
     else:
