@@ -151,7 +151,7 @@ def test_checkpointer_keeps_last_k_and_every_mth_and_ignores_partial_saves(tmp_p
     state = {"w": jnp.arange(4.0), "step": jnp.array(0)}
     checkpointer = Checkpointer(str(tmp_path), every_steps=1, keep=2, keep_every=3)
     for step in range(1, 8):
-        checkpointer.save(step, state, {"step": step})
+        checkpointer.save(step, state)  # the record is {"step": step}
         checkpointer.wait()
     checkpointer.close()
     # An interrupted save leaves only a temporary directory: never listed, never read.

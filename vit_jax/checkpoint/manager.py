@@ -1,11 +1,11 @@
 """Training checkpoints through orbax-checkpoint's `CheckpointManager`.
 
 A checkpoint holds the train state (parameters, optimizer state, step) plus a small JSON
-record (data position, config). Orbax writes into a temporary directory
-(`<step>.orbax-checkpoint-tmp*`) and renames it when complete (after writing a
-`commit_success.txt` marker), so an interrupted save never replaces the last good checkpoint
-and only finished steps are listed; temporaries left by a killed run are removed when the
-next run opens the directory. A failed save (disk full, permissions) raises
+record (by default `{"step": step}`: the step is also the data position). Orbax writes into
+a temporary directory (`<step>.orbax-checkpoint-tmp*`) and renames it when complete (after
+writing a `commit_success.txt` marker), so an interrupted save never replaces the last good
+checkpoint and only finished steps are listed; temporaries left by a killed run are removed
+when the next run opens the directory. A failed save (disk full, permissions) raises
 `CheckpointSaveError` naming the step and the path; the previous checkpoint stays. Restoring
 takes abstract arrays with shardings, which lets a checkpoint written on one mesh load onto
 another; a checkpoint of another model is refused with every mismatched key listed.
@@ -78,11 +78,15 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def save(self, step: int, state: Any, record: dict, *, force: bool = False) -> bool:
+    def save(
+        self, step: int, state: Any, record: dict | None = None, *, force: bool = False
+    ) -> bool:
         """Starts saving (asynchronously); returns whether a save was due and started.
 
-        Raises CheckpointSaveError if this save or the previous asynchronous one failed.
+        `record` is stored as JSON next to the state (default `{"step": step}`). Raises
+        CheckpointSaveError if this save or the previous asynchronous one failed.
         """
+        record = {"step": step} if record is None else record
         if not force and not self._manager.should_save(step):
             return False
         self.wait()  # an error of the previous save is reported with its own step
