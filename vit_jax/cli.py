@@ -7,7 +7,7 @@ Every command and tool runs through `run(name, argv)`, in this order:
    overrides split off for the commands that take a config);
 3. the command's `before_jax(args)` hook where it has one (the planner's simulated device
    count, which JAX reads when it starts);
-4. logging: the project's progress messages on stderr, orbax's per-file messages muted;
+4. logging: the project's progress messages on stderr, orbax's routine messages muted;
 5. the command's `run(args, overrides)`. A `UserError` (a mistake the user can fix) is one
    `error:` line on stderr and exit status 2; `--verbose` shows the traceback instead.
 
@@ -96,8 +96,9 @@ def run(name: str, argv: Sequence[str] = ()) -> int:
 
 def _show_progress_messages() -> None:
     """The project's INFO messages (resumed from, initialised from) on stderr; orbax, which
-    logs every file it reads or writes through absl, only from WARNING on."""
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    logs every file it reads or writes and each read-only option it adjusts through absl,
+    only from ERROR on."""
+    logging.getLogger("absl").setLevel(logging.ERROR)
     log = logging.getLogger("vit_jax")
     if not log.handlers:
         handler = logging.StreamHandler()

@@ -22,7 +22,7 @@ import ml_collections
 from flax import nnx
 
 from vit_jax import data, sharding, storage
-from vit_jax.checkpoint import Checkpointer, load_npz
+from vit_jax.checkpoint import Checkpointer, abstract_like, load_npz
 from vit_jax.errors import UserError
 from vit_jax.steps import StepBuilder
 
@@ -69,11 +69,15 @@ class Experiment:
         devices: list | None = None,
         num_classes: int | None = None,
         steps: int | None = None,
+        slices: list | None = None,
     ) -> Experiment:
         """A run of `config` on `devices` (default: all). The class count and the total steps
-        come from the data unless given (the planner gives them: it reads no data)."""
+        come from the data unless given (the planner gives them: it reads no data). `slices`
+        (lists of devices) replaces their grouping by slice or process (the planner's
+        simulated slices)."""
         devices = list(jax.devices() if devices is None else devices)
-        shape = sharding.mesh_shape(config.mesh, len(devices))
+        groups = sharding.slice_groups(devices) if slices is None else slices
+        shape = sharding.mesh_shape(config.mesh, len(devices), len(groups))
         problems = sharding.batch_problems(config, shape, evaluation=num_classes is None)
         if problems:
             raise UserError(problems[0])
@@ -87,7 +91,7 @@ class Experiment:
                     "config.num_epochs is set but the train split's size is unknown; "
                     "set config.total_steps instead"
                 )
-        mesh = sharding.make_mesh(shape, devices)
+        mesh = sharding.make_mesh(config.mesh, devices, slices=slices)
         return cls(config, mesh, num_classes=num_classes, total_steps=steps)
 
     @classmethod
@@ -103,8 +107,7 @@ class Experiment:
             experiment = cls(
                 config, mesh, num_classes=num_classes, total_steps=1, checkpoint_step=step
             )
-            abstract = experiment.abstract_state["params"]
-            experiment.params = checkpoints.restore_params(abstract, step)
+            experiment.params = checkpoints.restore_params(experiment.abstract_params(), step)
         finally:
             checkpoints.close()
         return experiment
@@ -130,6 +133,14 @@ class Experiment:
     def abstract_state(self) -> dict:
         """The train state as shapes with shardings (nothing allocated)."""
         return self.steps.state_shardings[0]
+
+    def abstract_params(self) -> dict:
+        """The parameters as shapes with shardings, without building the optimizer (whose
+        schedule needs the run's real length)."""
+        state = nnx.state(self.steps.abstract_model, nnx.Param)
+        rules = sharding.get_rules(self.config.sharding_rules)
+        shardings = sharding.param_shardings(state, self.mesh, rules)
+        return abstract_like(nnx.to_pure_dict(state), shardings)
 
     def abstract_model(self) -> nnx.Module:
         """The model with shapes instead of arrays and no activation-sharding constraints

@@ -21,6 +21,7 @@ import os
 import posixpath
 import re
 import socket
+import tempfile
 import time
 import urllib.parse
 import uuid
@@ -228,6 +229,35 @@ def check_writable(url: str) -> None:
         remove(marker)
     except Exception as error:  # noqa: BLE001 - every storage failure becomes one line
         raise storage_error(url, error) from error
+
+
+def check_output(path: str, flag: str, *, folder: bool = False) -> None:
+    """Makes sure a file (or, with `folder`, a folder) can be written at `path` before any
+    work starts: its folder is created, a bucket takes a marker object, and an existing
+    folder where a file is wanted (or a file where a folder is wanted) is refused. Every
+    problem is one UserError line naming `flag`."""
+    target = path if folder else dirname(path)
+    if is_remote(path):
+        check_writable(target)
+        return
+    if not folder and os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a folder; give a file name")
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a file; give a folder")
+    existing = os.path.abspath(target or ".")
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"{flag} {path}: {existing} is a file, not a folder")
+    try:
+        os.makedirs(target or ".", exist_ok=True)
+        with tempfile.TemporaryFile(dir=target or "."):
+            pass
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise UserError(
+            f"{flag} {path}: cannot write there ({reason}); choose another path"
+        ) from None
 
 
 def check_reachable(url: str) -> None:

@@ -124,12 +124,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    if args.out:  # a path of the user's own: checked before anything is read
+        storage.check_output(args.out, "--out")
     loaded = inference.load_from_args(args)
     out = args.out or default_out(args)
-    if storage.is_remote(out):
-        storage.check_writable(storage.dirname(out))  # before the export's work
-    else:
-        storage.make_dirs(storage.dirname(out))
+    storage.check_output(out, "--out")
     if args.format == "npz":
         try:
             save_npz(loaded.model, out)

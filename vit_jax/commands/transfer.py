@@ -173,10 +173,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         for task in tasks:
             print(f"{task}: lrs {', '.join(map(str, args.lrs))} -> {_workdir(args, task, 0)}")
         return 0
-    if storage.is_remote(args.workdir):
-        storage.check_writable(args.workdir)
-    else:
-        storage.make_dirs(args.workdir)
+    storage.check_output(args.workdir, "--workdir", folder=True)
     results = []
     for task in tasks:
         results.append(sweep_task(args, task, overrides))

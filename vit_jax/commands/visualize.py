@@ -335,18 +335,10 @@ def output_paths(args: argparse.Namespace, names: list[str]) -> list[str]:
     if out.lower().endswith(".png"):
         if len(names) != 1:
             raise UserError(f"--out {out}: {len(names)} pictures need a folder, not one file")
-        prepare_folder(storage.dirname(out))
+        storage.check_output(out, "--out")
         return [out]
-    prepare_folder(out)
+    storage.check_output(out, "--out", folder=True)
     return [storage.join(out, name) for name in names]
-
-
-def prepare_folder(folder: str) -> None:
-    """Creates a local folder; checks that a bucket folder can be written (StorageError)."""
-    if storage.is_remote(folder):
-        storage.check_writable(folder)
-    else:
-        storage.make_dirs(folder)
 
 
 def make_pictures(args: argparse.Namespace) -> list[str]:
