@@ -1,4 +1,5 @@
-"""Test setup: eight simulated CPU devices, set before JAX is imported anywhere."""
+"""Test setup: eight simulated CPU devices and a compilation cache, set before JAX is
+imported anywhere; the `slow` marker; tiny runs trained once and shared."""
 
 import os
 
@@ -7,6 +8,21 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+# One compilation cache for the whole run, this process and every command it starts (the
+# pytest-xdist workers and the subprocesses inherit the environment): the tiny runs compile
+# the same programs again and again, and a compile costs seconds where a run costs less. The
+# cache is keyed by the program, the flags and the devices, so what runs is unchanged.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _cache = tempfile.mkdtemp(prefix="vit_jax_tests_jax_cache_")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 from vit_jax.host_memory import keep_freed_host_memory  # noqa: E402
 
@@ -61,3 +77,17 @@ def straight_long_run(tmp_path_factory) -> str:
     workdir = str(tmp_path_factory.mktemp("straight_long_run"))
     loop.run(tiny_config(**STOPPED_RUN), workdir)
     return workdir
+
+
+@pytest.fixture(scope="session")
+def digit_png(tmp_path_factory) -> str:
+    """The first 7 of the digits test split as an 8x8 grayscale PNG file."""
+    import numpy as np
+    from PIL import Image
+
+    from vit_jax.data.sources import digits
+
+    path = str(tmp_path_factory.mktemp("img") / "seven.png")
+    images, labels = digits.load_split("test")
+    Image.fromarray(images[int(np.flatnonzero(labels == 7)[0]), :, :, 0]).save(path)
+    return path

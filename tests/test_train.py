@@ -12,6 +12,7 @@ from helpers import RESUME_RUN, tiny_config, with_changes
 
 from vit_jax import data, loop
 from vit_jax.checkpoint import Checkpointer, save_npz
+from vit_jax.errors import UserError
 from vit_jax.experiment import Experiment
 from vit_jax.models import create_model
 
@@ -110,7 +111,7 @@ def test_init_from_another_runs_checkpoint_and_fewshot_during_training(tmp_path,
     config = tiny_config(
         **{
             "total_steps": 2,
-            "init_from.path": os.path.join(straight_run, "checkpoints"),
+            "init_from.path": straight_run,
             "optim.name": "sgd",  # another optimizer: only the parameters are taken
             "schedule.base_lr": 0.0,
             "schedule.warmup_steps": 0,
@@ -137,15 +138,16 @@ def test_resume_with_a_different_optimizer_is_refused_clearly(tmp_path, straight
 
 
 def test_config_errors_are_clear(tmp_path):
+    """Each mistake is a UserError (one line from the command) that names the field."""
     config = tiny_config(batch_size=33)
-    with pytest.raises(ValueError, match="batch_size=33 is not divisible"):
+    with pytest.raises(UserError, match="batch_size=33 is not divisible"):
         loop.run(config, str(tmp_path))
     config = with_changes(tiny_config(), total_steps=None)
-    with pytest.raises(ValueError, match="set config.total_steps or config.num_epochs"):
+    with pytest.raises(UserError, match="config.total_steps"):
         loop.run(config, str(tmp_path))
     config = tiny_config(**{"init_from.path": str(tmp_path / "missing")})
-    with pytest.raises(FileNotFoundError, match="init_from.path"):
+    with pytest.raises(UserError, match="init_from.path"):
         loop.run(config, str(tmp_path / "w"))
     config = tiny_config(**{"mesh.data": 3})
-    with pytest.raises(ValueError, match="needs 3 devices"):
+    with pytest.raises(UserError, match="needs 3 devices"):
         loop.run(config, str(tmp_path))
