@@ -247,8 +247,9 @@ def test_dropout_and_drop_path_only_in_training(tiny_pair, images, scan):
     assert np.abs(train_a - eval_a).max() > 1e-4
 
 
-def _train_jaxpr(**overrides) -> str:
-    model = nnx.eval_shape(lambda: create_model("ViT-Ti/16", **dict(TINY, **overrides)))
+def _train_jaxpr(name: str = "ViT-Ti/16", **overrides) -> str:
+    sizes = TINY if name.startswith("ViT") else dict(img_size=32, width=32, depth=2)
+    model = nnx.eval_shape(lambda: create_model(name, **dict(sizes, **overrides)))
     graphdef, state = nnx.split(model)
 
     def train_forward(state, x):
@@ -264,6 +265,11 @@ def test_zero_stochastic_depth_draws_no_random_bits(scan, remat):
     # Rate 0 (the default) is a no-op: no Bernoulli masks are drawn in the train step.
     assert "random_bits" not in _train_jaxpr(scan=scan, remat=remat)
     assert "random_bits" in _train_jaxpr(scan=scan, remat=remat, drop_path=0.1)
+
+
+def test_zero_stochastic_depth_draws_no_random_bits_in_mixer_either():
+    assert "random_bits" not in _train_jaxpr("Mixer-B/16")
+    assert "random_bits" in _train_jaxpr("Mixer-B/16", drop_path=0.1)
 
 
 def test_unknown_model_and_override_errors():

@@ -137,7 +137,7 @@ def _run(config, workdir: str, stop_after_step: int | None, signals: StopSignals
                     print(format_line(step, steps, values), flush=True)
             if save_now:
                 logger.flush()  # the metrics up to this step are stored with its checkpoint
-                checkpointer.save(step, state, {"step": step}, force=last)
+                checkpointer.save(step, state, force=last)
             if stopped is not None:
                 break
             if due(step, config.eval_every_steps, end):

@@ -187,11 +187,12 @@ class MlpMixer(nnx.Module):
             raise ValueError("MLP-Mixer has no attention weights; use return_attention=False")
         x = self.embed(images)
         x = layers.dropout(x, self.dropout, train=train, rngs=rngs)
-        rates = jnp.linspace(0.0, self.drop_path_rate, self.depth) if self.depth > 1 else None
+        # Python floats, rising linearly over depth: a rate of 0 draws no random bits.
+        top, steps = float(self.drop_path_rate), max(self.depth - 1, 1)
+        rates = [top * i / steps for i in range(self.depth)] if self.depth > 1 else [top]
         use_rngs = rngs if train else None
         outputs = []
-        for i, block in enumerate(self.blocks):
-            rate = self.drop_path_rate if rates is None else rates[i]
+        for block, rate in zip(self.blocks, rates, strict=True):
             x = block(x, rate, train=train, rngs=use_rngs)
             outputs.append(x)
         tokens = self.pre_head_layer_norm(x)

@@ -33,11 +33,10 @@ sizes go through ``vit_jax.storage``; the records themselves are read by
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from vit_jax import storage
 from vit_jax.data import splits
@@ -48,8 +47,6 @@ CYCLE_LENGTH = 4  # Files interleaved per round: the jft preset's default `cycle
 SHUFFLE_BYTES = 1 << 30  # Byte budget of one shuffle window.
 DEFAULT_WINDOW = 10_000  # Shuffle window when ``cfg.shuffle_buffer`` is unset.
 
-_read_counter: tf.Variable | None = None
-
 
 def _features() -> dict:
     """The features of one record (a function: TensorFlow is set up when first used)."""
@@ -59,37 +56,9 @@ def _features() -> dict:
     }
 
 
-@contextlib.contextmanager
-def count_reads() -> Iterator[tf.Variable]:
-    """Counts records handed out by the shard readers of train datasets built in the block.
-
-    Every record read from a file counts, including those read only to be skipped, so the
-    figure measures the reading work of a pipeline (the input benchmark's `records_read`).
-    """
-    global _read_counter
-    previous, _read_counter = _read_counter, tf.Variable(0, dtype=tf.int64, trainable=False)
-    try:
-        yield _read_counter
-    finally:
-        _read_counter = previous
-
-
 def _records(files: tf.Tensor | list[str]) -> tf.data.Dataset:
     """The records of one or more shard files: every read of this source goes through here."""
-    return tf.data.TFRecordDataset(files).apply(_counted)
-
-
-def _counted(ds: tf.data.Dataset) -> tf.data.Dataset:
-    """``ds`` counting its records into the active ``count_reads`` counter, if any."""
-    counter = _read_counter
-    if counter is None:
-        return ds
-
-    def count(record):
-        with tf.control_dependencies([counter.assign_add(1)]):
-            return tf.identity(record)
-
-    return ds.map(count)
+    return tf.data.TFRecordDataset(files)
 
 
 @functools.lru_cache(maxsize=16)
