@@ -75,7 +75,11 @@ def base_config() -> ml_collections.ConfigDict:
     config.mixup = ml_collections.ConfigDict(
         dict(mixup_alpha=0.0, cutmix_alpha=0.0, switch_prob=0.5)
     )
-    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
+    # The device mesh: `data`, `fsdp`, `model` inside a slice (ICI; one may be -1: the rest),
+    # and `dcn_data`, `dcn_fsdp` across slices (DCN: TPU slices, else processes; one may be
+    # -1; their product is 1 or the slice count). The mesh axis `data` is dcn_data x data and
+    # `fsdp` is dcn_fsdp x fsdp: e.g. dcn_data=2 with fsdp=-1 keeps FSDP inside each slice.
+    config.mesh = ml_collections.ConfigDict(dict(dcn_data=1, dcn_fsdp=1, data=-1, fsdp=1, model=1))
     config.sharding_rules = "fsdp_tp"
     config.log_every_steps = 50
     config.eval_every_steps = 1000

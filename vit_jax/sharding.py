@@ -4,23 +4,32 @@ The mesh always has the axes `data`, `fsdp` and `model` (size 1 where unused). M
 every parameter dimension with a logical name; a rule table maps those names to mesh axes.
 A dimension whose size the mesh axes do not divide stays replicated, so any model fits any
 mesh (e.g. 10 classes on a model axis of 4).
+
+Several slices (TPU slices joined by the data-center network, DCN; or GPU/CPU hosts) add the
+config fields `dcn_data` and `dcn_fsdp`: the mesh keeps its three axes, and `data` is
+dcn_data x data, `fsdp` dcn_fsdp x fsdp, each axis's outer (slower) part running across
+slices (jax's `create_hybrid_device_mesh`). Every rule keeps working; with dcn_fsdp=1 the
+`fsdp` collectives stay inside a slice and only the data-parallel gradient sum crosses it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import mesh_utils
 
 from vit_jax.errors import UserError
 from vit_jax.models.layers import ActivationSharding
 
 MESH_AXES = ("data", "fsdp", "model")
+# config.mesh fields for the slices (DCN), each the outer part of one mesh axis.
+DCN_AXES = {"dcn_data": "data", "dcn_fsdp": "fsdp"}
 BATCH_AXES = ("data", "fsdp")
 
 _ACTIVATIONS = (("batch", BATCH_AXES), ("tokens", None))
@@ -41,33 +50,89 @@ class MeshError(UserError, ValueError):
     """config.mesh does not fit the devices."""
 
 
-def mesh_shape(shape: Mapping[str, int], device_count: int) -> dict[str, int]:
-    """Every mesh axis's size on `device_count` devices: missing axes are 1, one axis may be
-    -1 (the rest). The one place a -1 is resolved; MeshError (one line) if none fit."""
-    unknown = sorted(set(shape) - set(MESH_AXES))
+def mesh_layout(
+    shape: Mapping[str, int], device_count: int, slices: int = 1
+) -> tuple[dict[str, int], dict[str, int]]:
+    """(DCN sizes, ICI sizes) of config.mesh on `device_count` devices in `slices` slices:
+    missing fields are 1; one DCN field may be -1 (the remaining slices) and one ICI axis
+    (the remaining devices of a slice). DCN sizes of product 1 lay one mesh over all devices;
+    otherwise their product must be the slice count. The one place a -1 is resolved (through
+    `mesh_shape`); MeshError (one line, naming the fields) if none fit."""
+    valid = (*DCN_AXES, *MESH_AXES)
+    unknown = sorted(set(shape) - set(valid))
     if unknown:
-        raise MeshError(f"config.mesh has unknown axes {unknown}; valid axes: {list(MESH_AXES)}")
+        raise MeshError(f"config.mesh has unknown axes {unknown}; valid axes: {list(valid)}")
+    dcn = {name: int(shape.get(name, 1)) for name in DCN_AXES}
     sizes = {name: int(shape.get(name, 1)) for name in MESH_AXES}
-    for axis, value in sizes.items():
+    for axis, value in {**dcn, **sizes}.items():
         if value != -1 and value < 1:
             raise MeshError(f"config.mesh.{axis}={value} must be a positive size or -1")
-    free = [axis for axis, value in sizes.items() if value == -1]
-    if len(free) > 1:
-        raise MeshError(f"config.mesh: at most one axis may be -1 (the rest), got {dict(shape)}")
-    fixed = math.prod(v for v in sizes.values() if v != -1)
-    if free:
-        if device_count % fixed:
+    for group in (dcn, sizes):
+        if list(group.values()).count(-1) > 1:
+            kind = "DCN field" if group is dcn else "axis"
             raise MeshError(
-                f"config.mesh {dict(shape)} needs a multiple of {fixed} devices; "
-                f"{device_count} are available"
+                f"config.mesh: at most one {kind} ({', '.join(group)}) may be -1 (the rest), "
+                f"got {dict(shape)}"
             )
-        sizes[free[0]] = device_count // fixed
-    elif fixed != device_count:
+    fixed_dcn = math.prod(v for v in dcn.values() if v != -1)
+    free_dcn = [axis for axis, value in dcn.items() if value == -1]
+    if free_dcn:
+        if slices % fixed_dcn:
+            raise MeshError(
+                f"config.mesh {dcn} needs a multiple of {fixed_dcn} slices; the devices form "
+                f"{slices} slice(s) (distinct slice_index, or processes where devices have none)"
+            )
+        dcn[free_dcn[0]] = slices // fixed_dcn
+    across = math.prod(dcn.values())
+    if across > 1 and across != slices:
+        fields = " x ".join(f"config.mesh.{k}={v}" for k, v in dcn.items())
         raise MeshError(
-            f"config.mesh {sizes} needs {fixed} devices but {device_count} are available; "
-            "set one axis to -1 to use the rest"
+            f"{fields} needs {across} slices but the devices form {slices} (distinct "
+            "slice_index, or processes where devices have none); set them to the slice count"
         )
-    return sizes
+    if device_count % across:
+        raise MeshError(f"{device_count} devices do not split into {across} equal slices")
+    per_slice = device_count // across
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    free = [axis for axis, value in sizes.items() if value == -1]
+    where = "" if across == 1 else " per slice"
+    if free:
+        if per_slice % fixed:
+            raise MeshError(
+                f"config.mesh {dict(shape)} needs a multiple of {fixed} devices{where}; "
+                f"{per_slice} are available{where}"
+            )
+        sizes[free[0]] = per_slice // fixed
+    elif fixed != per_slice:
+        raise MeshError(
+            f"config.mesh {sizes} needs {fixed} devices{where} but {per_slice} are "
+            f"available{where}; set one axis to -1 to use the rest"
+        )
+    return dcn, sizes
+
+
+def mesh_shape(shape: Mapping[str, int], device_count: int, slices: int = 1) -> dict[str, int]:
+    """Every mesh axis's size on `device_count` devices in `slices` slices: DCN x ICI part
+    (`data` = dcn_data x data, `fsdp` = dcn_fsdp x fsdp), resolved by `mesh_layout`."""
+    dcn, ici = mesh_layout(shape, device_count, slices)
+    outer = {axis: dcn[field] for field, axis in DCN_AXES.items()}
+    return {axis: outer.get(axis, 1) * size for axis, size in ici.items()}
+
+
+def _by_slice_index(devices: Sequence) -> bool:
+    """Whether TPU slices group these devices; else processes do (CPU and GPU hosts, whose
+    devices report slice_index 0 in a multi-process run)."""
+    return all(d.platform == "tpu" and getattr(d, "slice_index", None) is not None for d in devices)
+
+
+def slice_groups(devices: Sequence) -> list[list]:
+    """`devices` grouped by slice: by `slice_index` on TPUs, else by process (CPU and GPU
+    hosts), in index order."""
+    key = "slice_index" if _by_slice_index(devices) else "process_index"
+    groups: dict[int, list] = {}
+    for device in devices:
+        groups.setdefault(getattr(device, key), []).append(device)
+    return [groups[k] for k in sorted(groups)]
 
 
 def batch_problems(config, shape: Mapping[str, int], *, evaluation: bool = True) -> list[str]:
@@ -89,16 +154,48 @@ def batch_problems(config, shape: Mapping[str, int], *, evaluation: bool = True)
     return problems
 
 
-def make_mesh(shape: Mapping[str, int], devices: list | None = None) -> jax.sharding.Mesh:
+def make_mesh(
+    shape: Mapping[str, int], devices: list | None = None, *, slices: Sequence | None = None
+) -> jax.sharding.Mesh:
     """A mesh with axes (data, fsdp, model) over `devices` (default: all), sized by
-    `mesh_shape`."""
+    `mesh_layout`. With DCN fields > 1 the device grid comes from jax's
+    `create_hybrid_device_mesh` (ICI shape inside each slice, DCN shape across): each axis's
+    outer part runs across slices. `slices` (lists of devices) replaces the grouping by
+    `slice_index` or process, e.g. to treat groups of one process's CPU devices as slices."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = tuple(mesh_shape(shape, len(devices)).values())
+    groups = slice_groups(devices) if slices is None else [list(group) for group in slices]
+    if sorted(d.id for group in groups for d in group) != sorted(d.id for d in devices):
+        raise ValueError("make_mesh: `slices` must split `devices` into groups")
+    dcn, ici = mesh_layout(shape, len(devices), len(groups))
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    if math.prod(dcn.values()) > 1:
+        outer = {axis: dcn[field] for field, axis in DCN_AXES.items()}
+        ici_shape = [ici[axis] for axis in MESH_AXES]
+        dcn_shape = [outer.get(axis, 1) for axis in MESH_AXES]
+        if slices is None:
+            grid = mesh_utils.create_hybrid_device_mesh(
+                ici_shape, dcn_shape, devices, process_is_granule=not _by_slice_index(devices)
+            )
+        else:  # the same builder, each device labelled with the slice it was given in
+            labelled = [_InSlice(d, i) for i, group in enumerate(groups) for d in group]
+            grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, labelled)
+            grid = np.vectorize(lambda d: d.device, otypes=[object])(grid)
+        return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)
+    sizes = tuple(ici.values())
     if devices == list(jax.devices()):
         return jax.make_mesh(sizes, MESH_AXES, axis_types=auto)
     grid = np.asarray(devices).reshape(sizes)
     return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)
+
+
+class _InSlice:
+    """A device seen as a member of slice `slice_index` (for `make_mesh(slices=...)`)."""
+
+    def __init__(self, device, slice_index: int):
+        self.device, self.slice_index = device, slice_index
+
+    def __getattr__(self, name):
+        return getattr(self.device, name)
 
 
 def get_rules(name: str) -> tuple[tuple[str, Any], ...]:

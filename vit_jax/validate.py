@@ -174,10 +174,12 @@ def _check_positive(config, *fields: str) -> None:
 
 
 def _check_mesh_fields(mesh) -> None:
-    """The mesh's sizes, whatever the device count: positive, at most one -1."""
+    """The mesh's sizes, whatever the device and slice counts: positive, at most one -1 among
+    the DCN fields and one among the ICI axes."""
     sizes = dict(mesh.items())
     fixed = math.prod(v for v in sizes.values() if v > 0) or 1
-    sharding.mesh_shape(sizes, fixed)  # MeshError (one line) for a bad size or two -1s
+    slices = math.prod(v for k, v in sizes.items() if k in sharding.DCN_AXES and v > 0)
+    sharding.mesh_shape(sizes, fixed, slices)  # MeshError (one line): bad size, two -1s
 
 
 def _check_classes(config) -> None:
@@ -192,18 +194,25 @@ def _check_classes(config) -> None:
 
 
 def check_machine(
-    config: ml_collections.ConfigDict, workdir: str, device_count: int, *, create: bool
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    device_count: int,
+    *,
+    create: bool,
+    slices: int | None = None,
 ) -> list[str]:
     """What does not fit this machine, one line each (empty: all fits).
 
-    With `create`, the workdir is made and a file written into it; otherwise only the
-    nearest existing folder is checked for write permission. A bucket workdir is checked
-    for real either way (a marker object written and deleted): its problems raise
-    `storage.StorageError` at once, since nothing else can be checked without the bucket.
+    `slices`: how many slices the devices form (default: this machine's, from
+    `sharding.slice_groups`); the DCN fields must match it. With `create`, the workdir is
+    made and a file written into it; otherwise only the nearest existing folder is checked
+    for write permission. A bucket workdir is checked for real either way (a marker object
+    written and deleted): its problems raise `storage.StorageError` at once, since nothing
+    else can be checked without the bucket.
     """
     problems = []
     try:
-        shape = sharding.mesh_shape(config.mesh, device_count)
+        shape = sharding.mesh_shape(config.mesh, device_count, _slices(slices))
         problems += sharding.batch_problems(config, shape)
     except UserError as e:
         problems.append(str(e))
@@ -258,14 +267,31 @@ def _workdir_problem(workdir: str, *, create: bool) -> str | None:
     return None
 
 
-def run_summary(config: ml_collections.ConfigDict, device_count: int) -> dict[str, Any]:
-    """Mesh, per-device and per-micro-batch sizes, steps and epochs of the run."""
-    shape = sharding.mesh_shape(config.mesh, device_count)
+def _slices(slices: int | None) -> int:
+    """The slice count given, or this machine's (slices by slice_index, else processes)."""
+    if slices is not None:
+        return slices
+    import jax
+
+    return len(sharding.slice_groups(jax.devices()))
+
+
+def run_summary(
+    config: ml_collections.ConfigDict, device_count: int, slices: int | None = None
+) -> dict[str, Any]:
+    """Mesh (and its DCN x ICI layout), per-device and per-micro-batch sizes, steps and epochs
+    of the run (`slices` as for `check_machine`)."""
+    slices = _slices(slices)
+    shape = sharding.mesh_shape(config.mesh, device_count, slices)
+    dcn, ici = sharding.mesh_layout(config.mesh, device_count, slices)
     parallel = math.prod(shape[a] for a in sharding.BATCH_AXES)
     accum = config.optim.grad_accum_steps
     summary: dict[str, Any] = {
         "devices": device_count,
         "mesh": shape,
+        "slices": math.prod(dcn.values()),
+        "dcn": dcn,
+        "ici": ici,
         "batch_size": config.batch_size,
         "batch_per_device": config.batch_size / parallel,
         "grad_accum_steps": accum,

@@ -10,6 +10,13 @@ per step; whether it fits the chip's memory; the step time and images/s at an as
 MFU. A layout that does not fit comes with a mesh (or remat) that does, found by estimating
 a few candidates and compiling the most promising one.
 
+`--slices N` plans N slices of `--devices` each (TPU slices joined by the data-center network,
+DCN): the step is compiled for the whole N x devices mesh (data parallel across slices unless
+config.mesh.dcn_data / dcn_fsdp say otherwise), and the plan adds the bytes each device sends
+across the DCN per step, the time that takes at `--dcn-gbps`, and whether it hides behind the
+backward pass; the collectives of the compiled program whose device groups span slices are
+listed, so a layout whose FSDP crosses the DCN shows.
+
 Simulated devices need `XLA_FLAGS=--xla_force_host_platform_device_count=N` before JAX
 starts: the command sets it in `before_jax`, which the command harness runs before anything
 imports JAX. `plan()` works in-process on the devices JAX already has (tests: 8).
@@ -42,6 +49,12 @@ CHIPS = {
     "h200": ("NVIDIA H200", 141e9),
 }
 MAX_PROPOSAL_COMPILES = 2
+# DCN bandwidth per chip, Gbit/s: Cloud TPU v5p's published figure (50 Gbps per chip, 200 per
+# 4-chip host, 25 GB/s); assumed for every device kind unless --dcn-gbps says otherwise.
+DCN_GBPS = 50.0
+# Share of a step's FLOPs in the backward pass (4 of 6 x params x tokens), the compute the
+# gradients' reduction across slices can overlap with.
+BACKWARD_SHARE = 2 / 3
 AUTO_SCAN_DEPTH = 24  # the CLI scans models this deep unless --config.model.scan is given
 
 
@@ -49,13 +62,16 @@ def plan(
     config,
     devices: int,
     *,
+    slices: int = 1,
     device_kind: str = "tpu-v4",
     mfu: float = 0.5,
     margin: float = 0.9,
     memory_bytes: float | None = None,
     propose: bool = True,
+    dcn_gbps: float = DCN_GBPS,
 ) -> dict[str, Any]:
-    """The plan of `config` on `devices` simulated devices (the first ones JAX has).
+    """The plan of `config` on `slices` x `devices` simulated devices (the first ones JAX
+    has; each run of `devices` of them treated as one slice).
 
     `memory_bytes` replaces the chip's memory (what-if questions, tests); a layout fits when
     its per-device total is at most `margin` x memory.
@@ -66,13 +82,18 @@ def plan(
         raise _error(f"--device-kind={device_kind} is not one of: {', '.join(CHIPS)}")
     if not 0 < mfu <= 1:
         raise _error(f"--mfu={mfu} must be in (0, 1]")
-    if devices > jax.device_count():
-        raise _error(f"--devices={devices}: JAX was started with {jax.device_count()} devices")
+    if slices < 1 or dcn_gbps <= 0:
+        raise _error(f"--slices={slices} and --dcn-gbps={dcn_gbps} must be positive")
+    if devices * slices > jax.device_count():
+        raise _error(
+            f"--devices={devices} x --slices={slices}: JAX was started with "
+            f"{jax.device_count()} devices"
+        )
     kind, memory = CHIPS[device_kind]
     budget = margin * (memory_bytes or memory)
     start = time.perf_counter()
-    experiment = _experiment(config, devices)
-    layout = _measure(experiment)
+    experiment = _experiment(config, devices, slices)
+    layout = _measure(experiment, slices)
     flops_start = time.perf_counter()
     xla_flops = experiment.step_flops(extrapolate_depth=True)
     flops_s = time.perf_counter() - flops_start
@@ -83,10 +104,12 @@ def plan(
     formula_flops = 6 * model["params"] * model["tokens"] * config.batch_size
     flops = xla_flops or formula_flops
     peak = _peak(kind)
-    step_s = flops / (mfu * peak * devices)
+    step_s = flops / (mfu * peak * devices * slices)
     result = {
         "config": _describe(config),
-        "devices": devices,
+        "devices": devices * slices,
+        "slices": slices,
+        "devices_per_slice": devices,
         **layout,
         **model,
         "flops_per_step": {
@@ -105,14 +128,17 @@ def plan(
         "images_per_s": config.batch_size / step_s,
         "compile_s": round(layout.pop("compile_s"), 1),
         "flops_s": round(flops_s, 1),
-        "measured": f"XLA memory_analysis of the per-device train step compiled for {devices} "
-        f"simulated {jax.devices()[0].platform.upper()} devices (jax {jax.__version__}); params "
+        "measured": f"XLA memory_analysis of the per-device train step compiled for "
+        f"{devices * slices} simulated {jax.devices()[0].platform.upper()} devices "
+        f"(jax {jax.__version__}); params "
         f"and optimizer bytes are exact (from the shardings); temporaries are the CPU "
         f"compiler's: it keeps f32 copies around bf16 work (an H/14 step measured 1.07x the "
         f"temporaries of its f32 twin), so for bf16 they bound the {device_kind}'s from above",
     }
+    if math.prod(layout["mesh_dcn"].values()) > 1:
+        result["dcn"] = _dcn_traffic(layout, step_s, dcn_gbps)
     if not result["fits"] and propose:
-        result["proposal"] = _propose(experiment, layout, budget, devices)
+        result["proposal"] = _propose(experiment, layout, budget, devices, slices)
     result["total_s"] = round(time.perf_counter() - start, 1)
     return result
 
@@ -126,13 +152,13 @@ def _error(message: str):
 # --- one layout ----------------------------------------------------------------------------
 
 
-def check_layout(config, devices: int) -> dict[str, int]:
-    """The mesh shape on `devices` devices; UserError when the mesh, the batch or the class
-    count does not allow a plan (nothing is compiled)."""
+def check_layout(config, devices: int, slices: int = 1) -> dict[str, int]:
+    """The mesh shape on `slices` slices of `devices` devices; UserError when the mesh, the
+    batch or the class count does not allow a plan (nothing is compiled)."""
     from vit_jax import sharding, validate
 
     validate.check_config(config)
-    shape = sharding.mesh_shape(config.mesh, devices)
+    shape = sharding.mesh_shape(config.mesh, devices * slices, slices)
     problems = sharding.batch_problems(config, shape, evaluation=False)  # train step only
     if problems:
         raise _error(problems[0])
@@ -144,36 +170,58 @@ def check_layout(config, devices: int) -> dict[str, int]:
     return shape
 
 
-def _experiment(config, devices: int):
-    """The run on a mesh of the first `devices` devices; the class count and the schedule's
-    length from the config (the planner reads no data)."""
+def _experiment(config, devices: int, slices: int = 1):
+    """The run on a mesh of the first `slices` x `devices` devices, each `devices` of them a
+    slice; the class count and the schedule's length from the config (the planner reads no
+    data)."""
     import jax
 
     from vit_jax.experiment import Experiment
 
-    check_layout(config, devices)
+    check_layout(config, devices, slices)
     steps = max(config.total_steps or 0, config.schedule.warmup_steps, 1)
+    chosen = jax.devices()[: devices * slices]
     return Experiment.from_config(
         config,
-        devices=jax.devices()[:devices],
+        devices=chosen,
         num_classes=config.data.num_classes,
         steps=steps,
+        slices=[chosen[i * devices : (i + 1) * devices] for i in range(slices)],
     )
 
 
-def _measure(experiment) -> dict[str, Any]:
-    """Compiles the train step for the experiment's mesh: memory per device, compile time."""
+def _measure(experiment, slices: int = 1) -> dict[str, Any]:
+    """Compiles the train step for the experiment's mesh (`slices` slices, as `_experiment`
+    makes them): memory per device, DCN x ICI layout, the collectives that cross slices,
+    compile time."""
+    import jax
+
+    from vit_jax import sharding
+
     start = time.perf_counter()
     compiled = experiment.compile_train_step()
     compile_s = time.perf_counter() - start
     stats = compiled.memory_analysis()
+    config = experiment.config
+    dcn, ici = sharding.mesh_layout(config.mesh, experiment.mesh.size, slices)
+    crossing = {}
+    if slices > 1:
+        per_slice = experiment.mesh.size // slices
+        slice_of = {d.id: i // per_slice for i, d in enumerate(jax.devices())}
+        assigned = [slice_of[d.id] for d in experiment.mesh.devices.flat]
+        for kind, size in cross_slice_collectives(compiled.as_text(), assigned):
+            entry = crossing.setdefault(kind, {"count": 0, "bytes": 0})
+            entry["count"] += 1
+            entry["bytes"] += size
     arguments, temp = stats.argument_size_in_bytes, stats.temp_size_in_bytes
     outputs, alias = stats.output_size_in_bytes, stats.alias_size_in_bytes
     code = stats.generated_code_size_in_bytes
     state = _state_bytes(experiment)
-    config = experiment.config
     return {
         "mesh": dict(experiment.mesh.shape),
+        "mesh_dcn": dcn,
+        "mesh_ici": ici,
+        "cross_slice_collectives": crossing,
         "sharding_rules": config.sharding_rules,
         "remat": config.model.get("remat"),
         "bytes_per_device": {
@@ -248,11 +296,132 @@ def _describe(config) -> str:
     return f"{config.model_name},{config.dataset},{config.recipe}"
 
 
+# --- across slices (DCN) -------------------------------------------------------------------
+
+
+def _dcn_traffic(layout: dict, step_s: float, gbps: float) -> dict[str, Any]:
+    """Bytes each device sends across the DCN per step, from its parameter shard `p` (bytes
+    per device of the sharded parameters; gradients have the parameters' dtype): the
+    gradients' all-reduce across the dcn_data slices sends 2 (n-1)/n p (ring: a
+    reduce-scatter and an all-gather, each (n-1)/n of the data), and FSDP across dcn_fsdp
+    slices 3 (k-1) p (the forward's and the backward's all-gather and the gradients'
+    reduce-scatter, each (k-1) p over the DCN; remat may gather again)."""
+    p = layout["bytes_per_device"]["params"]
+    n, k = layout["mesh_dcn"]["dcn_data"], layout["mesh_dcn"]["dcn_fsdp"]
+    all_reduce = 2 * (n - 1) / n * p
+    fsdp = 3 * (k - 1) * p
+    seconds = (all_reduce + fsdp) / (gbps * 1e9 / 8)
+    backward_s = BACKWARD_SHARE * step_s
+    return {
+        "bytes_per_device_per_step": int(all_reduce + fsdp),
+        "gradient_all_reduce_bytes": int(all_reduce),
+        "fsdp_across_slices_bytes": int(fsdp),
+        "how": f"params bytes per device p={p}: gradient all-reduce over dcn_data={n} slices "
+        f"2(n-1)/n p, FSDP over dcn_fsdp={k} slices 3(k-1) p (2 all-gathers + 1 "
+        "reduce-scatter); parameters replicated inside a slice are counted whole (a "
+        "hierarchical all-reduce sends less)",
+        "gbps_per_device": gbps,
+        "assumed": f"{gbps:g} Gbit/s of DCN per device, sending at full rate (default: Cloud "
+        "TPU v5p's published 50 Gbps per chip)",
+        "time_s": seconds,
+        "compute_step_time_s": step_s,
+        "backward_time_s": backward_s,
+        "hidden": seconds <= backward_s,
+        "hidden_means": "the DCN time fits in the backward pass (2/3 of the step's FLOPs), "
+        "with which XLA overlaps the gradients' reduction",
+    }
+
+
+_COLLECTIVE = re.compile(
+    r"^\s*(?:ROOT )?%?\S+ = (.+?) "
+    r"(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\((.*)$"
+)
+_ARRAY = re.compile(r"\b(pred|bf16|[fsu]\d+|f8\w*)\[([\d,]*)\]")
+
+
+def cross_slice_collectives(hlo_text: str, slice_of: list[int]) -> list[tuple[str, int]]:
+    """(kind, bytes of its result) of every collective in a compiled program's HLO text
+    whose device groups hold devices of more than one slice. The HLO numbers devices by
+    their place in the program's device assignment (a mesh's devices, flattened):
+    `slice_of[i]` is the slice of the i-th. Each op is counted once (a scanned loop's body
+    runs `depth` times)."""
+    found = []
+    for line in hlo_text.splitlines():
+        match = _COLLECTIVE.match(line)
+        if not match:
+            continue
+        result, kind, attributes = match.groups()
+        groups = _device_groups(attributes, len(slice_of))
+        if any(len({slice_of[d] for d in group}) > 1 for group in groups):
+            found.append((kind, _array_bytes(result)))
+    return found
+
+
+def _array_bytes(result_type: str) -> int:
+    total = 0
+    for dtype, dims in _ARRAY.findall(result_type):
+        bits = 8 if dtype in ("pred",) or dtype.startswith("f8") else int(dtype[-2:].lstrip("f"))
+        total += math.prod(int(d) for d in dims.split(",") if d) * bits // 8
+    return total
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _iota(text: str):
+    """Device ids written as `[dims]T(perm)` (an iota reshaped and transposed) or a list."""
+    import numpy as np
+
+    match = re.fullmatch(r"\[([\d,]+)\](?:T\(([\d,]+)\))?", text)
+    if not match:
+        return np.asarray(_ints(text))
+    dims = _ints(match.group(1))
+    ids = np.arange(math.prod(dims)).reshape(dims)
+    return ids.transpose(_ints(match.group(2))) if match.group(2) else ids
+
+
+def _device_groups(attributes: str, device_count: int) -> list[list[int]]:
+    """The device groups of one collective, from any of the HLO printer's forms: explicit
+    `{{0,1},{2,3}}`, iota `[2,2]<=[4]`, mesh axes `mesh['axis_0'=4,'axis_1'=2],
+    device_ids=([2,4]T(1,0)) {'axis_0'}`, or a permute's source_target_pairs."""
+    if match := re.search(r"source_target_pairs=\{(\{[\d,]*\}(?:,\{[\d,]*\})*)\}", attributes):
+        return [_ints(pair) for pair in re.findall(r"\{([\d,]*)\}", match.group(1))]
+    if match := re.search(r"replica_groups=\{((?:\{[\d,]*\},?)*)\}", attributes):
+        groups = [_ints(g) for g in re.findall(r"\{([\d,]*)\}", match.group(1))]
+        return [g for g in groups if g] or [list(range(device_count))]
+    if match := re.search(r"replica_groups=\[([\d,]+)\]<=(\[[\d,]+\](?:T\([\d,]+\))?)", attributes):
+        return _iota(match.group(2)).reshape(_ints(match.group(1))).tolist()
+    mesh = r"replica_groups=mesh\[([^\]]*)\]"
+    ids = r"(?:, device_ids=\((\[[\d,]+\](?:T\([\d,]+\))?|[\d,]+)\))?"
+    if match := re.search(mesh + ids + r"(?: \{([^}]*)\})?", attributes):
+        axes = re.findall(r"'(\w+)'=(\d+)", match.group(1))
+        names, sizes = [a for a, _ in axes], [int(n) for _, n in axes]
+        grid = _iota(match.group(2)) if match.group(2) else _iota(f"[{math.prod(sizes)}]")
+        grid = grid.reshape(sizes)
+        chosen = names
+        if match.group(3) is not None:
+            if not re.fullmatch(r"'\w+'(?:,\s*'\w+')*", match.group(3)):
+                raise ValueError(f"unread replica groups: {match.group(0)}")
+            chosen = re.findall(r"'(\w+)'", match.group(3))
+        keep = [names.index(name) for name in chosen]
+        rest = [i for i in range(len(names)) if i not in keep]
+        size = math.prod(sizes[i] for i in keep)
+        return grid.transpose(rest + keep).reshape(-1, size).tolist()
+    if "replica_groups" in attributes or "source_target_pairs" in attributes:
+        raise ValueError(f"unread device groups: {attributes[:200]}")
+    return [list(range(device_count))]  # no groups: every device
+
+
 # --- a layout that fits ---------------------------------------------------------------------
 
 
-def _propose(experiment, measured: dict, budget: float, devices: int) -> dict[str, Any]:
+def _propose(
+    experiment, measured: dict, budget: float, devices: int, slices: int = 1
+) -> dict[str, Any]:
     """A mesh (and remat) that fits: candidates estimated first, the best few compiled.
+    With several slices the candidates change the mesh inside a slice (ICI); the DCN
+    fields stay as given.
 
     Estimate = exact sharded state + gradients (one more copy of the sharded params) +
     the measured activations scaled by images per device, the model axis and remat.
@@ -261,15 +430,16 @@ def _propose(experiment, measured: dict, budget: float, devices: int) -> dict[st
     used = measured["bytes_per_device"]
     state = used["params"] + used["optimizer"]
     activations = max(used["total"] - state - used["params"], 0)
-    per_image = activations / (_micro_batch(config, measured["mesh"]) * _remat_factor(config))
+    images = _micro_batch(config, devices, slices)
+    per_image = activations / (images * _remat_factor(config))
     estimates = []
-    for mesh, remat in _candidates(config, measured["mesh"], devices):
+    for mesh, remat in _candidates(config, measured["mesh_ici"], devices):
         candidate = _with(config, mesh, remat)
         try:
-            cand_state = _state_bytes(_experiment(candidate, devices))
+            cand_state = _state_bytes(_experiment(candidate, devices, slices))
         except Exception:  # noqa: BLE001 - a candidate the batch does not divide
             continue
-        act = per_image * _micro_batch(candidate, mesh) * _remat_factor(candidate)
+        act = per_image * _micro_batch(candidate, devices, slices) * _remat_factor(candidate)
         act *= measured["mesh"]["model"] / mesh["model"]
         total = cand_state["params"] * 2 + cand_state["opt_state"] + act
         estimates.append({"mesh": mesh, "remat": remat, "estimated_bytes": int(total)})
@@ -278,7 +448,8 @@ def _propose(experiment, measured: dict, budget: float, devices: int) -> dict[st
     ranked = ranked or sorted(estimates, key=lambda e: e["estimated_bytes"])[:1]
     compiled = []
     for entry in ranked[:MAX_PROPOSAL_COMPILES]:
-        layout = _measure(_experiment(_with(config, entry["mesh"], entry["remat"]), devices))
+        chosen = _with(config, entry["mesh"], entry["remat"])
+        layout = _measure(_experiment(chosen, devices, slices), slices)
         entry = dict(entry, compiled_bytes=layout["bytes_per_device"]["total"])
         entry["compile_s"] = round(layout["compile_s"], 1)
         compiled.append(entry)
@@ -332,8 +503,13 @@ def _with(config, mesh: dict, remat: str):
     return config
 
 
-def _micro_batch(config, mesh: dict) -> float:
-    return config.batch_size / (mesh["data"] * mesh["fsdp"] * config.optim.grad_accum_steps)
+def _micro_batch(config, devices: int, slices: int = 1) -> float:
+    """Images per device in one micro-batch on `slices` slices of `devices`."""
+    from vit_jax import sharding
+
+    shape = sharding.mesh_shape(config.mesh, devices * slices, slices)
+    parallel = math.prod(shape[axis] for axis in sharding.BATCH_AXES)
+    return config.batch_size / (parallel * config.optim.grad_accum_steps)
 
 
 def _remat_factor(config) -> float:
@@ -361,8 +537,28 @@ def parser() -> argparse.ArgumentParser:
         "JSON. Any config field is set with --config.<field>=<value>.",
     )
     p.add_argument("--config", default="vit", help="as for python -m vit_jax train")
-    p.add_argument("--devices", type=int, required=True, help="number of devices (chips)")
-    p.add_argument("--mesh", help="data=..,fsdp=..,model=.. (missing axes: 1; one may be -1)")
+    p.add_argument(
+        "--devices", type=int, required=True, help="number of devices (chips), per slice"
+    )
+    p.add_argument(
+        "--slices",
+        type=int,
+        default=1,
+        help="slices joined by the data-center network (DCN); data parallel across them "
+        "(config.mesh.dcn_data=-1) unless the mesh sets dcn_data/dcn_fsdp",
+    )
+    p.add_argument(
+        "--mesh",
+        help="data=..,fsdp=..,model=.. inside a slice (missing axes: 1; one may be -1), and "
+        "dcn_data=..,dcn_fsdp=.. across slices",
+    )
+    p.add_argument(
+        "--dcn-gbps",
+        type=float,
+        default=DCN_GBPS,
+        help="DCN bandwidth per device in Gbit/s (default %(default)g: Cloud TPU v5p's "
+        "published 50 Gbps per chip, 200 per 4-chip host)",
+    )
     p.add_argument("--device-kind", default="tpu-v4", choices=sorted(CHIPS))
     p.add_argument("--mfu", type=float, default=0.5, help="assumed model FLOPs utilisation")
     p.add_argument("--margin", type=float, default=0.9, help="usable share of chip memory")
@@ -373,28 +569,34 @@ def parser() -> argparse.ArgumentParser:
 
 
 def before_jax(args: argparse.Namespace) -> None:
-    """`--devices` simulated CPU devices, set while JAX is not imported yet. A process whose
-    JAX already runs (a test, a notebook) plans on the first `--devices` devices it has."""
-    if args.devices < 1:
-        raise _error(f"--devices={args.devices} must be positive")
+    """`--slices` x `--devices` simulated CPU devices, set while JAX is not imported yet. A
+    process whose JAX already runs (a test, a notebook) plans on the first ones it has."""
+    if args.devices < 1 or args.slices < 1:
+        raise _error(f"--devices={args.devices} and --slices={args.slices} must be positive")
     if "jax" not in sys.modules:
         os.environ["JAX_PLATFORMS"] = "cpu"
         flags = re.sub(
             r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", "")
         )
-        count = f"--xla_force_host_platform_device_count={args.devices}"
+        count = f"--xla_force_host_platform_device_count={args.devices * args.slices}"
         os.environ["XLA_FLAGS"] = f"{flags} {count}".strip()
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     from vit_jax import config_loader
 
-    config = config_loader.load_config(args.config, overrides + _mesh_overrides(args.mesh))
+    mesh = _mesh_overrides(args.mesh)
+    config = config_loader.load_config(args.config, overrides + mesh)
+    dcn_set = any(o.startswith(("mesh.dcn_data", "mesh.dcn_fsdp")) for o in overrides + mesh)
+    if args.slices > 1 and not dcn_set:
+        config.mesh.dcn_data = -1  # data parallel across the slices
     scan_set = _auto_scan(config, overrides)
     memory = args.memory_gib * GIB if args.memory_gib else None
     result = plan(
         config,
         args.devices,
+        slices=args.slices,
+        dcn_gbps=args.dcn_gbps,
         device_kind=args.device_kind,
         mfu=args.mfu,
         margin=args.margin,
@@ -420,13 +622,15 @@ def _auto_scan(config, overrides: list[str]) -> bool:
 
 
 def _mesh_overrides(text: str | None) -> list[str]:
-    """`data=2,fsdp=4` -> config overrides for every mesh axis (missing axes: 1)."""
+    """`data=2,fsdp=4` -> config overrides for every mesh axis (missing ICI axes: 1; the
+    DCN fields only where given)."""
     if not text:
         return []
     sizes = {"data": "1", "fsdp": "1", "model": "1"}
+    valid = ("dcn_data", "dcn_fsdp", *sizes)
     for part in text.split(","):
         axis, _, size = part.partition("=")
-        if axis.strip() not in sizes or not size.strip():
-            raise _error(f"--mesh={text}: give axis=size pairs for data, fsdp and model")
+        if axis.strip() not in valid or not size.strip():
+            raise _error(f"--mesh={text}: give axis=size pairs for {', '.join(valid)}")
         sizes[axis.strip()] = size.strip()
     return [f"mesh.{axis}={size}" for axis, size in sizes.items()]

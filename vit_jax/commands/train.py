@@ -81,23 +81,32 @@ def dry_run_report(config, args: argparse.Namespace, overrides: list[str], local
     """The resolved config, the mesh and sizes, and what would not fit this machine."""
     warnings = []
     devices = args.devices or local
+    # A dry run is one process: it lays the mesh over as many slices as the DCN fields ask.
+    slices = 1
+    for field in sharding.DCN_AXES:
+        slices *= max(config.mesh.get(field, 1), 1)
     if not args.devices:
         try:
-            sharding.mesh_shape(config.mesh, devices)
+            sharding.mesh_shape(config.mesh, devices, slices)
         except UserError as e:
             fixed = 1
             for value in config.mesh.values():
                 fixed *= value if value != -1 else 1
             warnings.append(f"{e}; shown for {fixed} devices (set --devices to choose)")
             devices = fixed
-    warnings += validate.check_machine(config, args.workdir, devices, create=False)
-    summary = validate.run_summary(config, devices)
+    warnings += validate.check_machine(config, args.workdir, devices, create=False, slices=slices)
+    summary = validate.run_summary(config, devices, slices)
     lines = [f"config {args.config} with {len(overrides)} override(s):"]
     for field in config_loader.leaf_paths(config):
         lines.append(f"  {field} = {_shown(config, field)}")
     mesh = " ".join(f"{k}={v}" for k, v in summary["mesh"].items())
+    dcn = " ".join(f"{k}={v}" for k, v in summary["dcn"].items())
+    ici = " ".join(f"{k}={v}" for k, v in summary["ici"].items())
+    per_slice = summary["devices"] // summary["slices"]
     lines += [
         f"run on {summary['devices']} device(s), mesh {mesh}:",
+        f"  layout {summary['slices']} slice(s) (DCN {dcn}) x {per_slice} device(s) per slice "
+        f"(ICI {ici}); data = dcn_data x data, fsdp = dcn_fsdp x fsdp",
         f"  batch {summary['batch_size']}: {summary['batch_per_device']:g} per device",
         f"  micro-batch {summary['micro_batch']}: {summary['micro_batch_per_device']:g} per "
         f"device, {summary['grad_accum_steps']} accumulation step(s) per step",
