@@ -4,6 +4,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from helpers import with_changes
@@ -11,7 +12,8 @@ from helpers import with_changes
 from configs.vit import demo_config
 from vit_jax import sharding
 from vit_jax.checkpoint import Checkpointer
-from vit_jax.steps import StepBuilder
+from vit_jax.errors import UserError
+from vit_jax.experiment import Experiment
 
 BATCH = 32
 STEPS = 4
@@ -38,9 +40,11 @@ def batches(count=STEPS, batch=BATCH, seed=0):
 
 
 def make_trainer(config, mesh_shape, devices=None):
+    """The run's StepBuilder on the given mesh, built the one way: through Experiment."""
     devices = devices or jax.devices()[: int(np.prod(list(mesh_shape.values())))]
-    mesh = sharding.make_mesh(mesh_shape, devices)
-    return StepBuilder(config, mesh, num_classes=10, total_steps=100)
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.mesh.update({"data": 1, "fsdp": 1, "model": 1, **mesh_shape})
+    return Experiment.from_config(config, devices=devices, num_classes=10, steps=100).steps
 
 
 def loss_trajectory(config, mesh_shape):
@@ -103,11 +107,9 @@ def test_gradient_accumulation_equals_large_batch():
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6)
 
 
-def test_accumulation_rejects_indivisible_batch():
-    trainer = make_trainer(tiny_config(**{"optim.grad_accum_steps": 5}), {"data": 1})
-    state = trainer.init_state()
-    with pytest.raises(ValueError, match="grad_accum_steps=5"):
-        trainer.make_train_step()(state, next(batches()))
+def test_accumulation_rejects_indivisible_batch_when_the_run_is_built():
+    with pytest.raises(UserError, match="config.optim.grad_accum_steps=5"):
+        make_trainer(tiny_config(**{"optim.grad_accum_steps": 5}), {"data": 1})
 
 
 def test_checkpoint_from_8_devices_restores_on_4(tmp_path):
@@ -175,8 +177,6 @@ def test_checkpointer_keeps_last_k_and_every_mth_and_ignores_partial_saves(tmp_p
 def test_train_step_compiles_from_abstract_shapes_with_the_published_cost():
     """ViT-Ti/16 at 224 px: ahead-of-time compile on a 4x2 mesh, nothing allocated; XLA's FLOP
     count is about 3 forward passes (1.25 G multiply-adds each) per image."""
-    from vit_jax.experiment import Experiment
-
     config = demo_config()
     with config.unlocked():
         config.model_name = "ViT-Ti/16"

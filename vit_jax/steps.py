@@ -240,11 +240,7 @@ class StepBuilder:
 
     def _accumulate(self, grad_fn, params, images, labels, rng, accum):
         """Mean loss and gradient over `accum` micro-batches, scanned to bound memory."""
-        batch = images.shape[0]
-        if batch % accum:
-            raise ValueError(
-                f"batch size {batch} is not divisible by config.optim.grad_accum_steps={accum}"
-            )
+        batch = images.shape[0]  # a multiple of accum (sharding.batch_problems)
 
         def split(x):
             # (B, ...) -> (accum, B // accum, ...): micro-batch i takes rows i, i+accum, ...,
