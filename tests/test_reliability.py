@@ -12,12 +12,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from data_fixtures.images import write_folder
-from helpers import free_port
+from helpers import RESUME_RUN, STOPPED_RUN, free_port, tiny_config, tiny_flags, with_changes
 from orbax.checkpoint._src.path import atomicity
-from test_cli import ROOT, TINY, cli_env, failure
-from test_train import read_jsonl, restore_state, tiny_run_config
+from test_cli import ROOT, cli_env, failure
+from test_train import read_jsonl, restore_state
 
-from vit_jax import data, loop
+from vit_jax import cli, data, loop
 from vit_jax.checkpoint import Checkpointer
 from vit_jax.checkpoint import manager as checkpoint_manager
 from vit_jax.data.sources import folder
@@ -43,41 +43,23 @@ def steps_on_disk(workdir):
     return Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1).all_steps()
 
 
-@pytest.fixture(scope="module")
-def straight_run(tmp_path_factory):
-    """The uninterrupted tiny run (6 steps, checkpoints at 3 and 6) to compare against."""
-    workdir = str(tmp_path_factory.mktemp("straight"))
-    loop.run(tiny_run_config(), workdir)
-    return workdir
-
-
 # --- 1. SIGTERM / SIGINT -------------------------------------------------------------------
 
 
-def cli_command(workdir, steps):
-    dropped = ("total_steps", "log_every", "eval_every", "checkpoint.every")
-    overrides = [a for a in TINY if not a.startswith(tuple(f"--config.{d}" for d in dropped))]
-    return [
-        sys.executable,
-        "-m",
-        "vit_jax",
-        "train",
-        "--config=configs/vit.py",
-        f"--workdir={workdir}",
-        *overrides,
-        f"--config.total_steps={steps}",
-        "--config.log_every_steps=1",
-        f"--config.eval_every_steps={steps}",
-        f"--config.checkpoint.every_steps={steps}",
-    ]
+def stopped_command(workdir):
+    """`python -m vit_jax train` of STOPPED_RUN: 200 steps, a log line each."""
+    return [sys.executable, "-m", "vit_jax", "train", f"--workdir={workdir}"] + tiny_flags(
+        **STOPPED_RUN
+    )
 
 
-def test_sigterm_saves_exits_143_and_the_rerun_is_bit_identical(tmp_path):
-    steps, workdir = 300, str(tmp_path / "stopped")
-    command = cli_command(workdir, steps)
+@pytest.mark.slow
+def test_sigterm_saves_exits_143_and_the_rerun_is_bit_identical(tmp_path, straight_long_run):
+    steps, workdir = STOPPED_RUN["total_steps"], str(tmp_path / "stopped")
+    command = stopped_command(workdir)
     with open(tmp_path / "stderr", "w") as err:
-        proc = subprocess.Popen(
-            command, cwd=ROOT, env=cli_env(2), stdout=subprocess.PIPE, stderr=err, text=True
+        proc = subprocess.Popen(  # 8 devices, as this process has (the straight run's)
+            command, cwd=ROOT, env=cli_env(8), stdout=subprocess.PIPE, stderr=err, text=True
         )
         for line in proc.stdout:  # wait until it has trained (and logged) a few steps
             if line.startswith("step 3/"):
@@ -92,16 +74,13 @@ def test_sigterm_saves_exits_143_and_the_rerun_is_bit_identical(tmp_path):
     assert f"stopped by SIGTERM: saved the checkpoint of step {saved[0]}" in stderr
     assert "run the same command again to resume" in stderr
 
-    again = subprocess.run(command, cwd=ROOT, env=cli_env(2), capture_output=True, text=True)
-    assert again.returncode == 0, failure(again.stderr)
-    straight = str(tmp_path / "straight")
-    whole = subprocess.run(
-        cli_command(straight, steps), cwd=ROOT, env=cli_env(2), capture_output=True, text=True
-    )
-    assert whole.returncode == 0, failure(whole.stderr)
-    assert_same_arrays(saved_state(workdir, steps), saved_state(straight, steps))
+    # The same command again, in this process (no second start-up): it resumes and ends
+    # bit-identical to the run that was never stopped.
+    assert cli.run("train", command[4:]) == 0
+    assert_same_arrays(saved_state(workdir, steps), saved_state(straight_long_run, steps))
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
     """JAX's preemption service: both processes save the same step and exit 143."""
     port, workdir = free_port(), str(tmp_path / "run")
@@ -116,7 +95,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
         with open(tmp_path / f"stderr{index}", "w") as err:
             procs.append(
                 subprocess.Popen(
-                    cli_command(workdir, 300) + multi,
+                    stopped_command(workdir) + multi,
                     cwd=ROOT,
                     env=cli_env(2),
                     stdout=subprocess.PIPE,
@@ -147,7 +126,7 @@ def test_sigint_saves_the_current_step_and_exits_130(tmp_path, monkeypatch):
             yield batch
 
     monkeypatch.setattr(data, "train_batches", interrupting)
-    config = tiny_run_config(**{"total_steps": 50, "checkpoint.every_steps": 50})
+    config = tiny_config(**{"total_steps": 50, "checkpoint.every_steps": 50})
     previous = signal.getsignal(signal.SIGINT)
     with pytest.raises(loop.Preempted) as stop:
         loop.run(config, str(tmp_path))
@@ -175,12 +154,13 @@ async def finalize(self):  # the data of step 6 is written, the commit is not
     return await original(self)
 
 atomicity.AtomicRenameTemporaryPath.finalize = finalize
-from test_train import tiny_run_config
+from helpers import RESUME_RUN, tiny_config
 from vit_jax import loop
-loop.run(tiny_run_config(), sys.argv[1])
+loop.run(tiny_config(**RESUME_RUN), sys.argv[1])
 """
 
 
+@pytest.mark.slow
 def test_kill_9_during_an_async_save_resumes_from_the_last_complete_one(tmp_path, straight_run):
     workdir = str(tmp_path)
     env = {**os.environ, "PYTHONPATH": ROOT}
@@ -196,7 +176,7 @@ def test_kill_9_during_an_async_save_resumes_from_the_last_complete_one(tmp_path
     leftovers = [n for n in os.listdir(tmp_path / "checkpoints") if "orbax-checkpoint-tmp" in n]
     assert leftovers and leftovers[0].startswith("6.")  # a half-written step 6
 
-    loop.run(tiny_run_config(), workdir)  # resumes from 3, not from the half-written 6
+    loop.run(tiny_config(**RESUME_RUN), workdir)  # resumes from 3, not from the half-written 6
     names = os.listdir(tmp_path / "checkpoints")
     assert not [n for n in names if "tmp" in n] and {"3", "6"} <= set(names)
     assert_same_arrays(saved_state(workdir, 6), saved_state(straight_run, 6))
@@ -249,7 +229,7 @@ def test_no_room_for_one_checkpoint_is_refused_before_training(tmp_path, monkeyp
     free = checkpoint_manager.shutil.disk_usage(str(tmp_path))._replace(free=4096)
     monkeypatch.setattr(checkpoint_manager.shutil, "disk_usage", lambda path: free)
     with pytest.raises(checkpoint_manager.NoRoomError) as error:
-        loop.run(tiny_run_config(), str(tmp_path))
+        loop.run(tiny_config(), str(tmp_path))
     message = str(error.value)
     assert "no room for a checkpoint in" in message and str(tmp_path) in message
     assert "MiB" in message and "\n" not in message and isinstance(error.value, UserError)
@@ -267,7 +247,7 @@ def test_failed_save_keeps_the_previous_checkpoint_and_names_step_and_path(tmp_p
         return await original(self)
 
     monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", disk_full)
-    config = tiny_run_config()
+    config = tiny_config()
     with pytest.raises(checkpoint_manager.CheckpointSaveError) as error:
         loop.run(config, str(tmp_path))
     message = str(error.value)
@@ -292,7 +272,7 @@ def test_skip_drops_nonfinite_steps_counts_them_and_stops_after_too_many(tmp_pat
             yield batch
 
     monkeypatch.setattr(data, "train_batches", with_nan)
-    config = tiny_run_config(
+    config = tiny_config(
         **{
             "on_nonfinite": "skip",
             "max_consecutive_skips": 2,
@@ -323,7 +303,7 @@ def test_skip_drops_nonfinite_steps_counts_them_and_stops_after_too_many(tmp_pat
 )
 def test_nonfinite_settings_are_validated(tmp_path, changes, expected):
     with pytest.raises(ConfigValueError, match=expected):
-        loop.run(tiny_run_config(**changes), str(tmp_path))
+        loop.run(with_changes(tiny_config(), **changes), str(tmp_path))
 
 
 # --- 5. checkpoints from strangers ---------------------------------------------------------
@@ -339,17 +319,17 @@ def write_checkpoint(config, directory, num_classes=10, step=1):
 
 def test_another_models_checkpoint_lists_every_mismatched_key(tmp_path):
     source = str(tmp_path / "seven" / "checkpoints")
-    write_checkpoint(tiny_run_config(), source, num_classes=7)
+    write_checkpoint(tiny_config(), source, num_classes=7)
 
     with pytest.raises(checkpoint_manager.StateMismatchError) as resumed:  # in its workdir
-        loop.run(tiny_run_config(), str(tmp_path / "seven"))  # digits: 10 classes
+        loop.run(tiny_config(), str(tmp_path / "seven"))  # digits: 10 classes
     message = str(resumed.value)
     assert "6 with other shapes: params/head/bias expected (10,) found (7,), " in message
     assert "params/head/kernel expected (32, 10) found (32, 7)" in message
     assert "opt_state/1/nu/head/kernel expected (32, 10) found (32, 7)" in message
     assert "\n" not in message and isinstance(resumed.value, UserError)
 
-    wider = tiny_run_config(**{"model.width": 48, "init_from.path": source})
+    wider = tiny_config(**{"model.width": 48, "init_from.path": source})
     with pytest.raises(checkpoint_manager.StateMismatchError) as init:  # via init_from
         loop.run(wider, str(tmp_path / "new"))
     message = str(init.value)
@@ -410,7 +390,7 @@ def test_bad_images_are_counted_in_the_train_metrics(image_root, tmp_path):
     for name in ("img_0.png", "img_1.png"):
         with open(os.path.join(image_root, "train", "dog", name), "wb") as f:
             f.write(b"not an image")
-    config = tiny_run_config(**{"total_steps": 2, "eval_every_steps": 100})
+    config = tiny_config(**{"total_steps": 2, "eval_every_steps": 100})
     with config.unlocked():
         config.data = folder_config(image_root)
     with pytest.warns(folder.BadImageWarning):
