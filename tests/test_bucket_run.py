@@ -1,15 +1,18 @@
 """A run whose workdir is a bucket, end to end against a GCS-protocol server on localhost:
-SIGTERM and resume, kill -9 during an asynchronous save, two processes, and every way a
-bucket can fail (missing, refusing writes, not answering, a save refused mid-run).
+SIGTERM and resume, kill -9 during an asynchronous save, and every way a bucket can fail
+(missing, refusing writes, not answering, a save refused mid-run). Two processes writing one
+run into a bucket: tests/test_launch.py.
 
-Commands run as real processes from an empty folder, which must stay empty: every file of
-the run is an object in the bucket.
+The commands that are stopped or killed run as real processes from an empty folder, and the
+same commands run again in the test's process from that folder, which must stay empty: every
+file of the run is an object in the bucket.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -21,34 +24,22 @@ import gcsfs
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from helpers import free_port, tiny_config
-from test_cli import ROOT, TINY, cli_env, failure
+import pytest
+from helpers import STOPPED_RUN, free_port, tiny_config, tiny_flags
+from test_cli import cli_env, failure
 
 from vit_jax import cli, storage
 from vit_jax.commands import visualize
 from vit_jax.experiment import Experiment
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
-# The tiny model for 6 steps, a checkpoint every 3, a log line every step.
-FLAGS = [
-    *(f for f in TINY if not f.startswith(("--config.total_steps", "--config.log_every"))),
-    "--config.total_steps=6",
-    "--config.log_every_steps=1",
-    "--config.checkpoint.every_steps=3",
-    "--config.eval_every_steps=6",
-]
+# The tiny run: 6 steps, a checkpoint every 3, a log line every step.
+FLAGS = tiny_flags(log_every_steps=1, eval_every_steps=6)
 
 
 def main_command(workdir: str, *flags: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "vit_jax",
-        "train",
-        "--config=vit",
-        f"--workdir={workdir}",
-        *flags,
-    ]
+    """`python -m vit_jax train --workdir=... <flags>`; `[4:]` are the command's arguments."""
+    return [sys.executable, "-m", "vit_jax", "train", f"--workdir={workdir}", *flags]
 
 
 def env_for(server, devices: int = 2, **more: str) -> dict:
@@ -70,15 +61,17 @@ def logged_steps(text: str) -> list[int]:
     return [row["step"] for row in map(json.loads, text.splitlines()) if "train/loss" in row]
 
 
+@pytest.mark.slow
 def test_sigterm_in_a_bucket_exits_143_and_the_same_command_resumes_bit_identically(
-    storage_server, bucket, tmp_path
+    storage_server, bucket, tmp_path, monkeypatch, straight_long_run
 ):
+    """The run of the local SIGTERM test (STOPPED_RUN, 8 devices), its workdir a bucket."""
     workdir, empty = f"gs://{bucket}/run", tmp_path / "cwd"
     empty.mkdir()
-    command = main_command(workdir, *FLAGS, "--config.total_steps=200")
-    command += ["--config.checkpoint.every_steps=200", "--config.eval_every_steps=200"]
+    steps = STOPPED_RUN["total_steps"]
+    command = main_command(workdir, *tiny_flags(**STOPPED_RUN))
     proc = subprocess.Popen(
-        command, cwd=empty, env=env_for(storage_server), stdout=subprocess.PIPE,
+        command, cwd=empty, env=env_for(storage_server, devices=8), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     for line in proc.stdout:  # trains (and logs) a few steps first
@@ -91,29 +84,26 @@ def test_sigterm_in_a_bucket_exits_143_and_the_same_command_resumes_bit_identica
     assert f"in {workdir}/checkpoints" in stderr and "run the same command again" in stderr
     objects = storage_server.objects(bucket)
     stopped = sorted({int(n.split("/")[2]) for n in objects if n.startswith("run/checkpoints/")})
-    assert len(stopped) == 1 and 3 <= stopped[0] < 200
+    assert len(stopped) == 1 and 3 <= stopped[0] < steps
 
-    again = subprocess.run(
-        command, cwd=empty, env=env_for(storage_server), capture_output=True, text=True
-    )
-    assert again.returncode == 0, failure(again.stderr)
+    # The same command again, in this process (pointed at the same server), from the folder.
+    monkeypatch.chdir(empty)
+    assert cli.run("train", command[4:]) == 0
+    monkeypatch.undo()
     assert list(empty.iterdir()) == []  # nothing local: no `gs:` folder
     objects = storage_server.objects(bucket)
-    for name in ("run/config.json", "run/metrics.jsonl", "run/checkpoints/200/state/_METADATA"):
+    for name in (
+        "run/config.json",
+        "run/metrics.jsonl",
+        f"run/checkpoints/{steps}/state/_METADATA",
+    ):
         assert name in objects
     assert sum(n.startswith("run/tensorboard/events.out.tfevents.") for n in objects) == 2
-    steps = logged_steps(storage.read_text(f"{workdir}/metrics.jsonl"))
-    assert steps == list(range(1, 201))  # each step logged once across the two sessions
-
-    straight = str(tmp_path / "straight")
-    whole = subprocess.run(
-        main_command(straight, *command[5:]), cwd=ROOT, env=cli_env(2), capture_output=True,
-        text=True,
-    )  # fmt: skip
-    assert whole.returncode == 0, failure(whole.stderr)
+    logged = logged_steps(storage.read_text(f"{workdir}/metrics.jsonl"))
+    assert logged == list(range(1, steps + 1))  # each step logged once across both sessions
     assert_same(
-        saved_arrays(f"{workdir}/checkpoints", 200),
-        saved_arrays(os.path.join(straight, "checkpoints"), 200),
+        saved_arrays(f"{workdir}/checkpoints", steps),
+        saved_arrays(os.path.join(straight_long_run, "checkpoints"), steps),
     )
 
 
@@ -130,32 +120,38 @@ def killing(finalize):
 
 for kind in (atomicity.AtomicRenameTemporaryPath, atomicity.CommitFileTemporaryPath):
     kind.finalize = killing(kind.finalize)
-from vit_jax.commands import train
+from vit_jax import cli
 sys.exit(cli.run("train", sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_kill_9_during_a_save_to_the_bucket_never_reads_the_half_written_step(
-    storage_server, bucket, tmp_path
+    storage_server, bucket, tmp_path, monkeypatch, caplog
 ):
     """Resumes from step 3; that a resume is bit-identical is the SIGTERM test's check."""
     workdir = f"gs://{bucket}/run"
     empty = tmp_path / "cwd"
     empty.mkdir()
     killed = subprocess.run(
-        [sys.executable, "-c", KILL_DURING_SAVE, *main_command(workdir, *FLAGS)[3:]],
-        cwd=empty, env=env_for(storage_server), capture_output=True, text=True, timeout=300,
+        [sys.executable, "-c", KILL_DURING_SAVE, *main_command(workdir, *FLAGS)[4:]],
+        cwd=empty, env=env_for(storage_server, devices=8), capture_output=True, text=True,
+        timeout=300,
     )  # fmt: skip
     assert killed.returncode == -signal.SIGKILL, failure(killed.stderr)
     half = [n for n in storage_server.objects(bucket) if n.startswith("run/checkpoints/6/")]
     assert half and "run/checkpoints/6/commit_success.txt" not in half  # data, no commit
 
-    resumed = subprocess.run(
-        main_command(workdir, *FLAGS), cwd=empty, env=env_for(storage_server),
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert resumed.returncode == 0, failure(resumed.stderr)
-    assert "resumed from step 3" in resumed.stderr
+    # The same command again, in this process (8 devices too), from the same empty folder.
+    monkeypatch.chdir(empty)
+    log = logging.getLogger("vit_jax")  # the progress messages, which do not propagate
+    log.addHandler(caplog.handler)
+    try:
+        assert cli.run("train", main_command(workdir, *FLAGS)[4:]) == 0
+    finally:
+        log.removeHandler(caplog.handler)
+        monkeypatch.undo()
+    assert "resumed from step 3" in caplog.text
     assert list(empty.iterdir()) == []
     # Steps 4-6 ran twice; metrics.jsonl holds each once, in order: `visualize curves` draws
     # one line per metric, not one that doubles back.
@@ -175,22 +171,6 @@ def test_kill_9_during_a_save_to_the_bucket_never_reads_the_half_written_step(
         [np.asarray(x) for x in jax.tree.leaves(params)],
         [np.asarray(x) for x in jax.tree.leaves(saved)],
     )
-
-
-def test_two_processes_write_one_run_into_the_bucket(storage_server, bucket, tmp_path):
-    workdir = f"gs://{bucket}/run"
-    launched = subprocess.run(
-        [os.path.join(ROOT, "launch", "local.sh"), "--processes", "2", "--devices-per-process",
-         "2", "--log-dir", str(tmp_path / "logs"), "--", f"--workdir={workdir}", *FLAGS],
-        cwd=ROOT, env={**os.environ, **storage_server.env, "PYTHONPATH": ROOT},
-        capture_output=True, text=True, timeout=400,
-    )  # fmt: skip
-    assert launched.returncode == 0, launched.stderr[-3000:]
-    objects = storage_server.objects(bucket, "run/")
-    for process in (0, 1):  # each process wrote its own shards of the state
-        assert any(f"/state/ocdbt.process_{process}/" in n for n in objects if "/6/" in n)
-    assert sum("tensorboard/events" in n for n in objects) == 1  # written once, by process 0
-    assert logged_steps(storage.read_text(f"{workdir}/metrics.jsonl")) == [1, 2, 3, 4, 5, 6]
 
 
 # --- a bucket that fails -------------------------------------------------------------------
@@ -268,7 +248,7 @@ def test_missing_refusing_or_silent_bucket_is_one_line_before_anything_runs(
         for key, value in env.items():
             monkeypatch.setenv(key, value)
         gcsfs.GCSFileSystem.clear_instance_cache()  # a client made for another endpoint
-        status = cli.run("train", main_command(workdir, *FLAGS, "--dry_run")[3:])
+        status = cli.run("train", main_command(workdir, *FLAGS, "--dry_run")[4:])
         return status, capsys.readouterr().err
 
     def assert_refused(result: tuple[int, str], *fragments: str) -> None:
@@ -295,6 +275,7 @@ def test_missing_refusing_or_silent_bucket_is_one_line_before_anything_runs(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_save_refused_mid_run_keeps_the_last_checkpoint_and_says_so(
     storage_server, bucket, tmp_path
 ):
