@@ -35,11 +35,11 @@ def shell_commands(text: str) -> list[str]:
     return commands
 
 
-def readme_commands(module: str) -> list[list[str]]:
-    """The arguments of every `python3 -m vit_jax.<module> ...` command in README.md."""
+def readme_commands(command: str) -> list[list[str]]:
+    """The arguments of every `python3 -m vit_jax <command> ...` in README.md."""
     commands = shell_commands(open(os.path.join(ROOT, "README.md")).read())
-    prefix = ["python3", "-m", f"vit_jax.{module}"]
-    return [words[3:] for words in map(shlex.split, commands) if words[:3] == prefix]
+    prefix = ["python3", "-m", "vit_jax", command]
+    return [words[4:] for words in map(shlex.split, commands) if words[:4] == prefix]
 
 
 def as_in_readme(args: list[str], run_dir: str, **more: str) -> list[str]:

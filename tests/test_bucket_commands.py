@@ -6,50 +6,27 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import tiny_config
+from helpers import TRAINED_RUN
 from PIL import Image
 
-from vit_jax import inference, loop, storage
+from vit_jax import cli, inference, storage
 from vit_jax.checkpoint import load_npz, npz_arrays, read_npz
-from vit_jax.commands import export, predict, transfer, visualize
-from vit_jax.data.sources import digits
+from vit_jax.commands import predict, transfer, visualize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PICTURES = ["attention_seven.png", "curves.png", "distance.png", "filters.png", "posemb.png"]
 
 
 @pytest.fixture(scope="module")
-def local_run(tmp_path_factory):
-    """A tiny class-token ViT trained on digits for 4 steps, logged and checkpointed."""
-    config = tiny_config(
-        "model.pool_type=tok",
-        "batch_size=32",
-        "eval_batch_size=128",
-        "total_steps=4",
-        "log_every_steps=2",
-        "eval_every_steps=4",
-        "checkpoint.every_steps=4",
-        "checkpoint.async_save=false",
-        "schedule.warmup_steps=1",
-    )
-    workdir = str(tmp_path_factory.mktemp("run"))
-    loop.run(config, workdir)
-    return workdir
-
-
-@pytest.fixture(scope="module")
-def digit_png(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("img") / "seven.png")
-    images, labels = digits.load_split("test")
-    Image.fromarray(images[int(np.flatnonzero(labels == 7)[0]), :, :, 0]).save(path)
-    return path
+def local_run(trained_run):
+    """The shared tiny class-token ViT (tests/conftest.py), logged and checkpointed; read only."""
+    return trained_run
 
 
 @pytest.fixture(scope="module")
@@ -107,41 +84,20 @@ def test_predict_reads_the_run_and_an_image_from_the_bucket(
         )
 
 
-# Every kind but attention through the command's entry point in one interpreter (one start).
-VISUALIZE_KINDS = textwrap.dedent(
-    """
-    import sys
-    from vit_jax.commands import visualize
-
-    workdir = sys.argv[1]
-    for kind in ("posemb", "filters", "distance", "curves"):
-        extra = ["--num_images", "20"] if kind == "distance" else []
-        status = cli.run("visualize", [kind, "--workdir", workdir, "--show", *extra])
-        if status:
-            sys.exit(status)
-    """
-)
-
-
 def test_visualize_writes_every_picture_into_the_bucket(
-    storage_server, bucket_run, empty_cwd, digit_png
+    storage_server, bucket_run, empty_cwd, monkeypatch, capsys
 ):
+    """Every kind through the command's entry point, in this process (no start-up cost)."""
+    monkeypatch.chdir(empty_cwd)
     url = f"gs://{bucket_run}/run"
     image_url = f"gs://{bucket_run}/images/seven.png"
-    argv = [
-        "-m",
-        "vit_jax",
-        "visualize",
-        "attention",
-        image_url,
-        f"--workdir={url}",
-        "--show",
-    ]
-    result = command(storage_server, empty_cwd, *argv)
-    assert result.stdout.split() == [f"{url}/pictures/attention_seven.png"]
-    result = command(storage_server, empty_cwd, "-c", VISUALIZE_KINDS, url)
+    assert cli.run("visualize", ["attention", image_url, f"--workdir={url}", "--show"]) == 0
+    assert capsys.readouterr().out.split() == [f"{url}/pictures/attention_seven.png"]
     kinds = ("posemb", "filters", "distance", "curves")
-    assert result.stdout.split() == [f"{url}/pictures/{kind}.png" for kind in kinds]
+    for kind in kinds:
+        extra = ["--num_images", "20"] if kind == "distance" else []
+        assert cli.run("visualize", [kind, "--workdir", url, "--show", *extra]) == 0
+    assert capsys.readouterr().out.split() == [f"{url}/pictures/{kind}.png" for kind in kinds]
     objects = storage_server.objects(bucket_run, "run/pictures/")
     assert objects == [f"run/pictures/{name}" for name in PICTURES]
     for name in PICTURES:
@@ -154,14 +110,15 @@ def test_visualize_writes_every_picture_into_the_bucket(
 
 
 def test_export_writes_npz_and_jax_into_the_bucket(
-    storage_server, bucket_run, local_run, empty_cwd
+    storage_server, bucket_run, local_run, empty_cwd, monkeypatch, capsys
 ):
+    """Both formats through the command's entry point, in this process."""
+    monkeypatch.chdir(empty_cwd)
     url = f"gs://{bucket_run}/run"
     for fmt in ("npz", "jax"):
-        argv = ["-m", "vit_jax", "export", f"--workdir={url}", f"--format={fmt}"]
-        result = command(storage_server, empty_cwd, *argv)
+        assert cli.run("export", [f"--workdir={url}", f"--format={fmt}"]) == 0
         written = [f"{url}/export/model.{fmt}"] + ([f"{url}/export/model.json"] * (fmt == "jax"))
-        assert result.stdout.split() == written
+        assert capsys.readouterr().out.split() == written
     objects = storage_server.objects(bucket_run, "run/export/")
     assert objects == ["run/export/model.jax", "run/export/model.json", "run/export/model.npz"]
 
@@ -181,14 +138,15 @@ def test_export_writes_npz_and_jax_into_the_bucket(
     np.testing.assert_allclose(np.asarray(exported.call(images)), expected, atol=1e-5, rtol=1e-5)
     contract = json.loads(storage.read_text(f"{url}/export/model.json"))
     assert contract["artifact"] == "model.jax" and contract["source"] == url
-    assert contract["step"] == 4 and contract["input"]["shape"] == ["batch", 8, 8, 3]
+    assert contract["step"] == TRAINED_RUN["total_steps"]
+    assert contract["input"]["shape"] == ["batch", 8, 8, 3]
 
 
 # --- mistakes with bucket paths: one line, exit status 2 ----------------------------------------
 
 
-def one_line_error(capsys, main, argv) -> str:
-    assert main(argv) == 2
+def one_line_error(capsys, command, argv) -> str:
+    assert cli.run(command, argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
     return err
@@ -200,35 +158,33 @@ def test_bucket_mistakes_give_one_line(
     monkeypatch.chdir(empty_cwd)
     images = f"gs://{bucket_run}/images"  # objects there, but not a run
     gone = "gs://no-such-bucket-for-vit-jax/run"
-    err = one_line_error(capsys, predict.main, ["--workdir", images, digit_png])
+    err = one_line_error(capsys, "predict", ["--workdir", images, digit_png])
     assert f"--workdir {images}: no config.json" in err
-    err = one_line_error(
-        capsys, predict.main, ["--workdir", f"gs://{bucket_run}/nothing", digit_png]
-    )
+    err = one_line_error(capsys, "predict", ["--workdir", f"gs://{bucket_run}/nothing", digit_png])
     assert "no such directory" in err
-    err = one_line_error(capsys, predict.main, ["--workdir", gone, digit_png])
+    err = one_line_error(capsys, "predict", ["--workdir", gone, digit_png])
     assert f"--workdir {gone}: the bucket 'no-such-bucket-for-vit-jax' does not exist" in err
     missing_image = f"gs://{bucket_run}/images/eight.png"
-    err = one_line_error(capsys, predict.main, ["--workdir", local_run, missing_image])
+    err = one_line_error(capsys, "predict", ["--workdir", local_run, missing_image])
     assert f"{missing_image}: no such image file or folder" in err
     argv = ["--checkpoint", f"{gone}/m.npz", "--model", "ViT-Ti/4", digit_png]
-    assert "does not exist" in one_line_error(capsys, predict.main, argv)
+    assert "does not exist" in one_line_error(capsys, "predict", argv)
     for kind in ("curves", "posemb"):
-        err = one_line_error(capsys, visualize.main, [kind, "--workdir", gone])
+        err = one_line_error(capsys, "visualize", [kind, "--workdir", gone])
         assert "bucket 'no-such-bucket-for-vit-jax' does not exist" in err
-    err = one_line_error(capsys, visualize.main, ["curves", "--workdir", images])
+    err = one_line_error(capsys, "visualize", ["curves", "--workdir", images])
     assert "no metrics.jsonl" in err
     out = "gs://no-such-bucket-for-vit-jax/pictures"
-    err = one_line_error(capsys, visualize.main, ["posemb", "--workdir", local_run, "--out", out])
+    err = one_line_error(capsys, "visualize", ["posemb", "--workdir", local_run, "--out", out])
     assert f"cannot write to {out}: the bucket" in err
     argv = ["--workdir", local_run, "--format", "npz", "--out", f"{out}/m.npz"]
     assert "the bucket 'no-such-bucket-for-vit-jax' does not exist" in one_line_error(
-        capsys, export.main, argv
+        capsys, "export", argv
     )
-    err = one_line_error(capsys, export.main, ["--workdir", images, "--format", "jax"])
+    err = one_line_error(capsys, "export", ["--workdir", images, "--format", "jax"])
     assert "no config.json" in err
     argv = [f"--init_from={gone}/m.npz", "--model=mu/4", f"--workdir=gs://{bucket_run}/sweep"]
-    err = one_line_error(capsys, transfer.main, argv)
+    err = one_line_error(capsys, "transfer", argv)
     assert "--init_from" in err and "bucket 'no-such-bucket-for-vit-jax' does not exist" in err
     assert storage_server.objects(bucket_run, "sweep") == []
 

@@ -2,15 +2,16 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 
 import numpy as np
 import pytest
-from helpers import as_in_readme, readme_commands, tiny_config
+from helpers import TRAINED_RUN, as_in_readme, readme_commands
 
-from vit_jax import cli, inference, loop
+from vit_jax import cli, inference
 from vit_jax.checkpoint import npz_arrays, read_npz
 from vit_jax.commands import export
 
@@ -35,19 +36,10 @@ RUNNER = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A tiny gap-pooled ViT trained on digits for 4 steps."""
-    config = tiny_config(
-        "batch_size=32",
-        "eval_batch_size=128",
-        "total_steps=4",
-        "log_every_steps=4",
-        "eval_every_steps=4",
-        "checkpoint.every_steps=4",
-        "schedule.warmup_steps=1",
-    )
-    workdir = str(tmp_path_factory.mktemp("run"))
-    loop.run(config, workdir)
+def run_dir(trained_run, tmp_path_factory):
+    """A copy of the shared tiny ViT (tests/conftest.py): exports go into its export/."""
+    workdir = str(tmp_path_factory.mktemp("run") / "run")
+    shutil.copytree(trained_run, workdir)
     return workdir
 
 
@@ -87,7 +79,7 @@ def test_jax_artifact_runs_without_the_project_and_matches_the_model(run_dir, tm
     assert contract["output"]["shape"] == ["batch", 10]
     assert contract["class_names"] == [str(i) for i in range(10)]
     assert contract["preprocessing"] == "decode(3)|resize(8)|value_range(-1, 1)"
-    assert contract["image_size"] == 8 and contract["step"] == 4
+    assert contract["image_size"] == 8 and contract["step"] == TRAINED_RUN["total_steps"]
 
 
 def test_npz_export_writes_the_public_layout(run_dir, capsys):

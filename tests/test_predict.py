@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from data_fixtures import tiny_tfds
 from data_fixtures.images import write_folder
-from helpers import as_in_readme, readme_commands, tiny_config
+from helpers import TRAINED_RUN, as_in_readme, readme_commands
 from PIL import Image
 
-from vit_jax import cli, data, inference, loop
+from vit_jax import cli, data, inference
 from vit_jax.checkpoint import save_npz
 from vit_jax.commands import predict
 from vit_jax.data.sources import digits
@@ -23,26 +23,10 @@ NUM_HELDOUT = 60
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_digits_config(steps: int):
-    return tiny_config(
-        "batch_size=64",
-        "eval_batch_size=128",
-        f"total_steps={steps}",
-        f"log_every_steps={steps}",
-        f"eval_every_steps={steps}",
-        f"checkpoint.every_steps={steps}",
-        "checkpoint.async_save=false",
-        "schedule.warmup_steps=5",
-        "schedule.base_lr=3e-3",
-    )
-
-
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A tiny ViT trained on digits for 100 steps (about 10 s)."""
-    workdir = str(tmp_path_factory.mktemp("run"))
-    loop.run(tiny_digits_config(100), workdir)
-    return workdir
+def run_dir(trained_run):
+    """The shared tiny ViT trained on digits (tests/conftest.py); prediction only reads it."""
+    return trained_run
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +44,7 @@ def heldout(tmp_path_factory):
 
 def test_load_run_restores_the_run_with_its_names_and_eval_preprocessing(run_dir, heldout):
     loaded = inference.load_run(run_dir)
-    assert loaded.step == 100 and loaded.num_classes == 10
+    assert loaded.step == TRAINED_RUN["total_steps"] and loaded.num_classes == 10
     assert loaded.class_names == tuple(str(i) for i in range(10))
     assert loaded.pp == "decode(3)|resize(8)|value_range(-1, 1)"  # onehot(...) left out
     # A PNG file goes through the same ops as the run's evaluation: identical pixels.
@@ -133,17 +117,17 @@ def test_cli_text_output_names_classes(run_dir, heldout, capsys):
 
 
 def test_released_npz_with_labels_file(tmp_path, heldout, capsys):
-    model = create_model("ViT-Ti/4", num_classes=3, img_size=8, head_zero_init=False, seed=1)
+    model = create_model("ViT-mu/4", num_classes=3, img_size=8, head_zero_init=False, seed=1)
     save_npz(model, tmp_path / "m.npz")
     (tmp_path / "labels.txt").write_text("cat\ndog\nbird\n")
     paths, _ = heldout
-    argv = ["--checkpoint", str(tmp_path / "m.npz"), "--model", "ViT-Ti/4", "--img_size", "8"]
+    argv = ["--checkpoint", str(tmp_path / "m.npz"), "--model", "ViT-mu/4", "--img_size", "8"]
     assert (
         cli.run("predict", [*argv, "--labels", str(tmp_path / "labels.txt"), "--json", paths[0]])
         == 0
     )
     (entry,) = json.loads(capsys.readouterr().out)
-    loaded = inference.load_npz_model(str(tmp_path / "m.npz"), "ViT-Ti/4", img_size=8)
+    loaded = inference.load_npz_model(str(tmp_path / "m.npz"), "ViT-mu/4", img_size=8)
     assert loaded.num_classes == 3 and loaded.class_names is None  # the count from the head
     image = loaded.preprocess(inference.read_image(paths[0]))
     expected = np.asarray(jax.nn.softmax(model(image[None])))[0]

@@ -2,43 +2,25 @@
 
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
-from helpers import as_in_readme, readme_commands, tiny_config
+from helpers import as_in_readme, readme_commands
 from PIL import Image
 
-from vit_jax import cli, loop
+from vit_jax import cli
 from vit_jax.commands import visualize
-from vit_jax.data.sources import digits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A tiny class-token ViT trained on digits for 10 steps, evaluated twice."""
-    config = tiny_config(
-        "model.pool_type=tok",
-        "batch_size=32",
-        "eval_batch_size=128",
-        "total_steps=10",
-        "log_every_steps=2",
-        "eval_every_steps=5",
-        "checkpoint.every_steps=10",
-        "schedule.warmup_steps=2",
-    )
-    workdir = str(tmp_path_factory.mktemp("run"))
-    loop.run(config, workdir)
+def run_dir(trained_run, tmp_path_factory):
+    """A copy of the shared tiny class-token ViT (tests/conftest.py): pictures go into it."""
+    workdir = str(tmp_path_factory.mktemp("run") / "run")
+    shutil.copytree(trained_run, workdir)
     return workdir
-
-
-@pytest.fixture(scope="module")
-def digit_png(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("img") / "seven.png")
-    images, labels = digits.load_split("test")
-    Image.fromarray(images[int(np.flatnonzero(labels == 7)[0]), :, :, 0]).save(path)
-    return path
 
 
 # --- arithmetic ------------------------------------------------------------------------------
