@@ -68,6 +68,7 @@ def read_png(url: str) -> Image.Image:
     return image
 
 
+@pytest.mark.slow
 def test_predict_reads_the_run_and_an_image_from_the_bucket(
     storage_server, bucket_run, local_run, digit_png, empty_cwd
 ):

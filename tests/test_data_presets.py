@@ -35,10 +35,6 @@ SPLIT = {
 }
 
 
-def test_vtab_has_19_tasks():
-    assert len(presets.VTAB_TASKS) == 19
-
-
 @pytest.mark.parametrize("name", FIXED + VTAB + [v + "/hparam" for v in VTAB])
 def test_every_preset_has_the_same_fields_and_valid_pp(name):
     cfg = data.get_data_config(name)

@@ -43,6 +43,7 @@ def run_dir(trained_run, tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 def test_jax_artifact_runs_without_the_project_and_matches_the_model(run_dir, tmp_path, capsys):
     out = str(tmp_path / "shipped" / "vit.jax")
     assert cli.run("export", ["--workdir", run_dir, "--format", "jax", "--out", out]) == 0

