@@ -83,8 +83,16 @@ def base_config() -> ml_collections.ConfigDict:
     config.sharding_rules = "fsdp_tp"
     config.log_every_steps = 50
     config.eval_every_steps = 1000
+    # `resume_step`: resume from this checkpoint step instead of the newest (e.g. the intact
+    # step before a damaged one); the later steps are moved to `<workdir>/checkpoints_set_aside`.
     config.checkpoint = ml_collections.ConfigDict(
-        dict(every_steps=1000, keep=3, keep_every=config_dict.placeholder(int), async_save=True)
+        dict(
+            every_steps=1000,
+            keep=3,
+            keep_every=config_dict.placeholder(int),
+            async_save=True,
+            resume_step=config_dict.placeholder(int),
+        )
     )
     config.init_from = ml_collections.ConfigDict(
         dict(path="", head="auto", posemb_interpolation="bilinear")

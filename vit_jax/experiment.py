@@ -23,6 +23,7 @@ from flax import nnx
 
 from vit_jax import data, sharding, storage
 from vit_jax.checkpoint import Checkpointer, abstract_like, load_npz
+from vit_jax.checkpoint.manager import STEP_FLAG
 from vit_jax.errors import UserError
 from vit_jax.steps import StepBuilder
 
@@ -102,7 +103,7 @@ class Experiment:
         checkpoints = open_checkpoints(workdir)
         try:
             step = pick_step(workdir, checkpoints, step)
-            num_classes = _num_classes(config, workdir, step)
+            num_classes = _num_classes(config, checkpoints, step)
             mesh = sharding.make_mesh({}, jax.devices()[:1])
             experiment = cls(
                 config, mesh, num_classes=num_classes, total_steps=1, checkpoint_step=step
@@ -226,7 +227,7 @@ class Experiment:
         check_run_directory(path, "config.init_from.path")
         source = open_checkpoints(path, "config.init_from.path")
         try:
-            params = source.restore_params(self.abstract_state["params"])
+            params = source.restore_params(self.abstract_state["params"], continue_with=None)
         finally:
             source.close()
         log.info("initialised from the run %s", path)
@@ -245,6 +246,27 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.loads(text))
     except ValueError as e:
         raise UserError(f"{path}: not a readable config ({e})") from None
+
+
+CLASS_NAMES_FILE = "class_names.json"  # next to config.json: the names, or null
+
+
+def read_class_names(workdir: str) -> tuple[bool, tuple[str, ...] | None]:
+    """(whether the run saved its class names, the names): `class_names.json`, written by
+    the trainer when the run started (`null` where the data has none). A run trained before
+    that, or whose file cannot be read, gives (False, None)."""
+    path = storage.join(workdir, CLASS_NAMES_FILE)
+    try:
+        if not storage.is_file(path):
+            return False, None
+        names = json.loads(storage.read_text(path))
+    except (OSError, ValueError):
+        return False, None
+    if names is None:
+        return True, None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        return False, None
+    return True, tuple(names)
 
 
 def check_run_directory(path: str, name: str) -> None:
@@ -285,14 +307,18 @@ def pick_step(workdir: str, checkpoints: Checkpointer, step: int | None) -> int:
     return max(steps) if step is None else step
 
 
-def _num_classes(config: ml_collections.ConfigDict, workdir: str, step: int) -> int:
-    """From the data config, else (the dataset is gone) from the checkpoint's head shape."""
+def _num_classes(config: ml_collections.ConfigDict, checkpoints: Checkpointer, step: int) -> int:
+    """From the data config, else (the dataset is gone) from the checkpoint's head shape
+    (DamagedCheckpointError where that step cannot be read)."""
     try:
         return data.num_classes(config.data)
     except (data.DataError, OSError):
+        reason = checkpoints.damage(step)
+        if reason is not None:
+            raise checkpoints.damaged_error(step, reason, STEP_FLAG) from None
         import orbax.checkpoint as ocp
 
-        path = storage.as_path(storage.join(workdir, "checkpoints", str(step), "state"))
+        path = storage.as_path(storage.join(checkpoints.directory, str(step), "state"))
         tree = ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree
         return int(tree["params"]["head"]["bias"].shape[0])
 

@@ -3,7 +3,9 @@
 `load_run(workdir)` rebuilds the run's config from the `config.json` the trainer wrote,
 builds the model from abstract shapes (nothing random is allocated), restores the newest
 complete checkpoint's parameters and builds the run's evaluation preprocessing for single
-image files, so a picture goes through the same ops as the run's evaluation did.
+image files, so a picture goes through the same ops as the run's evaluation did. The class
+names come from the run's `class_names.json` (saved when it started), so the data need not
+be where it was.
 `load_npz_model` does the same for a public-layout `.npz` with the release's preprocessing.
 The commands `predict`, `visualize` and `export` start from here.
 """
@@ -15,6 +17,7 @@ import contextlib
 import dataclasses
 import functools
 import io
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import jax
@@ -27,7 +30,7 @@ from vit_jax.checkpoint import CheckpointError, read_npz
 from vit_jax.data import label_ops, pp_parse, presets, registry
 from vit_jax.data._tf import tf
 from vit_jax.errors import UserError
-from vit_jax.experiment import Experiment
+from vit_jax.experiment import CLASS_NAMES_FILE, Experiment, read_class_names
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 _TF_FORMATS = ("JPEG", "PNG", "GIF", "BMP")  # what the eval pipeline's decode op reads
@@ -117,7 +120,7 @@ def load_run(workdir: str, step: int | None = None) -> LoadedModel:
     return LoadedModel(
         model=experiment.model(),
         config=config,
-        class_names=_checked_names(class_names(config.data), num_classes),
+        class_names=_checked_names(run_class_names(workdir, config.data), num_classes),
         pp=eval_pp(config.data, num_classes),
         image_size=int(config.data.image_size),
         multi_label=bool(config.data.multi_label) or "sigmoid" in str(config.loss),
@@ -141,6 +144,23 @@ def eval_pp(data_config: ml_collections.ConfigDict, num_classes: int, split: str
 def _format_op(op: pp_parse.OpCall) -> str:
     args = [repr(a) for a in op.args] + [f"{k}={v!r}" for k, v in op.kwargs.items()]
     return f"{op.name}({', '.join(args)})" if args else op.name
+
+
+def run_class_names(workdir: str, data_config: ml_collections.ConfigDict) -> tuple[str, ...] | None:
+    """The class names the run saved when it started (no data needed); for a run trained
+    before they were saved, read from the data as the run's config names it, with a note."""
+    saved, names = read_class_names(workdir)
+    if saved:
+        return names
+    names = class_names(data_config)
+    found = "read from the data" if names else "not in the data either: indices are shown"
+    print(
+        f"note: {workdir} has no {CLASS_NAMES_FILE} (trained before the class names were "
+        f"saved with the run); the class names were {found}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return names
 
 
 def class_names(data_config: ml_collections.ConfigDict) -> tuple[str, ...] | None:

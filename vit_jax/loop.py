@@ -14,6 +14,7 @@ a row); no bad state is ever saved over a good checkpoint.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -26,10 +27,10 @@ import ml_collections
 
 from vit_jax import data, evaluate, sharding, storage
 from vit_jax.checkpoint import Checkpointer
-from vit_jax.checkpoint.manager import check_room
+from vit_jax.checkpoint.manager import RESUME_STEP, check_room
 from vit_jax.data import pipeline
 from vit_jax.errors import UserError
-from vit_jax.experiment import Experiment
+from vit_jax.experiment import CLASS_NAMES_FILE, Experiment
 from vit_jax.metric_logging import MetricLogger, Progress, format_line, peak_flops
 from vit_jax.preemption import Preempted, StopSignals
 from vit_jax.steps import nonfinite_policy
@@ -65,6 +66,8 @@ def _run(config, workdir: str, stop_after_step: int | None, signals: StopSignals
     storage.make_dirs(workdir)
     experiment = Experiment.from_config(config)
     mesh, steps = experiment.mesh, experiment.total_steps
+    if jax.process_index() == 0:  # the class names travel with the run (predict, export)
+        save_class_names(workdir, config.data, experiment.num_classes)
     checkpointer = Checkpointer(
         storage.join(workdir, "checkpoints"),
         every_steps=config.checkpoint.every_steps,
@@ -166,6 +169,21 @@ def _run(config, workdir: str, stop_after_step: int | None, signals: StopSignals
     return results
 
 
+def save_class_names(workdir: str, data_config, num_classes: int) -> None:
+    """`<workdir>/class_names.json`: the data's class names (`null` where it has none), so
+    that predict, visualize and export name classes without the data. Names found earlier
+    are not replaced by `null`."""
+    from vit_jax.inference import class_names
+
+    names = class_names(data_config)
+    if names is not None and len(names) != num_classes:
+        names = None
+    path = storage.join(workdir, CLASS_NAMES_FILE)
+    if names is None and storage.exists(path):
+        return
+    storage.write_text(path, json.dumps(list(names) if names is not None else None) + "\n")
+
+
 class SkipCounter:
     """Counts skipped (non-finite) steps on the device and stops a run after too many in a
     row. Each step's count is read one step late, so the host never waits for the step it
@@ -236,7 +254,30 @@ def due(step: int, every: int | None, last: bool) -> bool:
 
 
 def initial_state(experiment: Experiment, checkpointer: Checkpointer) -> dict:
-    """The newest checkpoint of this run, else init_from or a fresh initialisation."""
+    """The newest checkpoint of this run (or `config.checkpoint.resume_step`, the later
+    steps set aside), else init_from or a fresh initialisation."""
+    resume = experiment.config.checkpoint.get("resume_step")
+    if resume is not None:
+        steps = checkpointer.all_steps()
+        if resume not in steps:
+            have = f"checkpoints at steps {steps}" if steps else "no checkpoints"
+            raise UserError(
+                f"config.checkpoint.resume_step={resume}: {checkpointer.directory} has {have}; "
+                "give one of them, or leave the field unset to resume from the newest"
+            )
+        reason = checkpointer.damage(resume)
+        if reason is not None:  # refused before anything is moved
+            raise checkpointer.damaged_error(resume, reason, RESUME_STEP)
+        aside = storage.join(storage.dirname(checkpointer.directory), "checkpoints_set_aside")
+        moved = checkpointer.set_aside_after(resume, aside)
+        if moved:
+            log.info(
+                "resuming from step %d (config.checkpoint.resume_step); the later checkpoints "
+                "%s were moved to %s",
+                resume,
+                ", ".join(map(str, moved)),
+                aside,
+            )
     if checkpointer.latest_step() is not None:
         state, record = checkpointer.restore(experiment.abstract_state)
         log.info("resumed from step %d in %s", record["step"], checkpointer.directory)

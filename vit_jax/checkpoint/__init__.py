@@ -1,6 +1,6 @@
 """Checkpoints: orbax training checkpoints (`Checkpointer`) and public-layout `.npz` weights."""
 
-from vit_jax.checkpoint.manager import Checkpointer, abstract_like
+from vit_jax.checkpoint.manager import Checkpointer, DamagedCheckpointError, abstract_like
 from vit_jax.checkpoint.npz import (
     CheckpointError,
     CheckpointMismatchError,
@@ -14,6 +14,7 @@ from vit_jax.checkpoint.posemb import resize_posemb
 
 __all__ = [
     "Checkpointer",
+    "DamagedCheckpointError",
     "abstract_like",
     "CheckpointError",
     "CheckpointMismatchError",

@@ -8,12 +8,17 @@ checkpoint and only finished steps are listed; temporaries left by a killed run 
 when the next run opens the directory. A failed save (disk full, permissions) raises
 `CheckpointSaveError` naming the step and the path; the previous checkpoint stays. Restoring
 takes abstract arrays with shardings, which lets a checkpoint written on one mesh load onto
-another; a checkpoint of another model is refused with every mismatched key listed.
+another; a checkpoint of another model is refused with every mismatched key listed. A
+listed step whose files cannot be read (a data file cut short or gone, an empty or missing
+`_METADATA` or `manifest.ocdbt`) is `DamagedCheckpointError`: one line naming the step, the
+newest intact step before it and how to continue from that one; nothing is deleted.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 from typing import Any
 
@@ -39,6 +44,27 @@ class NoRoomError(UserError):
 
 class StateMismatchError(UserError, ValueError):
     """A checkpoint's arrays do not fit the state this config builds (all problems listed)."""
+
+
+class DamagedCheckpointError(UserError):
+    """A completely written checkpoint step cannot be read (its files are cut short, empty
+    or gone); the message names the newest intact earlier step and how to continue from it."""
+
+    def __init__(self, message: str, *, step: int, intact_step: int | None):
+        super().__init__(message)
+        self.step = step
+        self.intact_step = intact_step
+
+
+# How a caller continues from another step: a train config field or a command's flag.
+RESUME_STEP = "--config.checkpoint.resume_step={step}"
+STEP_FLAG = "--step {step}"
+# Status codes of tensorstore's read errors that mean the files are not what was written.
+_READ_FAILURES = re.compile(r"\b(OUT_OF_RANGE|DATA_LOSS|NOT_FOUND|UNKNOWN|FAILED_PRECONDITION)\b")
+_UNREADABLE_INDEX = (
+    "its array metadata cannot be read (a data file under state/ is cut short or gone)"
+)
+_FILE = re.compile(r'local file "([^"]+)"|file "([^"]+)"')
 
 
 class Checkpointer:
@@ -116,27 +142,30 @@ class Checkpointer:
             "access), then run the same command again to resume."
         )
 
-    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
-        """Restores onto the shardings in `abstract_state` (a tree of ShapeDtypeStructs)."""
+    def restore(
+        self, abstract_state: Any, step: int | None = None, *, continue_with: str = RESUME_STEP
+    ) -> tuple[Any, dict]:
+        """Restores onto the shardings in `abstract_state` (a tree of ShapeDtypeStructs).
+
+        DamagedCheckpointError if the step's files cannot be read (`continue_with`, with
+        `{step}`, tells how to pick the intact earlier step); StateMismatchError if they are
+        another state's."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
-        check_fits(self._saved_arrays(step), abstract_state, f"{self.directory}/{step}")
+        check_fits(self._readable_arrays(step, continue_with), abstract_state, self._where(step))
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), record=ocp.args.JsonRestore()
         )
         try:
             restored = self._manager.restore(step, args=args)
-        except ValueError as error:
-            raise ValueError(
-                f"the checkpoint at step {step} in {self.directory} does not match the train "
-                "state this config builds (a different model, optimizer or clipping?). Resume "
-                "with the config that wrote it, or start in a new workdir with "
-                f"config.init_from.path pointing at it. Details: {error}"
-            ) from error
+        except Exception as error:  # noqa: BLE001 - sorted into damaged files or another state
+            raise self._restore_error(step, error, continue_with, RESUME_HINT) from None
         return restored.state, dict(restored.record)
 
-    def restore_params(self, abstract_params: Any, step: int | None = None) -> Any:
+    def restore_params(
+        self, abstract_params: Any, step: int | None = None, *, continue_with: str = STEP_FLAG
+    ) -> Any:
         """Only the parameters of a checkpoint (e.g. another run's, to fine-tune from).
 
         The optimizer state of that run is not read, so it may differ from this run's.
@@ -144,10 +173,9 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
-        saved = self._saved_arrays(step)
-        if saved is not None:
-            saved = {k: v for k, v in saved.items() if k.startswith("params/")}
-        check_fits(saved, {"params": abstract_params}, f"{self.directory}/{step}", INIT_HINT)
+        saved = self._readable_arrays(step, continue_with)
+        saved = {k: v for k, v in saved.items() if k.startswith("params/")}
+        check_fits(saved, {"params": abstract_params}, self._where(step), INIT_HINT)
         item = {"params": abstract_params}
         args = ocp.args.Composite(
             state=ocp.args.PyTreeRestore(
@@ -158,11 +186,116 @@ class Checkpointer:
         )
         try:
             return self._manager.restore(step, args=args).state["params"]
-        except ValueError as error:
-            raise ValueError(
-                f"the parameters at step {step} in {self.directory} do not fit this model "
-                f"(another architecture or class count?). Details: {error}"
-            ) from error
+        except Exception as error:  # noqa: BLE001 - sorted into damaged files or another model
+            raise self._restore_error(step, error, continue_with, INIT_HINT) from None
+
+    def set_aside_after(self, step: int, target: str) -> list[int]:
+        """Moves the steps after `step` into the folder `target` (nothing is deleted), so a
+        run resumed from `step` saves its later steps afresh; returns the steps moved."""
+        later = sorted(s for s in self.all_steps() if s > step)
+        if later and jax.process_index() == 0:
+            for moved in later:
+                source = storage.join(self.directory, str(moved))
+                destination = storage.join(target, str(moved))
+                copy = 1
+                while storage.exists(destination):
+                    destination, copy = storage.join(target, f"{moved}.{copy}"), copy + 1
+                _move_tree(source, destination)
+        if later:
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("vit_jax set aside checkpoints")
+            self._manager.reload()
+        return later
+
+    # --- damaged steps -----------------------------------------------------------------------
+
+    def _where(self, step: int) -> str:
+        return storage.join(self.directory, str(step))
+
+    def damage(self, step: int) -> str | None:
+        """Why `step` cannot be read ('state/_METADATA is empty', ...), or None where its
+        files look whole (its index files and array metadata; the arrays are checked when
+        read)."""
+        reason = self._file_damage(step)
+        if reason is None and self._saved_arrays(step) is None:
+            reason = _UNREADABLE_INDEX
+        return reason
+
+    def _file_damage(self, step: int) -> str | None:
+        """`damage` from the index files alone."""
+        state = storage.join(self.directory, str(step), "state")
+        try:
+            metadata_path = storage.join(state, "_METADATA")
+            if not storage.is_file(metadata_path):
+                return "state/_METADATA is missing"
+            text = storage.read_text(metadata_path)
+            if not text.strip():
+                return "state/_METADATA is empty"
+            try:
+                metadata = json.loads(text)
+            except ValueError:
+                return "state/_METADATA is cut short or not JSON"
+            if isinstance(metadata, dict) and metadata.get("use_ocdbt", True):
+                manifest = storage.join(state, "manifest.ocdbt")
+                if not storage.is_file(manifest):
+                    return "state/manifest.ocdbt is missing"
+                if storage.size(manifest) == 0:
+                    return "state/manifest.ocdbt is empty"
+        except OSError as error:
+            return f"its files cannot be read ({_first_line(error)})"
+        return None
+
+    def intact_before(self, step: int) -> int | None:
+        """The newest step before `step` whose files look whole, or None."""
+        for earlier in sorted((s for s in self.all_steps() if s < step), reverse=True):
+            if self.damage(earlier) is None:
+                return earlier
+        return None
+
+    def damaged_error(
+        self, step: int, reason: str, continue_with: str | None
+    ) -> DamagedCheckpointError:
+        """One line: the damaged step, why, the intact earlier step and how to use it."""
+        intact = self.intact_before(step)
+        where = self._where(step)
+        if intact is None:
+            then = "no earlier step is intact: train again in a new workdir (nothing was deleted)"
+        elif continue_with is None:
+            then = (
+                f"step {intact} is intact: move {where} out of the run to start from it "
+                "(nothing was deleted)"
+            )
+        else:
+            how = continue_with.format(step=intact)
+            then = f"step {intact} is intact: continue from it with {how} (nothing was deleted)"
+        return DamagedCheckpointError(
+            f"the checkpoint of step {step} in {where} cannot be read: {reason}; {then}",
+            step=step,
+            intact_step=intact,
+        )
+
+    def _readable_arrays(self, step: int, continue_with: str | None) -> dict:
+        """`_saved_arrays(step)`, or DamagedCheckpointError where the step is not whole."""
+        reason = self._file_damage(step)
+        saved = None if reason is not None else self._saved_arrays(step)
+        if saved is None:
+            raise self.damaged_error(step, reason or _UNREADABLE_INDEX, continue_with)
+        return saved
+
+    def _restore_error(
+        self, step: int, error: BaseException, continue_with: str | None, hint: str
+    ) -> UserError:
+        """A failed orbax restore as one line: damaged files, or another state."""
+        text = " ".join(f"{type(e).__name__}: {e}" for e in _chain(error))
+        if isinstance(error, OSError) or _READ_FAILURES.search(text):
+            return self.damaged_error(step, _read_reason(text, self._where(step)), continue_with)
+        return StateMismatchError(
+            f"the checkpoint in {self._where(step)} does not match the train state this "
+            f"config builds (a different model, optimizer or clipping?): "
+            f"{_first_line(error)}. {hint}"
+        )
 
     def _saved_arrays(self, step: int) -> dict[str, tuple[int, ...]] | None:
         """Shapes of the state arrays saved at `step` by path, from the metadata only."""
@@ -278,6 +411,49 @@ def check_room(directory: str, abstract_state: Any, margin: float = 1.1) -> None
             f"(parameters and optimizer state), the disk has {_mib(free)} free. Free some "
             "space or choose another --workdir."
         )
+
+
+def _move_tree(source: str, destination: str) -> None:
+    """Moves a folder (a rename on disk; a copy, then a delete, in a bucket)."""
+    if not storage.is_remote(source):
+        os.makedirs(os.path.dirname(destination), exist_ok=True)
+        shutil.move(source, destination)
+        return
+    prefix = source.rstrip("/") + "/"
+    files = list(storage.walk_files(source))
+    for name in files:
+        storage.write_bytes(destination + "/" + name[len(prefix) :], storage.read_bytes(name))
+    for name in files:
+        storage.remove(name)
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """The error and its causes (orbax wraps tensorstore's message in its own)."""
+    chain: list[BaseException] = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def _read_reason(text: str, step_dir: str) -> str:
+    """'state/d/ab12 is cut short (OUT_OF_RANGE)' from a tensorstore read error."""
+    if "OUT_OF_RANGE" in text:
+        what = "is cut short"
+    elif "NOT_FOUND" in text or "No such file" in text:
+        what = "is missing"
+    else:
+        what = "cannot be read"
+    code = _READ_FAILURES.search(text)
+    code_text = f" ({code.group(1)})" if code else ""
+    names = [a or b for a, b in _FILE.findall(text)]
+    names = [n for n in names if not n.rstrip("/").endswith("/state")]
+    if names:
+        name = names[-1]
+        prefix = step_dir.rstrip("/") + "/"
+        name = name[len(prefix) :] if name.startswith(prefix) else name
+        return f"{name} {what}{code_text}"
+    return f"a data file under state/ {what}{code_text}"
 
 
 def _first_line(error: BaseException) -> str:
