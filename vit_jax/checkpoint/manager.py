@@ -64,6 +64,7 @@ _READ_FAILURES = re.compile(r"\b(OUT_OF_RANGE|DATA_LOSS|NOT_FOUND|UNKNOWN|FAILED
 _UNREADABLE_INDEX = (
     "its array metadata cannot be read (a data file under state/ is cut short or gone)"
 )
+_ARRAY = re.compile(r'Error reading "([^"]+)" in OCDBT')
 _FILE = re.compile(r'local file "([^"]+)"|file "([^"]+)"')
 
 
@@ -437,7 +438,8 @@ def _chain(error: BaseException) -> list[BaseException]:
 
 
 def _read_reason(text: str, step_dir: str) -> str:
-    """'state/d/ab12 is cut short (OUT_OF_RANGE)' from a tensorstore read error."""
+    """'a data file under state/ (params.head.kernel) is cut short (OUT_OF_RANGE)' from a
+    tensorstore read error: the file, or the array whose data could not be read."""
     if "OUT_OF_RANGE" in text:
         what = "is cut short"
     elif "NOT_FOUND" in text or "No such file" in text:
@@ -446,6 +448,7 @@ def _read_reason(text: str, step_dir: str) -> str:
         what = "cannot be read"
     code = _READ_FAILURES.search(text)
     code_text = f" ({code.group(1)})" if code else ""
+    array = _ARRAY.search(text)
     names = [a or b for a, b in _FILE.findall(text)]
     names = [n for n in names if not n.rstrip("/").endswith("/state")]
     if names:
@@ -453,7 +456,8 @@ def _read_reason(text: str, step_dir: str) -> str:
         prefix = step_dir.rstrip("/") + "/"
         name = name[len(prefix) :] if name.startswith(prefix) else name
         return f"{name} {what}{code_text}"
-    return f"a data file under state/ {what}{code_text}"
+    holding = f" (holding {array.group(1).split('/')[0]})" if array else ""
+    return f"a data file under state/{holding} {what}{code_text}"
 
 
 def _first_line(error: BaseException) -> str:
