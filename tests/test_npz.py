@@ -260,9 +260,11 @@ def test_head_replace_and_keep_policies(source, source_file):
     with pytest.raises(CheckpointMismatchError) as info:
         load_npz(shell(num_classes=7), source_file, head="keep")
     message = str(info.value)
-    assert "head/kernel  file (32, 5) vs model (32, 7)" in message
-    assert "head/bias  file (5,) vs model (7,)" in message
-    assert "head='replace'" in message
+    assert message.startswith(f"checkpoint {str(source_file)!r} (original layout) does not fit")
+    assert "classes: the file has 5, the model 7" in message
+    assert "head/kernel (file (32, 5) vs model (32, 7))" in message
+    assert "head/bias (file (5,) vs model (7,))" in message
+    assert "config.init_from.head=replace" in message
     assert [k for k, _, _ in info.value.mismatched] == ["head/bias", "head/kernel"]
 
 
@@ -276,7 +278,7 @@ def test_head_dropped_into_feature_model(source, source_file, images, head):
     np.testing.assert_allclose(
         features, source.forward_features(images)["pre_logits"], rtol=1e-5, atol=1e-6
     )
-    with pytest.raises(CheckpointMismatchError, match="head='drop'"):
+    with pytest.raises(CheckpointMismatchError, match="config.init_from.head=replace"):
         load_npz(shell(num_classes=0), source_file, head="keep")
 
 
@@ -291,14 +293,16 @@ def test_pre_logits_policies(tmp_path, source_file):
     assert "pre_logits/kernel" in report.dropped
     with pytest.raises(CheckpointMismatchError) as info:
         load_npz(shell(num_classes=0), rep_file, pre_logits="keep")
-    assert "pre_logits/kernel  file (32, 16)" in str(info.value)
-    assert "pre_logits='drop'" in str(info.value)
+    assert "unexpected pre_logits/kernel (file (32, 16))" in str(info.value)
+    assert "config.model.representation_size" in str(info.value)
     # The model has one and the shapes match: kept.
     rep = shell(representation_size=16)
     assert load_npz(rep, rep_file).pre_logits == "loaded"
     np.testing.assert_array_equal(rep.pre_logits.kernel[...], with_rep.pre_logits.kernel[...])
     # The model has one, the file none: missing, unless dropped (model keeps its own init).
-    with pytest.raises(CheckpointMismatchError, match="pre_logits/kernel  model \\(32, 16\\)"):
+    with pytest.raises(
+        CheckpointMismatchError, match="missing pre_logits/kernel \\(model \\(32, 16\\)\\)"
+    ):
         load_npz(shell(representation_size=16), source_file)
     fresh = randomize(shell(representation_size=16), seed=5)
     init = np.asarray(fresh.pre_logits.kernel[...])
@@ -323,10 +327,11 @@ def test_all_problems_listed_in_one_error(tmp_path, source_file):
         load_npz(model, path)
     message = str(info.value)
     assert str(path) in message
-    assert "Transformer/encoderblock_1/LayerNorm_2/scale  model (32,)" in message
-    assert "extra/kernel  file (3, 3)" in message
-    assert "Transformer/encoder_norm/scale  file (33,) vs model (32,)" in message
-    assert "strict=False" in message
+    assert "\n" not in message and not message.rstrip().endswith(":")
+    assert "missing Transformer/encoderblock_1/LayerNorm_2/scale (model (32,))" in message
+    assert "unexpected extra/kernel (file (3, 3))" in message
+    assert "Transformer/encoder_norm/scale (file (33,) vs model (32,))" in message
+    assert "3 array(s) differ" in message and "strict" not in message  # no flag sets it
     assert info.value.missing == ["Transformer/encoderblock_1/LayerNorm_2/scale"]
     assert info.value.unexpected == ["extra/kernel"]
     assert_same_arrays(npz_arrays(model), before)  # a failed load leaves the model alone
@@ -347,8 +352,10 @@ def test_depth_mismatch_lists_layers_and_hints(tmp_path):
     with pytest.raises(CheckpointMismatchError) as info:
         load_npz(shell(), path)
     message = str(info.value)
-    assert "Transformer/encoderblock/LayerNorm_0/scale[2]  file (32,)" in message
-    assert "the file has 3 Transformer/encoderblocks, the model 2" in message
+    # The diagnosis first, then a handful of keys and a count of the rest, in one line.
+    assert message.index("depth: the file has 3 blocks, the model 2") < message.index("differ")
+    assert "16 array(s) differ: unexpected Transformer/encoderblock/" in message
+    assert "(+12 more)" in message and "\n" not in message
     assert len(info.value.unexpected) == 16  # every array of the third block
 
 

@@ -41,15 +41,28 @@ def _configure() -> None:
     """The settings paths need, made once, on first use (every path goes through
     `is_remote` or `as_path`) rather than when the module is imported."""
     global _configured
+    _buckets_through_fsspec()
     if _configured:
         return
-    os.environ.setdefault("EPATH_USE_TF", "false")  # epath through fsspec, not TensorFlow
     # Several processes write one run: a listing must show what the others wrote since.
     fsspec.config.conf.setdefault("gs", {}).setdefault("use_listings_cache", False)
     # gcsfs logs each retry's traceback and a warning per bucket when no Cloud credentials
     # are found; a failure reaches the user as one StorageError line instead.
     logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
     _configured = True
+
+
+def _buckets_through_fsspec() -> None:
+    """epath sends gs:// through TensorFlow unless EPATH_USE_TF=false, and caches that
+    choice the first time anything asks. Set on every use (an environment may have been
+    restored without it since), and a choice made before it was set is forgotten."""
+    if os.environ.setdefault("EPATH_USE_TF", "false") != "false":
+        return  # the user chose TensorFlow's file system on purpose
+    from etils.epath import gpath
+
+    decided = getattr(gpath, "_is_tf_installed", None)
+    if decided is not None and decided.cache_info().currsize and decided():
+        decided.cache_clear()
 
 
 class StorageError(UserError):

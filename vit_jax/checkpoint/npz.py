@@ -427,9 +427,8 @@ def load_npz(
             file_shapes[sources.get(key, key)] = weights[key].shape
 
     if strict and (report.missing or report.unexpected or report.mismatched):
-        message = _mismatch_message(
-            report, slots_by_layout[layout], file_shapes, set(weights), head
-        )
+        every_shape = {k: tuple(v.shape) for k, v in weights.items()}
+        message = _mismatch_message(report, slots_by_layout[layout], file_shapes, every_shape, head)
         raise CheckpointMismatchError(
             message,
             missing=report.missing,
@@ -529,51 +528,73 @@ def _block_counts(keys) -> dict[str, int]:
     return {name: len(indices) for name, indices in counts.items()}
 
 
+# (what, key suffix, the part of the shape that tells it): the model dimensions a mismatch
+# message names first, from the arrays both sides have under these names.
+_DIMENSIONS = (
+    ("width", r"(^|/)embedding/bias$", lambda s: s[-1]),
+    ("patch size", r"(^|/)embedding/kernel$", lambda s: s[:2]),
+    ("MLP size", r"MlpBlock[^/]*/Dense_0/bias(\[0\])?$", lambda s: s[-1]),
+    ("tokens (image size / patch size)", r"pos_embedding$", lambda s: s[-2]),
+    ("classes", r"^head/bias$", lambda s: s[0]),
+)
+_SHOWN_KEYS = 4
+
+
+def _dimension(shapes: Mapping[str, tuple[int, ...]], pattern: str, part):
+    key = next((k for k in sorted(shapes) if re.search(pattern, k)), None)
+    return None if key is None else part(tuple(shapes[key]))
+
+
 def _mismatch_message(
     report: LoadReport,
     slots: Mapping[str, _Slot],
     file_shapes: Mapping[str, tuple[int, ...]],
-    file_keys: set[str],
+    every_shape: Mapping[str, tuple[int, ...]],
     head: str,
 ) -> str:
-    lines = [f"checkpoint {report.path!r} ({report.layout} layout) does not fit the model:"]
-    if report.missing:
-        lines.append(f"  {len(report.missing)} missing (the model has them, the file does not):")
-        lines += [f"    {k}  model {slots[k].shape if k in slots else '?'}" for k in report.missing]
-    if report.unexpected:
-        lines.append(f"  {len(report.unexpected)} unexpected (in the file, not in the model):")
-        lines += [f"    {k}  file {file_shapes[k]}" for k in report.unexpected]
-    if report.mismatched:
-        lines.append(f"  {len(report.mismatched)} with mismatched shapes:")
-        lines += [f"    {k}  file {a} vs model {b}" for k, a, b in report.mismatched]
-    hints = []
+    """One line: which model dimensions differ first, then a few keys and a count of the
+    rest, then what to set (only settings that exist)."""
+    model_shapes = {k: tuple(slot.shape) for k, slot in slots.items()}
     problem_keys = report.missing + report.unexpected + [k for k, _, _ in report.mismatched]
-    if any(k.startswith("head/") for k in problem_keys):
-        if head == "keep":
-            hints.append(
-                "head: with head='keep' the file's head must match the model's; head='replace' "
-                "(or 'auto') starts a new zero-initialised head, head='drop' ignores the file's"
-            )
+    differences = []
+    file_blocks, model_blocks = _block_counts(every_shape), _block_counts(slots)
+    for name, count in model_blocks.items():
+        if file_blocks.get(name, count) != count:
+            differences.append(f"depth: the file has {file_blocks[name]} blocks, the model {count}")
+    for what, pattern, part in _DIMENSIONS:
+        in_file = _dimension(every_shape, pattern, part)
+        in_model = _dimension(model_shapes, pattern, part)
+        if what == "classes" and not any(k.startswith("head/") for k in problem_keys):
+            continue  # a head the policy replaces is no problem
+        if None not in (in_file, in_model) and in_file != in_model:
+            differences.append(f"{what}: the file has {in_file}, the model {in_model}")
+    problems = [f"missing {k} (model {model_shapes.get(k, '?')})" for k in report.missing]
+    problems += [f"unexpected {k} (file {file_shapes[k]})" for k in report.unexpected]
+    problems += [f"{k} (file {a} vs model {b})" for k, a, b in report.mismatched]
+    shown = ", ".join(problems[:_SHOWN_KEYS])
+    if len(problems) > _SHOWN_KEYS:
+        shown += f" (+{len(problems) - _SHOWN_KEYS} more)"
+    parts = differences + [f"{len(problems)} array(s) differ: {shown}"]
+    if head == "keep" and any(k.startswith("head/") for k in problem_keys):
+        parts.append(
+            "the file's head does not fit: config.init_from.head=replace starts a new one "
+            "(predict/export: --num_classes is read from the file's head by default)"
+        )
     if any(k.startswith("pre_logits/") for k in problem_keys):
-        hints.append(
-            "pre_logits: pre_logits='drop' ignores the file's layer (a model with one keeps its "
-            "own initialisation); build the model with representation_size matching the file "
-            "to load it"
+        parts.append(
+            "pre_logits: build the model with config.model.representation_size matching "
+            "the file's pre-logits layer"
         )
     if any(k.rsplit("/", 1)[-1] == POSEMB_LEAF for k, _, _ in report.mismatched):
-        hints.append(
+        parts.append(
             "position embedding: its grid could not be mapped onto the model's (only square "
             "file grids are resized; widths must agree)"
         )
-    file_blocks = _block_counts(file_keys)
-    model_blocks = _block_counts(slots)
-    for name, count in model_blocks.items():
-        if file_blocks.get(name, count) != count:
-            hints.append(f"depth: the file has {file_blocks[name]} {name}s, the model {count}")
-    hints.append("strict=False loads whatever fits and reports the rest")
-    lines.append("hints:")
-    lines += [f"  - {h}" for h in hints]
-    return "\n".join(lines)
+    if differences:
+        parts.append("choose the model the file was trained as (its name and sizes)")
+    return f"checkpoint {report.path!r} ({report.layout} layout) does not fit the model: " + (
+        "; ".join(parts)
+    )
 
 
 # --- saving ----------------------------------------------------------------------------------
