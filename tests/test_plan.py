@@ -123,9 +123,10 @@ def test_readme_plan_commands_parse_and_their_layouts_are_valid():
     for command in commands:
         rest, overrides = cli.split_overrides(shlex.split(command))
         args = plan.parser().parse_args(rest)
-        config = config_loader.load_config(args.config, overrides + plan._mesh_overrides(args.mesh))
-        shape = plan.check_layout(config, args.devices)
-        assert shape["data"] * shape["fsdp"] * shape["model"] == args.devices, command
+        config, _ = plan.plan_config(args, overrides)
+        shape = plan.check_layout(config, args.devices, args.slices)
+        total = shape["data"] * shape["fsdp"] * shape["model"]
+        assert total == args.devices * args.slices, command
 
 
 def test_deep_models_are_scanned_unless_the_command_line_says_otherwise():

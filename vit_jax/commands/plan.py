@@ -582,7 +582,10 @@ def before_jax(args: argparse.Namespace) -> None:
         os.environ["XLA_FLAGS"] = f"{flags} {count}".strip()
 
 
-def run(args: argparse.Namespace, overrides: list[str]) -> int:
+def plan_config(args: argparse.Namespace, overrides: list[str]):
+    """The config the command plans, and whether the planner turned on scan: `--mesh` inside
+    a slice, data parallel across `--slices` unless the DCN fields are given, deep models
+    scanned (`_auto_scan`)."""
     from vit_jax import config_loader
 
     mesh = _mesh_overrides(args.mesh)
@@ -590,7 +593,11 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     dcn_set = any(o.startswith(("mesh.dcn_data", "mesh.dcn_fsdp")) for o in overrides + mesh)
     if args.slices > 1 and not dcn_set:
         config.mesh.dcn_data = -1  # data parallel across the slices
-    scan_set = _auto_scan(config, overrides)
+    return config, _auto_scan(config, overrides)
+
+
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    config, scan_set = plan_config(args, overrides)
     memory = args.memory_gib * GIB if args.memory_gib else None
     result = plan(
         config,
