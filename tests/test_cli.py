@@ -1,4 +1,4 @@
-"""The CLI as users run it: the main command, config errors, and a real two-process run."""
+"""The CLI as users run it: the main command, dry runs, config errors, a folder dataset."""
 
 import json
 import os
@@ -7,23 +7,12 @@ import sys
 
 import pytest
 
+from tests.helpers import tiny_flags
 from vit_jax import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [
-    "--config.model.width=32",
-    "--config.model.depth=2",
-    "--config.model.mlp_dim=64",
-    "--config.model.num_heads=2",
-    "--config.model.img_size=8",
-    "--config.batch_size=32",
-    "--config.eval_batch_size=64",
-    "--config.total_steps=4",
-    "--config.schedule.warmup_steps=1",
-    "--config.log_every_steps=2",
-    "--config.eval_every_steps=4",
-    "--config.checkpoint.every_steps=2",
-]
+# The tiny run for 4 steps: a checkpoint every 2, the test evaluation at the end.
+TINY = tiny_flags(total_steps=4, checkpoint__every_steps=2, eval_every_steps=4)
 
 
 def cli_env(devices: int) -> dict:
@@ -41,7 +30,7 @@ def failure(stderr: str) -> str:
 
 def run_cli(args, devices=2, timeout=300):
     return subprocess.run(
-        [sys.executable, "-m", "vit_jax", "train", "--config=configs/vit.py", *args],
+        [sys.executable, "-m", "vit_jax", "train", *args],
         cwd=ROOT,
         env=cli_env(devices),
         capture_output=True,
@@ -50,7 +39,8 @@ def run_cli(args, devices=2, timeout=300):
     )
 
 
-def test_main_command_trains_evaluates_and_writes_everything(tmp_path):
+@pytest.mark.slow
+def test_main_command_trains_evaluates_and_writes_everything(tmp_path, monkeypatch, capsys):
     profile = ["--config.profile.start_step=2", "--config.profile.num_steps=1"]
     result = run_cli([f"--workdir={tmp_path}", *TINY, *profile])
     assert result.returncode == 0, failure(result.stderr)
@@ -63,9 +53,11 @@ def test_main_command_trains_evaluates_and_writes_everything(tmp_path):
     steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
     assert steps.count(4) == 2  # train and test records at the last step
 
-    again = run_cli([f"--workdir={tmp_path}", *TINY])  # complete: resumes, only evaluates
-    assert again.returncode == 0, failure(again.stderr)
-    assert "final evaluation" in again.stdout and "step 2/4 |" not in again.stdout
+    # Complete: the same command again (in this process) resumes and only evaluates.
+    monkeypatch.chdir(ROOT)
+    assert cli.run("train", [f"--workdir={tmp_path}", *TINY]) == 0
+    again = capsys.readouterr().out
+    assert "final evaluation" in again and "step 2/4 |" not in again
 
 
 def run_outside(args, tmp_path, devices=2, timeout=300):
@@ -164,16 +156,17 @@ def test_unwritable_workdir_is_refused_before_anything_compiles(tmp_path):
     assert verbose.returncode != 0 and "Traceback" in verbose.stderr
 
 
-def test_demo_trains_on_a_folder_named_on_the_command_line(tmp_path):
-    """`--config.dataset=folder:<root>` on the demo config trains on that folder."""
+def test_demo_trains_on_a_folder_named_on_the_command_line(tmp_path, monkeypatch):
+    """`--config.dataset=folder:<root>` on the demo config trains on that folder (in this
+    process, from a directory outside the repository)."""
     from tests.data_fixtures.images import write_folder
 
     root = tmp_path / "my_images"
     write_folder(str(root / "x"), {"": {"ant": 12, "bee": 12, "cow": 12}}, size=(20, 18))
     args = [f"--workdir={tmp_path / 'run'}", f"--config.dataset=folder:{root / 'x'}"]
-    args += [a for a in TINY if "img_size" not in a] + ["--config.eval_batch_size=16"]
-    result = run_outside(args, tmp_path)
-    assert result.returncode == 0, failure(result.stderr)
+    args += tiny_flags(total_steps=4, eval_batch_size=16, **{"model.img_size": None})
+    monkeypatch.chdir(tmp_path)
+    assert cli.run("train", args) == 0
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     val = [r for r in records if "val/count" in r]
     assert val and val[-1]["val/count"] == 4  # 10% of the 36 images, held out

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from tests.helpers import TINY_MODEL, tiny_config, with_changes
+from tests.helpers import tiny_config, tiny_flags, with_changes
 from vit_jax import cli, data, evaluate, fewshot, sharding
 from vit_jax.errors import UserError
 
@@ -194,16 +194,18 @@ def test_a_short_class_refuses_the_run_before_training(tmp_path, monkeypatch, ca
     workdir = tmp_path / "run"
     args = [
         f"--workdir={workdir}",
-        *(f"--config.{flag}" for flag in TINY_MODEL),
-        "--config.model.depth=1",  # cheaper to compile
-        "--config.optim.name=sgd",
-        "--config.batch_size=32",
-        "--config.eval_batch_size=64",
-        "--config.total_steps=2",
-        "--config.schedule.warmup_steps=1",
-        "--config.fewshot.datasets=digits",
-        "--config.fewshot.shots=1,5",
-        "--config.fewshot.max_train_examples=20",
+        *tiny_flags(
+            **{
+                "model.depth": 1,  # cheaper to compile
+                "optim.name": "sgd",
+                "eval_batch_size": 64,
+                "total_steps": 2,
+                "schedule.warmup_steps": 1,
+                "fewshot.datasets": "digits",
+                "fewshot.shots": (1, 5),
+                "fewshot.max_train_examples": 20,
+            }
+        ),
     ]
     assert cli.run("train", args) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
