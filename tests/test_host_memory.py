@@ -28,23 +28,31 @@ print(json.dumps({"kept": kept, "faults": faults}))
 """
 
 
-def faults_of_a_step(**env: str) -> dict:
+def start_faults_of_a_step(**env: str) -> subprocess.Popen:
     environment = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    result = subprocess.run(
+    return subprocess.Popen(
         [sys.executable, "-c", FAULTS_OF_A_STEP],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         env={**environment, **env},
-        timeout=300,
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return json.loads(result.stdout.splitlines()[-1])
 
 
+def faults(process: subprocess.Popen) -> dict:
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-2000:]
+    return json.loads(out.splitlines()[-1])
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
 def test_a_repeated_step_reuses_its_memory_instead_of_faulting_it_in():
-    default = faults_of_a_step(VIT_JAX_HOST_MALLOC="default")
-    kept = faults_of_a_step(JAX_PLATFORMS="cpu")
+    runs = [  # at the same time
+        start_faults_of_a_step(VIT_JAX_HOST_MALLOC="default"),
+        start_faults_of_a_step(JAX_PLATFORMS="cpu"),
+    ]
+    default, kept = map(faults, runs)
     assert not default["kept"] and kept["kept"]
     # glibc's default: the temporaries (hundreds of MiB, 4 KiB pages) are mapped afresh
     # and faulted in on every call; kept, the heap already holds them.
@@ -67,12 +75,3 @@ def test_opt_out_keeps_glibc_defaults(monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setenv("VIT_JAX_HOST_MALLOC", "default")
     assert host_memory.keep_freed_host_memory() is False
-
-
-def test_tunables_for_a_child_process_name_the_same_three_settings():
-    names = {part.split("=")[0] for part in host_memory.GLIBC_TUNABLES.split(":")}
-    assert names == {
-        "glibc.malloc.arena_max",
-        "glibc.malloc.mmap_max",
-        "glibc.malloc.trim_threshold",
-    }
