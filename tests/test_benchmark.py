@@ -79,7 +79,7 @@ def test_step_config_follows_the_command_line():
     assert config.model_name == "ViT-mu/4"
     assert (config.batch_size, config.model.img_size) == (8, 16)
     assert config.model.dtype == "bfloat16" and config.model.scan is True
-    assert config.mesh.to_dict() == {"data": 1, "fsdp": 1, "model": 1}
+    assert config.mesh.to_dict() == {"dcn_data": 1, "dcn_fsdp": 1, "data": 1, "fsdp": 1, "model": 1}
 
 
 def test_progress_counts_input_wait_only_while_the_device_is_idle():

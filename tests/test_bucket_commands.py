@@ -174,7 +174,7 @@ def test_bucket_mistakes_give_one_line(
         err = one_line_error(capsys, "visualize", [kind, "--workdir", gone])
         assert "bucket 'no-such-bucket-for-vit-jax' does not exist" in err
     err = one_line_error(capsys, "visualize", ["curves", "--workdir", images])
-    assert "no metrics.jsonl" in err
+    assert "no config.json, so not a training run's directory" in err
     out = "gs://no-such-bucket-for-vit-jax/pictures"
     err = one_line_error(capsys, "visualize", ["posemb", "--workdir", local_run, "--out", out])
     assert f"cannot write to {out}: the bucket" in err

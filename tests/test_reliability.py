@@ -22,8 +22,8 @@ from vit_jax.checkpoint import Checkpointer
 from vit_jax.checkpoint import manager as checkpoint_manager
 from vit_jax.data.sources import folder
 from vit_jax.errors import UserError
-from vit_jax.sharding import make_mesh
-from vit_jax.steps import ConfigValueError, StepBuilder
+from vit_jax.experiment import Experiment
+from vit_jax.steps import ConfigValueError
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -311,17 +311,18 @@ def test_nonfinite_settings_are_validated(tmp_path, changes, expected):
 
 
 def write_checkpoint(config, directory, num_classes=10, step=1):
-    mesh = make_mesh(config.mesh.to_dict())
-    trainer = StepBuilder(config, mesh, num_classes=num_classes, total_steps=6)
+    experiment = Experiment.from_config(config, num_classes=num_classes, steps=6)
     checkpointer = Checkpointer(directory, every_steps=1, async_save=False)
-    checkpointer.save(step, trainer.init_state(), {"step": step})
+    checkpointer.save(step, experiment.init_state(), {"step": step})
     checkpointer.close()
 
 
 @pytest.mark.slow
 def test_another_models_checkpoint_lists_every_mismatched_key(tmp_path):
-    source = str(tmp_path / "seven" / "checkpoints")
+    run = tmp_path / "seven"  # a run's directory: its config and checkpoints
+    source = str(run / "checkpoints")
     write_checkpoint(tiny_config(), source, num_classes=7)
+    (run / "config.json").write_text(tiny_config().to_json())
 
     with pytest.raises(checkpoint_manager.StateMismatchError) as resumed:  # in its workdir
         loop.run(tiny_config(), str(tmp_path / "seven"))  # digits: 10 classes
@@ -331,7 +332,7 @@ def test_another_models_checkpoint_lists_every_mismatched_key(tmp_path):
     assert "opt_state/1/nu/head/kernel expected (32, 10) found (32, 7)" in message
     assert "\n" not in message and isinstance(resumed.value, UserError)
 
-    wider = tiny_config(**{"model.width": 48, "init_from.path": source})
+    wider = tiny_config(**{"model.width": 48, "init_from.path": str(run)})
     with pytest.raises(checkpoint_manager.StateMismatchError) as init:  # via init_from
         loop.run(wider, str(tmp_path / "new"))
     message = str(init.value)

@@ -128,7 +128,7 @@ def test_distance_over_given_images_and_a_png_out(run_dir, digit_png, tmp_path, 
 def test_user_mistakes_give_one_line(run_dir, digit_png, tmp_path, capsys):
     cases = [
         (["attention", "--workdir", run_dir], "give one or more image files"),
-        (["curves", "--workdir", str(tmp_path)], "no metrics.jsonl"),
+        (["curves", "--workdir", str(tmp_path)], "not a training run's directory"),
         (["posemb", "--workdir", str(tmp_path)], "no config.json"),
         (
             ["attention", digit_png, digit_png, "--workdir", run_dir, "--out", "x.png"],
