@@ -196,10 +196,11 @@ def test_a_jpeg_goes_through_the_folder_eval_preprocessing(tmp_path):
 
 
 def test_a_run_whose_dataset_is_gone_still_loads(run_dir, heldout, tmp_path):
-    """Trained on a folder that was moved away: the class count comes from the checkpoint,
-    and labels are class indices."""
+    """Trained (before class names were saved with the run) on a folder that was moved
+    away: the class count comes from the checkpoint, and labels are class indices."""
     moved = tmp_path / "moved"
     shutil.copytree(run_dir, moved)
+    (moved / "class_names.json").unlink()
     config = json.loads((moved / "config.json").read_text())
     config["data"]["num_classes"] = None
     config["data"]["train"].update(source="folder", data_dir=str(tmp_path / "gone"))
