@@ -14,7 +14,7 @@ from vit_jax import data
 def sharding():
     devices = np.array(jax.devices()).reshape(4, 2)
     mesh = Mesh(devices, ("data", "model"))
-    return NamedSharding(mesh, PartitionSpec("data", None, None, None))
+    return NamedSharding(mesh, PartitionSpec("data"))  # the batch dimension only
 
 
 def local_batch(n=8, seed=0):

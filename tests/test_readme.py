@@ -100,7 +100,9 @@ def test_readme_transfer_commands_dry_run(command, tmp_path, monkeypatch, capsys
     monkeypatch.chdir(tmp_path)
     checkpoint = tmp_path / "checkpoint.npz"
     checkpoint.write_bytes(b"")  # the dry run checks that it exists, not what it holds
-    args = [re.sub(r"=/data/\S+\.npz$", f"={checkpoint}", a) for a in _words(command)[3:]]
+    args = [
+        re.sub(r"=/data/\S+\.npz$", f"={checkpoint}", a) for a in _words(command)[4:]
+    ]  # after "python3 -m vit_jax transfer"
     assert "--dry_run" in args
     assert cli.run("transfer", args) == 0, capsys.readouterr().err
     assert "cifar10: lrs" in capsys.readouterr().out

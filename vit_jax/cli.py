@@ -7,7 +7,7 @@ Every command and tool runs through `run(name, argv)`, in this order:
    overrides split off for the commands that take a config);
 3. the command's `before_jax(args)` hook where it has one (the planner's simulated device
    count, which JAX reads when it starts);
-4. logging: the project's progress messages on stderr, orbax's routine messages muted;
+4. logging while the command runs: its progress messages on stderr, orbax's routine ones muted;
 5. the command's `run(args, overrides)`. A `UserError` (a mistake the user can fix) is one
    `error:` line on stderr and exit status 2; `--verbose` shows the traceback instead.
 
@@ -18,11 +18,12 @@ A command module defines `parser()` and `run(args, overrides)`, and optionally
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from vit_jax import host_memory
 from vit_jax.errors import UserError
@@ -84,8 +85,8 @@ def run(name: str, argv: Sequence[str] = ()) -> int:
     try:
         if hasattr(command, "before_jax"):
             command.before_jax(args)
-        _show_progress_messages()
-        status = command.run(args, overrides)
+        with _progress_messages():
+            status = command.run(args, overrides)
     except UserError as e:
         if getattr(args, "verbose", False):
             raise
@@ -94,18 +95,27 @@ def run(name: str, argv: Sequence[str] = ()) -> int:
     return int(status or 0)
 
 
-def _show_progress_messages() -> None:
-    """The project's INFO messages (resumed from, initialised from) on stderr; orbax, which
-    logs every file it reads or writes and each read-only option it adjusts through absl,
-    only from ERROR on."""
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    log = logging.getLogger("vit_jax")
-    if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        log.addHandler(handler)
+@contextlib.contextmanager
+def _progress_messages() -> Iterator[None]:
+    """While a command runs: the project's INFO messages (resumed from, initialised from)
+    on stderr; orbax, which logs every file it reads or writes and each read-only option it
+    adjusts through absl, only from ERROR on. The loggers are put back afterwards, so a
+    command run from Python (a notebook, a test) leaves its caller's logging as it was."""
+    absl, log = logging.getLogger("absl"), logging.getLogger("vit_jax")
+    saved = (absl.level, log.level, log.propagate)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    absl.setLevel(logging.ERROR)
+    log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        absl.setLevel(saved[0])
+        log.setLevel(saved[1])
+        log.propagate = saved[2]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
