@@ -29,6 +29,7 @@ from vit_jax import host_memory
 from vit_jax.errors import UserError
 
 USER_ERROR_STATUS = 2
+INTERRUPTED_STATUS = 130  # 128 + SIGINT, as shells report it
 COMMANDS = {
     "train": "vit_jax.commands.train",
     "transfer": "vit_jax.commands.transfer",
@@ -77,6 +78,14 @@ def run(name: str, argv: Sequence[str] = ()) -> int:
         return USER_ERROR_STATUS
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
     host_memory.keep_freed_host_memory()
+    try:
+        return _run(name, argv)
+    except KeyboardInterrupt:  # Ctrl-C while importing or compiling: the loop has its own
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        return INTERRUPTED_STATUS
+
+
+def _run(name: str, argv: Sequence[str]) -> int:
     command = importlib.import_module(COMMANDS[name])
     rest, overrides = list(argv), []
     if getattr(command, "TAKES_CONFIG", False):

@@ -99,6 +99,8 @@ def write_tables(results: list[TaskResult], workdir: str, paper: str | None) -> 
         mean = 100 * sum(r.test_top1 for r in vtab) / len(vtab)
         rows.append(("VTAB-19 mean", None, None, mean, reference.get("vtab")))
     header = ["task", "lr", "val top-1 %", "test top-1 %", f"paper ({paper}) %"]
+    if not paper:  # no row of the paper to compare with: no such column
+        header, rows = header[:-1], [row[:-1] for row in rows]
     table = io.StringIO(newline="")
     writer = csv.writer(table)
     writer.writerow(header)
@@ -171,7 +173,9 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
             _config(args, select, lr, overrides)
     if args.dry_run:
         for task in tasks:
-            print(f"{task}: lrs {', '.join(map(str, args.lrs))} -> {_workdir(args, task, 0)}")
+            select = f"{task}/hparam" if task.startswith("vtab/") else task
+            folders = ", ".join(_workdir(args, select, lr) for lr in args.lrs)
+            print(f"{task}: lrs {', '.join(map(str, args.lrs))} -> {folders}")
         return 0
     storage.check_output(args.workdir, "--workdir", folder=True)
     results = []

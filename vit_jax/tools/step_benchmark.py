@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from vit_jax import cli, host_memory
+from vit_jax.errors import UserError
 from vit_jax.models import create_model
 
 
@@ -257,6 +258,15 @@ def _median_rate(times: Sequence[float], batch: int) -> float:
 
 def step(args: argparse.Namespace) -> list[dict[str, Any]]:
     """JSON records: the train step, the eval step and (with --compare) the ratios."""
+    if args.compare == "timm" and args.rounds:
+        import importlib.util
+
+        missing = [m for m in ("torch", "timm") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise UserError(
+                f"--compare timm needs {' and '.join(missing)} installed "
+                "(pip install torch timm), or leave --compare out"
+            )
     config = step_config(args)
     steps = Steps(config, allocate=args.rounds > 0)
     batch = config.batch_size
