@@ -71,15 +71,17 @@ class Experiment:
         num_classes: int | None = None,
         steps: int | None = None,
         slices: list | None = None,
+        evaluates: bool = True,
     ) -> Experiment:
         """A run of `config` on `devices` (default: all). The class count and the total steps
         come from the data unless given (the planner gives them: it reads no data). `slices`
         (lists of devices) replaces their grouping by slice or process (the planner's
-        simulated slices)."""
+        simulated slices). `evaluates=False` leaves the eval batch unchecked (the planner
+        compiles the train step only)."""
         devices = list(jax.devices() if devices is None else devices)
         groups = sharding.slice_groups(devices) if slices is None else slices
         shape = sharding.mesh_shape(config.mesh, len(devices), len(groups))
-        problems = sharding.batch_problems(config, shape, evaluation=num_classes is None)
+        problems = sharding.batch_problems(config, shape, evaluation=evaluates)
         if problems:
             raise UserError(problems[0])
         if num_classes is None:

@@ -157,10 +157,13 @@ def list_entries(path: str) -> tuple[list[str], dict[str, int]]:
     else:
         with os.scandir(path) as entries:
             for entry in entries:
-                if entry.is_dir():
-                    folders.append(entry.name)
-                elif entry.is_file():
-                    files[entry.name] = entry.stat().st_size
+                try:
+                    if entry.is_dir():
+                        folders.append(entry.name)
+                    elif entry.is_file():
+                        files[entry.name] = entry.stat().st_size
+                except FileNotFoundError:  # gone while listed: another process's temporary
+                    continue
     return sorted(folders), dict(sorted(files.items()))
 
 

@@ -187,6 +187,7 @@ def _experiment(config, devices: int, slices: int = 1):
         num_classes=config.data.num_classes,
         steps=steps,
         slices=[chosen[i * devices : (i + 1) * devices] for i in range(slices)],
+        evaluates=False,
     )
 
 
