@@ -140,10 +140,8 @@ class Experiment:
     def abstract_params(self) -> dict:
         """The parameters as shapes with shardings, without building the optimizer (whose
         schedule needs the run's real length)."""
-        state = nnx.state(self.steps.abstract_model, nnx.Param)
-        rules = sharding.get_rules(self.config.sharding_rules)
-        shardings = sharding.param_shardings(state, self.mesh, rules)
-        return abstract_like(nnx.to_pure_dict(state), shardings)
+        state = nnx.to_pure_dict(nnx.state(self.steps.abstract_model, nnx.Param))
+        return abstract_like(state, self.steps.param_shardings)
 
     def abstract_model(self) -> nnx.Module:
         """The model with shapes instead of arrays and no activation-sharding constraints

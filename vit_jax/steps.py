@@ -117,12 +117,17 @@ class StepBuilder:
     # --- state ---------------------------------------------------------------------------
 
     @functools.cached_property
-    def state_shardings(self) -> tuple[TrainState, TrainState]:
-        """(abstract state with shardings, shardings) for the train state on this mesh."""
+    def param_shardings(self) -> dict:
+        """The parameters' shardings on this mesh (a pure dict), from their logical axes."""
         rules = sharding.get_rules(self.config.sharding_rules)
         param_state = nnx.state(self.abstract_model, nnx.Param)
-        params_sharding = sharding.param_shardings(param_state, self.mesh, rules)
-        abstract_params = nnx.to_pure_dict(param_state)
+        return sharding.param_shardings(param_state, self.mesh, rules)
+
+    @functools.cached_property
+    def state_shardings(self) -> tuple[TrainState, TrainState]:
+        """(abstract state with shardings, shardings) for the train state on this mesh."""
+        params_sharding = self.param_shardings
+        abstract_params = nnx.to_pure_dict(nnx.state(self.abstract_model, nnx.Param))
         tx = self.tx
         abstract_opt = jax.eval_shape(tx.init, abstract_params)
         shardings = {
