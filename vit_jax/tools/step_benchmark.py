@@ -373,7 +373,7 @@ def comparison(common, ours, theirs, timms, batch: int, steps: int) -> dict[str,
         record["why"] = (
             "XLA:CPU runs this step's matrix products and the attention core's small "
             "batched ones at ~100-170 GFLOP/s per op (the same shapes alone: ~190-210) and "
-            "has no fused attention kernel; README 'Performance' has the per-op profile"
+            "has no fused attention kernel; docs/performance_notes.md has the per-op profile"
         )
     return record
 
