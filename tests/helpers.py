@@ -134,3 +134,24 @@ STOPPED_RUN = {
     "eval_every_steps": 200,
     "checkpoint.every_steps": 200,
 }
+
+
+# The planner's tiny model: `vit:Ti/16,cifar10,small` (10 classes, gap pooling, AdamW) shrunk
+# to 4 tokens of width 32, as `plan` flags and as a config.
+PLAN_SPEC = "vit:Ti/16,cifar10,small"
+PLAN_MODEL = {"width": 32, "depth": 2, "mlp_dim": 64, "num_heads": 2, "img_size": 32}
+PLAN_FLAGS = [
+    *(f"--config.model.{k}={v}" for k, v in {**PLAN_MODEL, "patch_size": 16}.items()),
+    "--config.batch_size=16",
+]
+
+
+def plan_config(mesh: str, **model) -> ml_collections.ConfigDict:
+    """The planner's tiny config on the mesh `mesh` (`plan --mesh` syntax, e.g. "fsdp=8");
+    `model` changes model fields (depth=4)."""
+    from vit_jax import config_loader
+    from vit_jax.commands import plan
+
+    overrides = [f.removeprefix("--config.") for f in PLAN_FLAGS]
+    overrides += [f"model.{k}={v}" for k, v in model.items()]
+    return config_loader.load_config(PLAN_SPEC, overrides + plan._mesh_overrides(mesh))

@@ -15,8 +15,8 @@ import subprocess
 import jax
 import pytest
 
-from tests.helpers import ROOT, tiny_config, tiny_flags
-from vit_jax import cli, config_loader, sharding
+from tests.helpers import PLAN_FLAGS, PLAN_SPEC, ROOT, plan_config, tiny_config, tiny_flags
+from vit_jax import cli, sharding
 from vit_jax.commands import plan
 from vit_jax.errors import UserError
 from vit_jax.experiment import Experiment
@@ -36,24 +36,6 @@ FLAGS = tiny_flags(
         "schedule.base_lr": 1e-2,
     },
 )
-
-
-# The planner's tiny model: 10 classes, 4 tokens, AdamW.
-PLAN_SPEC = "vit:Ti/16,cifar10,small"
-PLAN_TINY = [
-    "--config.model.width=32",
-    "--config.model.depth=1",
-    "--config.model.mlp_dim=64",
-    "--config.model.num_heads=2",
-    "--config.model.img_size=32",
-    "--config.model.patch_size=16",
-    "--config.batch_size=16",
-]
-
-
-def plan_config(mesh: str):
-    overrides = [flag.removeprefix("--config.") for flag in PLAN_TINY]
-    return config_loader.load_config(PLAN_SPEC, overrides + plan._mesh_overrides(mesh))
 
 
 def two_slices():
@@ -179,7 +161,7 @@ def test_device_groups_are_read_from_every_hlo_form():
 
 @pytest.fixture(scope="module")
 def two_slice_plan():
-    return plan.plan(plan_config("fsdp=4,dcn_data=2"), 4, slices=2, dcn_gbps=50)
+    return plan.plan(plan_config("fsdp=4,dcn_data=2", depth=1), 4, slices=2, dcn_gbps=50)
 
 
 def test_plan_of_two_slices_counts_the_gradient_all_reduce_over_the_dcn(two_slice_plan):
@@ -201,7 +183,16 @@ def test_plan_of_two_slices_counts_the_gradient_all_reduce_over_the_dcn(two_slic
 
 
 def test_plan_command_puts_the_slices_data_parallel_by_default(capsys):
-    argv = ["--config", PLAN_SPEC, *PLAN_TINY, "--devices", "4", "--slices", "2"]
+    argv = [
+        "--config",
+        PLAN_SPEC,
+        *PLAN_FLAGS,
+        "--config.model.depth=1",
+        "--devices",
+        "4",
+        "--slices",
+        "2",
+    ]
     status = cli.run("plan", [*argv, "--mesh", "fsdp=4"])
     out, err = capsys.readouterr()
     assert status == 0, err[-2000:]

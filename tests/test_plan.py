@@ -8,18 +8,9 @@ import shlex
 import jax
 import pytest
 
+from tests.helpers import PLAN_FLAGS, PLAN_SPEC, plan_config
 from vit_jax import cli, config_loader
 from vit_jax.commands import plan
-
-SPEC = "vit:Ti/16,cifar10,small"  # 10 classes, gap pooling, AdamW
-TINY = {"width": 32, "depth": 2, "mlp_dim": 64, "num_heads": 2, "img_size": 32, "patch_size": 16}
-TINY_FLAGS = [f"--config.model.{k}={v}" for k, v in TINY.items()] + ["--config.batch_size=16"]
-
-
-def tiny_config(mesh: str, **model):
-    overrides = [f.removeprefix("--config.") for f in TINY_FLAGS]
-    overrides += [f"model.{k}={v}" for k, v in model.items()]
-    return config_loader.load_config(SPEC, overrides + plan._mesh_overrides(mesh))
 
 
 def vit_params(width, depth, mlp, patch, tokens, classes, cls_token) -> int:
@@ -37,7 +28,7 @@ def test_parameter_formula_matches_reference_ti16():
 
 @pytest.fixture(scope="module")
 def fsdp_plan():
-    return plan.plan(tiny_config("fsdp=8"), 8, device_kind="a100")
+    return plan.plan(plan_config("fsdp=8"), 8, device_kind="a100")
 
 
 def test_plan_fields_are_consistent(fsdp_plan):
@@ -64,7 +55,7 @@ def test_plan_fields_are_consistent(fsdp_plan):
 
 
 def test_deep_models_flops_extrapolated_from_depth_one_and_two():
-    config = tiny_config("data=8", depth=4)
+    config = plan_config("data=8", depth=4)
     experiment = plan._experiment(config, 8)
     extrapolated = experiment.step_flops(extrapolate_depth=True)
     assert extrapolated == pytest.approx(experiment.step_flops(), rel=1e-3)
@@ -74,7 +65,7 @@ def test_deep_models_flops_extrapolated_from_depth_one_and_two():
 def test_layout_that_does_not_fit_names_one_that_does(fsdp_plan):
     # A chip just big enough for the FSDP layout: data parallelism (replicated state) is over.
     memory = fsdp_plan["bytes_per_device"]["total"] * 1.01 / 0.9
-    p = plan.plan(tiny_config("data=8"), 8, memory_bytes=memory)
+    p = plan.plan(plan_config("data=8"), 8, memory_bytes=memory)
     assert not p["fits"]
     assert p["bytes_per_device"]["total"] > p["budget_bytes"]
     proposal = p["proposal"]
@@ -86,7 +77,9 @@ def test_layout_that_does_not_fit_names_one_that_does(fsdp_plan):
 
 
 def test_mesh_not_dividing_devices_is_one_line_error(capsys):
-    status = cli.run("plan", ["--config", SPEC, *TINY_FLAGS, "--devices", "8", "--mesh", "fsdp=3"])
+    status = cli.run(
+        "plan", ["--config", PLAN_SPEC, *PLAN_FLAGS, "--devices", "8", "--mesh", "fsdp=3"]
+    )
     err = capsys.readouterr().err.strip()
     assert status == 2
     assert err.startswith("error: config.mesh") and "needs 3 devices" in err
@@ -94,7 +87,7 @@ def test_mesh_not_dividing_devices_is_one_line_error(capsys):
 
 
 def test_batch_not_dividing_data_parallel_devices_is_one_line_error(capsys):
-    argv = ["--config", SPEC, *TINY_FLAGS, "--config.batch_size=12", "--devices", "8"]
+    argv = ["--config", PLAN_SPEC, *PLAN_FLAGS, "--config.batch_size=12", "--devices", "8"]
     assert cli.run("plan", [*argv, "--mesh", "data=8"]) == 2
     err = capsys.readouterr().err.strip()
     assert "config.batch_size=12" in err and "\n" not in err
@@ -103,7 +96,7 @@ def test_batch_not_dividing_data_parallel_devices_is_one_line_error(capsys):
 def test_cli_reruns_itself_with_the_requested_device_count(capfd):
     # JAX already runs with 8 devices here: the CLI starts a process with 4 simulated ones.
     assert jax.device_count() == 8
-    argv = ["--config", SPEC, *TINY_FLAGS, "--devices", "4", "--mesh", "data=2,fsdp=2"]
+    argv = ["--config", PLAN_SPEC, *PLAN_FLAGS, "--devices", "4", "--mesh", "data=2,fsdp=2"]
     status = cli.run("plan", [*argv, "--device-kind", "tpu-v5e", "--mfu", "0.4"])
     out, err = capfd.readouterr()
     assert status == 0, err[-2000:]

@@ -2,12 +2,12 @@
 
 import os
 
+import helpers
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from helpers import with_changes
 
 from configs.vit import demo_config
 from vit_jax import sharding
@@ -20,14 +20,8 @@ STEPS = 4
 
 
 def tiny_config(**changes):
-    config = demo_config()
-    with config.unlocked():
-        config.model.update(img_size=8, width=32, depth=2, mlp_dim=64, num_heads=2)
-        config.model.dropout = 0.0
-        config.data.image_size = 8
-        config.batch_size = BATCH
-        config.schedule.update(warmup_steps=1, base_lr=3e-3)
-    return with_changes(config, **changes)
+    """The shared tiny run (tests/helpers.py) with one warmup step and a faster rate."""
+    return helpers.tiny_config("schedule.warmup_steps=1", "schedule.base_lr=3e-3", **changes)
 
 
 def batches(count=STEPS, batch=BATCH, seed=0):

@@ -277,8 +277,9 @@ class Evaluator:
             data_dir=self.config.data.get("data_dir"),
         )
 
-    def classification(self, step: int, params: dict) -> dict[str, float]:
-        """Every eval set of `config.data.evals`; returns `{set}/{metric}` values (a new dict)."""
+    def classification(self, step: int, params: dict, suffix: str = "") -> dict[str, float]:
+        """Every eval set of `config.data.evals`; returns `{set}{suffix}/{metric}` values (a
+        new dict). `suffix` names other parameters of the same model (`_ema`)."""
         self._eval_step = self._eval_step or self.builder.make_eval_step()
         results = {}
         for name in self.config.data.evals:
@@ -290,20 +291,28 @@ class Evaluator:
                 batch_size=self.config.eval_batch_size,
                 batch_sharding=self.sharding,
             )
-            self.logger.scalars(step, values, prefix=f"{name}/")
-            named = {f"{name}/{k}": v for k, v in values.items()}
+            self.logger.scalars(step, values, prefix=f"{name}{suffix}/")
+            named = {f"{name}{suffix}/{k}": v for k, v in values.items()}
             if self.logger.is_main:
                 print(format_line(step, self.total_steps, named), flush=True)
             results.update(named)
         return results
 
-    def fewshot(self, step: int, params: dict) -> dict[str, float]:
-        """Few-shot accuracies on `config.fewshot.datasets` (a new dict, empty when none)."""
+    def fewshot(self, step: int, params: dict, suffix: str = "") -> dict[str, float]:
+        """Few-shot accuracies on `config.fewshot.datasets` as `fewshot{suffix}/...` (a new
+        dict, empty when none)."""
         if not self.config.fewshot.datasets:
             return {}
         self._feature_step = self._feature_step or self.builder.make_feature_step()
         shots = fewshot_accuracies(
             self._feature_step, params, self.config.fewshot, **self._fewshot_args()
         )
-        self.logger.scalars(step, shots, prefix="fewshot/")
-        return {f"fewshot/{k}": v for k, v in shots.items()}
+        self.logger.scalars(step, shots, prefix=f"fewshot{suffix}/")
+        return {f"fewshot{suffix}/{k}": v for k, v in shots.items()}
+
+    def parameter_sets(self, state: dict) -> list[tuple[dict, str]]:
+        """(parameters, suffix) to evaluate: the model's own, and its EMA (`_ema`) if kept."""
+        sets = [(state["params"], "")]
+        if "ema_params" in state:
+            sets.append((state["ema_params"], "_ema"))
+        return sets

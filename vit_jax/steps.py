@@ -7,6 +7,9 @@ and the step alone fix every later update (bit-identical resume). With
 `config.on_nonfinite="skip"` a step whose loss, gradients or new parameters are not finite
 keeps the old parameters and optimizer moments (only the step and the optimizer's step
 counters advance, so the learning rate stays `schedule(step)`) and reports `skipped=1`.
+
+With `config.ema_decay > 0` the state also holds `ema_params`: an exponential moving average
+of the parameters, in float32 and sharded like them, updated inside the step (`ema_update`).
 """
 
 from __future__ import annotations
@@ -46,6 +49,25 @@ def _keep_if_skipped(finite: jax.Array, new: jax.Array, old: jax.Array) -> jax.A
     if jnp.issubdtype(new.dtype, jnp.integer):
         return new
     return jnp.where(finite, new, old)
+
+
+def ema_decay_at(decay: float, step: jax.Array) -> jax.Array:
+    """The decay of the EMA update that makes step `step` (1, 2, ...): `decay`, held down
+    early to `(1 + step) / (10 + step)` (TensorFlow's ExponentialMovingAverage warm-up), so
+    the average forgets its random start within a few hundred steps, not tens of thousands."""
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(jnp.float32(decay), (1.0 + step) / (10.0 + step))
+
+
+def ema_update(ema: dict, params: dict, decay: jax.Array) -> dict:
+    """`decay * ema + (1 - decay) * params`, leaf by leaf, in float32."""
+    return jax.tree.map(
+        lambda average, p: decay * average + (1.0 - decay) * p.astype(jnp.float32), ema, params
+    )
+
+
+def as_float32(params: dict) -> dict:
+    return jax.tree.map(lambda p: p.astype(jnp.float32), params)
 
 
 def nonfinite_policy(config: ml_collections.ConfigDict) -> str:
@@ -114,6 +136,11 @@ class StepBuilder:
     def schedule(self) -> optax.Schedule:
         return optim.make_schedule(self.config.schedule, self.total_steps)
 
+    @property
+    def ema_decay(self) -> float:
+        """config.ema_decay: 0 (no average kept) or the EMA's decay per step."""
+        return float(self.config.get("ema_decay") or 0.0)
+
     # --- state ---------------------------------------------------------------------------
 
     @functools.cached_property
@@ -140,6 +167,9 @@ class StepBuilder:
             "opt_state": abstract_opt,
             "step": jax.ShapeDtypeStruct((), jnp.int32),
         }
+        if self.ema_decay:
+            abstract["ema_params"] = jax.eval_shape(as_float32, abstract_params)
+            shardings["ema_params"] = params_sharding
         return abstract_like(abstract, shardings), shardings
 
     def init_state(self, params: dict | None = None) -> TrainState:
@@ -147,15 +177,19 @@ class StepBuilder:
         _, shardings = self.state_shardings
         tx = self.tx
         seed = self.config.seed
+        ema = bool(self.ema_decay)
 
         def init(params):
             if params is None:
                 params = nnx.to_pure_dict(nnx.state(self.build_model(seed), nnx.Param))
-            return {
+            state = {
                 "params": params,
                 "opt_state": tx.init(params),
                 "step": jnp.zeros((), jnp.int32),
             }
+            if ema:  # the average starts at the initial parameters
+                state["ema_params"] = as_float32(params)
+            return state
 
         if params is None:
             return jax.jit(lambda: init(None), out_shardings=shardings)()
@@ -183,6 +217,7 @@ class StepBuilder:
         seed = int(config.seed)
         mix = config.mixup
         skip_nonfinite = nonfinite_policy(config) == "skip"
+        ema_decay = self.ema_decay
 
         def loss_of(params, images, labels, rng):
             model = nnx.merge(graphdef, params)
@@ -224,6 +259,14 @@ class StepBuilder:
                 param_norm = optax.global_norm(params)
                 stats["skipped"] = jnp.logical_not(finite).astype(jnp.int32)
             new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
+            if ema_decay:
+                decay = ema_decay_at(ema_decay, new_state["step"])
+                ema = ema_update(state["ema_params"], params, decay)
+                if skip_nonfinite:  # a skipped step leaves the average as it was
+                    ema = jax.tree.map(
+                        lambda new, old: jnp.where(finite, new, old), ema, state["ema_params"]
+                    )
+                new_state["ema_params"] = ema
             stats.update(param_norm=param_norm, learning_rate=schedule(state["step"]))
             return new_state, stats
 

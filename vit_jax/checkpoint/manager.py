@@ -165,19 +165,24 @@ class Checkpointer:
         return restored.state, dict(restored.record)
 
     def restore_params(
-        self, abstract_params: Any, step: int | None = None, *, continue_with: str = STEP_FLAG
+        self,
+        abstract_params: Any,
+        step: int | None = None,
+        *,
+        continue_with: str = STEP_FLAG,
+        which: str = "params",
     ) -> Any:
-        """Only the parameters of a checkpoint (e.g. another run's, to fine-tune from).
-
-        The optimizer state of that run is not read, so it may differ from this run's.
-        """
+        """Only the parameters of a checkpoint (e.g. another run's, to fine-tune from):
+        `which` is "params", or "ema_params" for their moving average where the run kept one
+        (`parameter_sets`). The optimizer state of that run is not read, so it may differ
+        from this run's."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
         saved = self._readable_arrays(step, continue_with)
-        saved = {k: v for k, v in saved.items() if k.startswith("params/")}
-        check_fits(saved, {"params": abstract_params}, self._where(step), INIT_HINT)
-        item = {"params": abstract_params}
+        saved = {k: v for k, v in saved.items() if k.startswith(f"{which}/")}
+        check_fits(saved, {which: abstract_params}, self._where(step), INIT_HINT)
+        item = {which: abstract_params}
         args = ocp.args.Composite(
             state=ocp.args.PyTreeRestore(
                 item=item,
@@ -186,9 +191,17 @@ class Checkpointer:
             )
         )
         try:
-            return self._manager.restore(step, args=args).state["params"]
+            return self._manager.restore(step, args=args).state[which]
         except Exception as error:  # noqa: BLE001 - sorted into damaged files or another model
             raise self._restore_error(step, error, continue_with, INIT_HINT) from None
+
+    def parameter_sets(self, step: int, continue_with: str = STEP_FLAG) -> tuple[str, ...]:
+        """The parameter trees saved at `step`: ("params",), or ("params", "ema_params") for
+        a run that kept an EMA (config.ema_decay)."""
+        saved = self._readable_arrays(step, continue_with)
+        return tuple(
+            k for k in ("params", "ema_params") if any(p.startswith(f"{k}/") for p in saved)
+        )
 
     def set_aside_after(self, step: int, target: str) -> list[int]:
         """Moves the steps after `step` into the folder `target` (nothing is deleted), so a

@@ -1,0 +1,89 @@
+"""Weight EMA (`config.ema_decay`): a float32 moving average of the parameters kept inside
+the jitted step, sharded like them, in the checkpoint, evaluated next to them."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_steps import batches, make_trainer, tiny_config
+
+from vit_jax import steps as steps_module
+from vit_jax.errors import UserError
+
+DECAY = 0.9
+
+
+def numpy_ema(trajectory: list[dict], decay: float) -> dict:
+    """The EMA recurrence written out in NumPy (float64): it starts at the initial
+    parameters, and the update that makes step t uses min(decay, (1 + t) / (10 + t))."""
+    average = jax.tree.map(lambda p: np.asarray(p, np.float64), trajectory[0])
+    for t, params in enumerate(trajectory[1:], start=1):
+        d = min(decay, (1 + t) / (10 + t))
+        average = jax.tree.map(lambda a, p, d=d: d * a + (1 - d) * np.asarray(p), average, params)
+    return average
+
+
+def train(config, mesh_shape, count=4):
+    """(state, parameters after each step, the first one the initial parameters)."""
+    builder = make_trainer(config, mesh_shape)
+    state = builder.init_state()
+    step = builder.make_train_step()
+    trajectory = [jax.device_get(state["params"])]
+    for batch in batches(count):
+        state, _ = step(state, batch)
+        trajectory.append(jax.device_get(state["params"]))
+    return state, trajectory
+
+
+def test_the_ema_is_the_numpy_recurrence_over_the_parameters_and_sharded_like_them():
+    state, trajectory = train(tiny_config(ema_decay=DECAY), {"fsdp": 4, "model": 2})
+    expected = numpy_ema(trajectory, DECAY)
+    for got, want in zip(
+        jax.tree.leaves(state["ema_params"]), jax.tree.leaves(expected), strict=True
+    ):
+        assert got.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-7)
+    for ema, params in zip(
+        jax.tree.leaves(state["ema_params"]), jax.tree.leaves(state["params"]), strict=True
+    ):
+        assert ema.sharding == params.sharding
+    # After 4 steps it lies between the start and the parameters, not on either.
+    first = jax.tree.leaves(trajectory[0])[0]
+    last = jax.tree.leaves(trajectory[-1])[0]
+    ema = np.asarray(jax.tree.leaves(state["ema_params"])[0])
+    assert not np.allclose(ema, last) and not np.allclose(ema, first)
+
+
+def test_without_ema_the_state_and_the_step_are_unchanged():
+    builder = make_trainer(tiny_config(), {"data": 2})
+    assert set(builder.state_shardings[0]) == {"params", "opt_state", "step"}
+    assert set(builder.init_state()) == {"params", "opt_state", "step"}
+
+
+def test_a_skipped_step_leaves_the_average_as_it_was():
+    config = tiny_config(ema_decay=DECAY, on_nonfinite="skip")
+    builder = make_trainer(config, {"data": 2})
+    state = builder.init_state()
+    step = builder.make_train_step()
+    state, _ = step(state, next(batches(1)))
+    before = jax.device_get(state["ema_params"])
+    bad = next(batches(1, seed=1))
+    bad["image"] = bad["image"].at[0, 0, 0, 0].set(jnp.nan)
+    state, stats = step(state, bad)
+    assert int(stats["skipped"]) == 1
+    for got, want in zip(jax.tree.leaves(state["ema_params"]), jax.tree.leaves(before)):
+        np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_the_decay_warms_up_then_holds():
+    assert float(steps_module.ema_decay_at(0.9999, 1)) == pytest.approx(2 / 11)
+    assert float(steps_module.ema_decay_at(0.9999, 10_000)) == pytest.approx(10001 / 10010)
+    assert float(steps_module.ema_decay_at(0.5, 100)) == 0.5
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, float("nan")])
+def test_a_decay_outside_zero_to_one_is_refused(value):
+    from vit_jax import validate
+
+    with pytest.raises(UserError, match=r"config.ema_decay=.* must be in \[0.0, 1.0\)"):
+        validate.check_config(tiny_config(ema_decay=value))
