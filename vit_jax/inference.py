@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import functools
 import io
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
@@ -297,7 +298,21 @@ def read_image(path: str) -> bytes:
             image.convert("RGB").save(out, "PNG")
             return out.getvalue()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"{path}: not a readable image ({e}); give a JPEG or PNG file") from None
+        reason = _decode_failure(e)
+        raise UserError(
+            f"{path}: not a readable image ({reason}); give a JPEG or PNG file"
+        ) from None
+
+
+def _decode_failure(error: BaseException) -> str:
+    """PIL's reason, without the in-memory buffer it names instead of the file
+    (`cannot identify image file <_io.BytesIO object at 0x...>`): the caller names the file."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(error, UnidentifiedImageError):
+        return "unrecognised image format, or not an image"
+    text = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(error)).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def load_images(loaded: LoadedModel, files: Sequence[str]) -> np.ndarray:

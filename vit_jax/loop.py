@@ -2,7 +2,8 @@
 
 `run(config, workdir)` resumes from the newest complete checkpoint in `workdir`, otherwise
 starts from `config.init_from` (a released `.npz` or another run's directory) or
-from scratch. The checkpoint holds the step, which is also the data position.
+from scratch. The checkpoint holds the step, which is also the data position. A run already
+at its last step only says so and returns its final evaluation from `metrics.jsonl`.
 
 Failure behaviour (README "Failure behaviour"): SIGTERM/SIGINT save a checkpoint at the
 current step and raise `Preempted` (a SystemExit with status 128 + signal number); a
@@ -31,7 +32,7 @@ from vit_jax.checkpoint.manager import RESUME_STEP, check_room
 from vit_jax.data import pipeline
 from vit_jax.errors import UserError
 from vit_jax.experiment import CLASS_NAMES_FILE, Experiment
-from vit_jax.metric_logging import MetricLogger, Progress, format_line, peak_flops
+from vit_jax.metric_logging import MetricLogger, Progress, format_line, peak_flops, rows_up_to
 from vit_jax.preemption import Preempted, StopSignals
 from vit_jax.steps import nonfinite_policy
 
@@ -66,8 +67,6 @@ def _run(config, workdir: str, stop_after_step: int | None, signals: StopSignals
     storage.make_dirs(workdir)
     experiment = Experiment.from_config(config)
     mesh, steps = experiment.mesh, experiment.total_steps
-    if jax.process_index() == 0:  # the class names travel with the run (predict, export)
-        save_class_names(workdir, config.data, experiment.num_classes)
     checkpointer = Checkpointer(
         storage.join(workdir, "checkpoints"),
         every_steps=config.checkpoint.every_steps,
@@ -75,15 +74,16 @@ def _run(config, workdir: str, stop_after_step: int | None, signals: StopSignals
         keep_every=config.checkpoint.keep_every,
         async_save=config.checkpoint.async_save,
     )
+    finished = finished_results(config, workdir, checkpointer, steps)
+    if finished is not None:
+        checkpointer.close()
+        return finished
+    if jax.process_index() == 0:  # the class names travel with the run (predict, export)
+        save_class_names(workdir, config.data, experiment.num_classes)
     check_room(checkpointer.directory, experiment.abstract_state)
     state = initial_state(experiment, checkpointer)
     start_step = int(jax.device_get(state["step"]))
-    logger = MetricLogger(
-        workdir,
-        is_main=jax.process_index() == 0,
-        start_step=start_step,
-        write_files=start_step < steps,  # a finished run's rerun only reports
-    )
+    logger = MetricLogger(workdir, is_main=jax.process_index() == 0, start_step=start_step)
     logger.record_config(config)
     train_step, flops = experiment.compile_train_step(), experiment.step_flops()
     peak = peak_flops(jax.devices()[0], config.peak_flops_per_device)
@@ -159,13 +159,45 @@ def _run(config, workdir: str, stop_after_step: int | None, signals: StopSignals
         stop = Preempted(stopped, saved, checkpointer.directory)
         print(stop.message, file=sys.stderr, flush=True)
         raise stop
-    if start_step == steps:  # nothing left to train: report the finished run's evaluation
-        results = {
-            **evaluator.classification(steps, state["params"]),
-            **evaluator.fewshot(steps, state["params"]),
-        }
     checkpointer.close()
     logger.close()
+    return results
+
+
+def finished_results(
+    config: ml_collections.ConfigDict, workdir: str, checkpointer: Checkpointer, steps: int
+) -> dict[str, float] | None:
+    """For a run already trained to its last step: says so and returns its final evaluation
+    as `metrics.jsonl` holds it (nothing is evaluated or written again); None otherwise.
+
+    A damaged last checkpoint is reported as on resuming; `config.checkpoint.resume_step`
+    goes the usual way (it sets the later steps aside)."""
+    latest = checkpointer.latest_step()
+    if latest is None or latest < steps or config.checkpoint.get("resume_step") is not None:
+        return None
+    reason = checkpointer.damage(latest)
+    if reason is not None:
+        raise checkpointer.damaged_error(latest, reason, RESUME_STEP)
+    results = final_evaluation(storage.join(workdir, "metrics.jsonl"), latest)
+    log.info(
+        "the run in %s is complete: its last checkpoint is step %d of %d; nothing was trained "
+        "or evaluated (raise config.total_steps to train on, or use another --workdir)",
+        workdir,
+        latest,
+        steps,
+    )
+    return results
+
+
+def final_evaluation(path: str, step: int) -> dict[str, float]:
+    """The evaluation rows of `step` in a `metrics.jsonl`, merged (train rows left out)."""
+    results = {}
+    for line in rows_up_to(path, step).splitlines():
+        row = json.loads(line)
+        if row["step"] == step:
+            results.update(
+                {k: float(v) for k, v in row.items() if k != "step" and not k.startswith("train/")}
+            )
     return results
 
 

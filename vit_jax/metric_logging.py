@@ -54,17 +54,17 @@ class MetricLogger:
     """Writes scalars to TensorBoard and `metrics.jsonl`, and prints progress lines.
 
     `start_step` is the step the run resumes from: rows logged after it by an earlier,
-    interrupted session are dropped. `write_files=False` keeps files as they are (a finished
-    run's rerun reports its evaluation without logging it twice).
+    interrupted session are dropped. (A finished run is not logged again: `loop.run` returns
+    its evaluation from `metrics.jsonl` before a logger is made.)
     """
 
-    def __init__(self, workdir: str, *, is_main: bool, start_step: int = 0, write_files=True):
+    def __init__(self, workdir: str, *, is_main: bool, start_step: int = 0):
         self.is_main = is_main
         self.workdir = workdir
         self.jsonl_path = storage.join(workdir, "metrics.jsonl")
         self.events = None
         self._jsonl = None
-        if is_main and write_files:
+        if is_main:
             self.events = EventWriter(storage.join(workdir, "tensorboard"), start_step=start_step)
             kept = rows_up_to(self.jsonl_path, start_step)
             self._jsonl = storage.AppendFile(self.jsonl_path, initial=kept.encode())

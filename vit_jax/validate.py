@@ -267,6 +267,26 @@ def _workdir_problem(workdir: str, *, create: bool) -> str | None:
     return None
 
 
+def folder_listings(config: ml_collections.ConfigDict) -> list[str]:
+    """The classes and image files per split of each local image-folder dataset the config
+    reads, counted by file name (nothing is opened), for `--dry_run`. Raises DataError (one
+    line naming the folder) where the run would find no images: an empty class folder, a
+    split without class folders, class folders that are all empty. Folders that are not on
+    this machine (missing, or in a bucket) are left to the run."""
+    from vit_jax.data.sources import folder
+
+    roots: list[str] = []
+    for split in [config.data.train, *config.data.evals.values()]:
+        root = split.data_dir or config.data.get("data_dir") or split.name
+        if split.source == "folder" and root and root not in roots:
+            roots.append(root)
+    lines = []
+    for root in roots:
+        if not storage.is_remote(root) and os.path.isdir(root):
+            lines += folder.describe(root).lines()
+    return lines
+
+
 def _slices(slices: int | None) -> int:
     """The slice count given, or this machine's (slices by slice_index, else processes)."""
     if slices is not None:

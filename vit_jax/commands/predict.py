@@ -6,7 +6,9 @@
 
 Each image goes through the run's evaluation preprocessing (read from its saved config) and
 the model in batches of `--batch_size`, padded to a fixed shape so one compiled program
-serves every batch; a progress bar goes to stderr.
+serves every batch; a progress bar goes to stderr. A file that cannot be read as an image
+does not stop the others: they are predicted and printed, each unreadable file is one
+`error:` line on stderr, and the exit status is 2 when there was any.
 """
 
 from __future__ import annotations
@@ -29,22 +31,35 @@ def predict(
     top_k: int = 5,
     batch_size: int = 32,
     progress: bool = False,
+    unreadable: list[UserError] | None = None,
 ) -> list[dict]:
-    """`[{"file", "top": [{"label", "prob"}, ...]}, ...]`, one entry per file, in order."""
+    """`[{"file", "top": [{"label", "prob"}, ...]}, ...]`, one entry per file, in order.
+
+    A file that cannot be read as an image raises its UserError; with an `unreadable` list
+    it is appended there instead and left out, and the other files are still predicted."""
     top_k = min(top_k, loaded.num_classes)
     results = []
     bar = ProgressBar(len(files), enabled=progress)
     for start in range(0, len(files), batch_size):
-        chunk = files[start : start + batch_size]
-        images = inference.load_images(loaded, chunk)
-        padded = np.zeros((batch_size, *images.shape[1:]), np.float32)
-        padded[: len(chunk)] = images
-        probs = loaded.probabilities(loaded.logits(padded))[: len(chunk)]
-        for path, p in zip(chunk, probs, strict=True):
-            order = np.argsort(-p, kind="stable")[:top_k]
-            top = [{"label": loaded.label(int(i)), "prob": float(p[i])} for i in order]
-            results.append({"file": path, "top": top})
-        bar.update(len(chunk))
+        chunk, images = [], []
+        for path in files[start : start + batch_size]:
+            try:
+                images.append(loaded.preprocess(inference.read_image(path)))
+            except UserError as error:
+                if unreadable is None:
+                    raise
+                unreadable.append(error)
+                continue
+            chunk.append(path)
+        if chunk:
+            padded = np.zeros((batch_size, *images[0].shape), np.float32)
+            padded[: len(chunk)] = np.stack(images)
+            probs = loaded.probabilities(loaded.logits(padded))[: len(chunk)]
+            for path, p in zip(chunk, probs, strict=True):
+                order = np.argsort(-p, kind="stable")[:top_k]
+                top = [{"label": loaded.label(int(i)), "prob": float(p[i])} for i in order]
+                results.append({"file": path, "top": top})
+        bar.update(len(files[start : start + batch_size]))
     bar.close()
     return results
 
@@ -94,8 +109,17 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         raise UserError(f"--batch_size {args.batch_size}: give a positive batch size")
     files = inference.list_images(args.images)
     loaded = inference.load_from_args(args)
+    unreadable: list[UserError] = []
     results = predict(
-        loaded, files, top_k=args.top_k, batch_size=args.batch_size, progress=not args.quiet
+        loaded,
+        files,
+        top_k=args.top_k,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+        unreadable=unreadable,
     )
-    print(json.dumps(results, indent=1) if args.json else format_text(results))
-    return 0
+    if results or args.json:
+        print(json.dumps(results, indent=1) if args.json else format_text(results), flush=True)
+    for error in unreadable:  # after the predictions: each file one line, as a UserError's
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    return cli.USER_ERROR_STATUS if unreadable else 0

@@ -2,7 +2,8 @@
 
 Flags -> `config_loader.load_config` (named config or file, typed `--config.<field>=<value>`
 overrides, derived fields rebuilt) -> `validate` (before anything compiles) -> `loop.run`.
-`--dry_run` prints the resolved config and the run's sizes and exits. Multi-process runs pass
+`--dry_run` prints the resolved config, the run's sizes and (for an image folder) its
+classes and files per split, and exits. Multi-process runs pass
 --coordinator_address/--num_processes/--process_id, or rely on the cluster's environment
 (TPU pods, SLURM) with --distributed.
 """
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     from vit_jax import loop
 
     results = loop.run(config, args.workdir)
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and results:
         print("final evaluation: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
     return 0
 
@@ -95,6 +96,7 @@ def dry_run_report(config, args: argparse.Namespace, overrides: list[str], local
             warnings.append(f"{e}; shown for {fixed} devices (set --devices to choose)")
             devices = fixed
     warnings += validate.check_machine(config, args.workdir, devices, create=False, slices=slices)
+    data_lines = validate.folder_listings(config)  # an image folder without images: refused
     summary = validate.run_summary(config, devices, slices)
     lines = [f"config {args.config} with {len(overrides)} override(s):"]
     for field in config_loader.leaf_paths(config):
@@ -111,6 +113,7 @@ def dry_run_report(config, args: argparse.Namespace, overrides: list[str], local
         f"  micro-batch {summary['micro_batch']}: {summary['micro_batch_per_device']:g} per "
         f"device, {summary['grad_accum_steps']} accumulation step(s) per step",
         "  " + _steps_line(config, summary),
+        *data_lines,
     ]
     if args.distributed or args.coordinator_address:
         lines.append("  multi-process: jax.distributed is not started in a dry run")
