@@ -54,7 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
             nesterov=False,
             weight_decay=0.0,
             decay_unscaled=False,
-            weight_decay_exclude=r"(.*bias$)|(.*scale$)|(.*posemb.*)|(.*cls_token.*)|(.*probe.*)",
+            weight_decay_exclude=(
+                r"(.*bias$)|(.*scale$)|(.*posemb.*)|(.*cls_token.*)|(.*probe.*)|(.*registers.*)"
+            ),
             mu_dtype=config_dict.placeholder(str),
             clip_global_norm=1.0,
             lr_mults=(),

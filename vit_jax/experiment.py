@@ -117,11 +117,21 @@ class Experiment:
 
     @classmethod
     def from_npz(
-        cls, path: str, model_name: str, *, num_classes: int, img_size: int = 224
+        cls,
+        path: str,
+        model_name: str,
+        *,
+        num_classes: int,
+        img_size: int = 224,
+        num_registers: int = 0,
     ) -> Experiment:
-        """A released public-layout `.npz` as a one-device experiment, its head kept."""
+        """A released public-layout `.npz` as a one-device experiment, its head kept
+        (`num_registers`: the file's register tokens, 0 for none)."""
+        model = {"img_size": img_size}
+        if num_registers:  # a setting only ViTs have
+            model["num_registers"] = num_registers
         config = ml_collections.ConfigDict(
-            {"model_name": model_name, "model": {"img_size": img_size}, "sharding_rules": "dp"}
+            {"model_name": model_name, "model": model, "sharding_rules": "dp"}
         )
         mesh = sharding.make_mesh({}, jax.devices()[:1])
         experiment = cls(config, mesh, num_classes=num_classes, total_steps=1)

@@ -28,6 +28,7 @@ from flax import nnx
 
 from vit_jax import data, storage
 from vit_jax.checkpoint import CheckpointError, read_npz
+from vit_jax.checkpoint.npz import REGISTERS_KEY
 from vit_jax.data import label_ops, pp_parse, presets, registry
 from vit_jax.data._tf import tf
 from vit_jax.errors import UserError
@@ -211,7 +212,11 @@ def load_npz_model(
         )
     try:
         experiment = Experiment.from_npz(
-            path, model_name, num_classes=num_classes, img_size=img_size
+            path,
+            model_name,
+            num_classes=num_classes,
+            img_size=img_size,
+            num_registers=_npz_num_registers(path),
         )
     except (ValueError, TypeError, CheckpointError) as e:
         first = str(e).splitlines()[0]
@@ -233,6 +238,14 @@ def _npz_num_classes(path: str) -> int:
     if not head:
         raise UserError(f"--checkpoint {path}: the file has no classifier head; --num_classes")
     return int(next(iter(head.values())).shape[0])
+
+
+def _npz_num_registers(path: str) -> int:
+    """The file's register-token count (its `registers` array, (1, R, width)); 0 without."""
+    with reading(f"--checkpoint {path}"):
+        found = read_npz(path, lambda keys: [k for k in keys if k.endswith(REGISTERS_KEY)])
+    shapes = [v.shape for k, v in found.items() if k.rsplit("/", 1)[-1] == REGISTERS_KEY]
+    return int(shapes[0][1]) if shapes and len(shapes[0]) == 3 else 0
 
 
 def read_labels(path: str) -> tuple[str, ...]:

@@ -115,6 +115,7 @@ RANGES = (
     ("model.dropout", 0.0, 1.0, False),
     ("model.attention_dropout", 0.0, 1.0, False),
     ("model.drop_path", 0.0, 1.0, False),
+    ("model.num_registers", 0, math.inf, False),
     ("label_smoothing", 0.0, 1.0, False),
     ("schedule.end_lr", 0.0, math.inf, False),
     ("schedule.warmup_steps", 0, math.inf, False),

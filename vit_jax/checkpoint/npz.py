@@ -8,6 +8,11 @@ Either layout loads into a scanned or an unrolled model: per-layer arrays are st
 unstacked as needed. The loader only relies on `model.npz_names(layout)`, so any model that
 names its parameters that way (ViT, hybrids, Mixer) loads through it.
 
+Register tokens (a ViT with `num_registers` > 0) are the top-level key `registers`, shape
+(1, num_registers, width), next to `cls`, in both layouts; the position embedding has no
+slots for them. A file and a model that disagree on them (registers on one side only, or
+another count) are a mismatch like any other, and its message names the count to build.
+
 Pickles are always refused: an `.npz` member holding an object array would run code from the
 file when unpickled.
 """
@@ -37,6 +42,7 @@ HEAD_POLICIES = ("auto", "keep", "replace", "drop")
 PRE_LOGITS_POLICIES = ("auto", "keep", "drop")
 WEIGHT_PREFIXES = ("opt/target/", "params/")
 POSEMB_LEAF = "pos_embedding"
+REGISTERS_KEY = "registers"  # the register tokens, (1, num_registers, width)
 # Where older big_vision files kept the position embedding (an accepted alias when loading).
 LEGACY_POSEMB_KEYS = ("Transformer/pos_embedding",)
 
@@ -584,6 +590,13 @@ def _mismatch_message(
         parts.append(
             "pre_logits: build the model with config.model.representation_size matching "
             "the file's pre-logits layer"
+        )
+    file_registers = every_shape.get(REGISTERS_KEY, (1, 0, 0))
+    if REGISTERS_KEY in problem_keys and len(file_registers) == 3:
+        count = file_registers[1]
+        parts.append(
+            f"registers: the file has {count} register token(s); build the model with "
+            f"config.model.num_registers={count}"
         )
     if any(k.rsplit("/", 1)[-1] == POSEMB_LEAF for k, _, _ in report.mismatched):
         parts.append(

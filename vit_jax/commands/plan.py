@@ -275,6 +275,7 @@ def _model_facts(experiment) -> dict[str, Any]:
     model = config.model
     params = sum(x.size for x in jax.tree.leaves(experiment.abstract_state["params"]))
     tokens = (model.img_size // model.patch_size) ** 2 + (model.get("pool_type") == "tok")
+    tokens += model.get("num_registers") or 0
     parallel = experiment.mesh.shape["data"] * experiment.mesh.shape["fsdp"]
     return {
         "params": params,

@@ -115,6 +115,8 @@ def dry_run_report(config, args: argparse.Namespace, overrides: list[str], local
         "  " + _steps_line(config, summary),
         *data_lines,
     ]
+    if config.model.get("num_registers"):
+        lines.append("  " + _registers_line(config.model))
     if args.distributed or args.coordinator_address:
         lines.append("  multi-process: jax.distributed is not started in a dry run")
     lines += [f"warning: {w}" for w in warnings]
@@ -127,6 +129,18 @@ def _shown(config, field: str) -> str:
     for part in field.split("."):
         value = value[part]
     return value if isinstance(value, str) else repr(value)
+
+
+def _registers_line(model) -> str:
+    """The token sequence of a ViT with register tokens: what each image costs in tokens."""
+    patches = (model.img_size // model.patch_size) ** 2
+    cls_count = int(model.get("pool_type") == "tok")
+    total = patches + cls_count + model.num_registers
+    cls_text = " + 1 class token" if cls_count else ""
+    return (
+        f"model: {model.num_registers} register token(s){cls_text} + {patches} patch tokens "
+        f"= {total} tokens per image; the registers are dropped before pooling"
+    )
 
 
 def _steps_line(config, summary: dict) -> str:

@@ -57,21 +57,39 @@ def attention_rollout(attention: np.ndarray) -> np.ndarray:
     return joint
 
 
-def rollout_map(attention: np.ndarray, grid: tuple[int, int], num_prefix: int) -> np.ndarray:
+def rollout_map(
+    attention: np.ndarray, grid: tuple[int, int], num_prefix: int, num_registers: int = 0
+) -> np.ndarray:
     """The rollout onto the patch grid: the class token's row, or (no class token, e.g. gap
-    pooling) the mean over all tokens' rows."""
+    pooling) the mean over the patch tokens' rows. Tokens are [class, registers, patches].
+
+    Register tokens are rolled out with the rest, and only then are their rows and columns
+    dropped. Rollout follows attention paths through the layers, and a register is a relay
+    on them: the class token may read a register in one layer that gathered from patches in
+    an earlier one. Dropping the registers from each layer's matrix first would cut those
+    paths, and renormalising would hand their share to whatever patches were read directly.
+    In the product, patches get the credit for what flowed through registers; the register
+    columns left over are what the learned register inputs (no image location) contribute,
+    and their rows are no output the model pools."""
     joint = attention_rollout(attention)
-    row = joint[0] if num_prefix else joint.mean(axis=0)
-    return row[num_prefix:].reshape(grid)
+    first_patch = num_prefix + num_registers
+    row = joint[0] if num_prefix else joint[first_patch:].mean(axis=0)
+    return row[first_patch:].reshape(grid)
 
 
 def mean_attention_distance(
-    attention: np.ndarray, grid: tuple[int, int], patch_size: int, num_prefix: int
+    attention: np.ndarray,
+    grid: tuple[int, int],
+    patch_size: int,
+    num_prefix: int,
+    num_registers: int = 0,
 ) -> np.ndarray:
     """(layers, batch, heads, N, N) -> (layers, heads): the pixel distance between patch
     centres, weighted by attention and averaged over query patches and images. Class-token
-    rows and columns are left out and the remaining weights renormalised."""
-    weights = np.asarray(attention, np.float64)[..., num_prefix:, num_prefix:]
+    and register rows and columns (they have no place in the image) are left out and the
+    remaining weights renormalised: a statistic of each layer alone, unlike the rollout."""
+    first_patch = num_prefix + num_registers
+    weights = np.asarray(attention, np.float64)[..., first_patch:, first_patch:]
     weights = weights / weights.sum(axis=-1, keepdims=True)
     rows, cols = np.meshgrid(np.arange(grid[0]), np.arange(grid[1]), indexing="ij")
     centres = np.stack([rows.ravel(), cols.ravel()], axis=-1) * patch_size
@@ -106,7 +124,13 @@ def vit_of(loaded: inference.LoadedModel, kind: str) -> VisionTransformer:
 
 
 def num_prefix(model: VisionTransformer) -> int:
+    """Class-token slots (0 or 1), in the position embedding and the token sequence."""
     return int(model.cls_token is not None)
+
+
+def num_registers(model: VisionTransformer) -> int:
+    """Register tokens between the class token and the patches (none in the posemb)."""
+    return int(getattr(model, "num_registers", 0))
 
 
 def attention_fn(loaded: inference.LoadedModel) -> Callable[[np.ndarray], np.ndarray]:
@@ -149,7 +173,7 @@ def head_distances(loaded: inference.LoadedModel, images: np.ndarray, chunk: int
         part = images[start : start + chunk]
         maps = attention(part)
         total += len(part) * mean_attention_distance(
-            maps, model.grid, model.patch_size, num_prefix(model)
+            maps, model.grid, model.patch_size, num_prefix(model), num_registers(model)
         )
     return total / len(images)
 
@@ -206,7 +230,8 @@ def _upsample(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def draw_attention(loaded: inference.LoadedModel, path: str, image: np.ndarray, title: str):
     model = vit_of(loaded, "attention")
     maps = attention_fn(loaded)(image[None])[:, 0]
-    mask = _display(_upsample(rollout_map(maps, model.grid, num_prefix(model)), image.shape[:2]))
+    rollout = rollout_map(maps, model.grid, num_prefix(model), num_registers(model))
+    mask = _display(_upsample(rollout, image.shape[:2]))
     probs = loaded.probabilities(loaded.logits(image[None]))[0]
     best = int(np.argmax(probs))
     shown = _display(image)

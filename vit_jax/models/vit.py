@@ -1,9 +1,10 @@
 """The Vision Transformer ("An Image is Worth 16x16 Words"), in Flax NNX.
 
 Patch embedding (a strided conv, optionally after a ResNet stem for hybrids), class token,
-position embedding, pre-LayerNorm encoder blocks (optionally one stacked block scanned over
-depth), final LayerNorm, pooling (`tok`, `gap` or `map`), optional `pre_logits` layer and
-head. Parameter shapes follow the public `.npz` layout so that weights convert by renaming.
+position embedding, optional register tokens ("Vision Transformers Need Registers"),
+pre-LayerNorm encoder blocks (optionally one stacked block scanned over depth), final
+LayerNorm, pooling (`tok`, `gap` or `map`), optional `pre_logits` layer and head. Parameter
+shapes follow the public `.npz` layout so that weights convert by renaming.
 """
 
 from __future__ import annotations
@@ -207,6 +208,7 @@ class VisionTransformer(nnx.Module):
         in_channels: int = 3,
         pool_type: str = "tok",
         posemb: str = "learn",
+        num_registers: int = 0,
         representation_size: int | None = None,
         dropout: float = 0.0,
         attention_dropout: float = 0.0,
@@ -227,12 +229,15 @@ class VisionTransformer(nnx.Module):
             raise ValueError(f"unknown pool_type {pool_type!r}; valid: {list(POOL_TYPES)}")
         if posemb not in POSEMB_TYPES:
             raise ValueError(f"unknown posemb {posemb!r}; valid: {list(POSEMB_TYPES)}")
+        if num_registers < 0:
+            raise ValueError(f"num_registers must be 0 (none) or more, got {num_registers}")
         layers.remat_policy(remat)  # validates the name early
         dtype, param_dtype = as_dtype(dtype), as_dtype(param_dtype)
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self.patch_size = patch_size
         self.width, self.depth, self.num_classes = width, depth, num_classes
         self.pool_type, self.posemb_type = pool_type, posemb
+        self.num_registers = num_registers
         self.dropout, self.drop_path_rate = dropout, drop_path
         self.head_bias_init = head_bias_init  # a replaced head (fine-tuning) starts from it
         self.scan, self.remat = scan, remat
@@ -320,11 +325,34 @@ class VisionTransformer(nnx.Module):
             bias=head_bias_init,
             **common,
         )
+        # Register tokens: created last, so every other parameter draws the same random
+        # numbers as in the model without them, and none at all (no parameter, no draw)
+        # when num_registers is 0. A small normal, not zeros like the class token: identical
+        # registers (no position embedding tells them apart) would stay identical forever.
+        self.registers = (
+            layers.make_param(
+                rngs,
+                nnx.initializers.normal(stddev=0.02),
+                (1, num_registers, width),
+                (None, None, "embed"),
+                param_dtype,
+            )
+            if num_registers
+            else None
+        )
 
     # --- forward -------------------------------------------------------------------------
 
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches in the sequence: the class token, then the registers."""
+        return int(self.cls_token is not None) + self.num_registers
+
     def embed(self, images: jax.Array) -> jax.Array:
-        """Images (B, H, W, C) -> tokens (B, N, D) with class token and position embedding."""
+        """Images (B, H, W, C) -> tokens (B, N, D): [class, registers, patches].
+
+        The position embedding covers the class token and the patches only; the registers
+        are joined after it is added (they have no position)."""
         x = images if self.dtype is None else images.astype(self.dtype)
         if self.stem is not None:
             x = self.stem(x)
@@ -343,6 +371,11 @@ class VisionTransformer(nnx.Module):
             x = jnp.concatenate([cls, x], axis=1)
         if self.posemb is not None:
             x = x + self.posemb[...].astype(x.dtype)
+        if self.registers is not None:
+            registers = self.registers[...].astype(x.dtype)
+            registers = jnp.broadcast_to(registers, (batch, self.num_registers, width))
+            cls_count = int(self.cls_token is not None)
+            x = jnp.concatenate([x[:, :cls_count], registers, x[:, cls_count:]], axis=1)
         return constrain(x, TOKENS, self.activation_sharding)
 
     def _block_step(self, train: bool, return_weights: bool):
@@ -403,7 +436,11 @@ class VisionTransformer(nnx.Module):
         return_attention: bool = False,
     ) -> dict[str, jax.Array]:
         """All representations: `tokens` (after the final norm), `pooled`, `pre_logits`,
-        and on request `intermediates` (depth, B, N, D) and `attention` (depth, B, H, N, N)."""
+        and on request `intermediates` (depth, B, N, D) and `attention` (depth, B, H, N, N).
+
+        Token sequences hold [class, registers, patches] (`num_prefix_tokens` before the
+        patches); pooling never sees the registers: `tok` takes the class token, `gap` and
+        `map` pool the patch tokens only."""
         x = self.embed(images)
         x = layers.dropout(x, self.dropout, train=train, rngs=rngs)
         x, intermediates, attention = self.encode(
@@ -414,12 +451,14 @@ class VisionTransformer(nnx.Module):
             return_attention=return_attention,
         )
         tokens = self.encoder_norm(x)
+        # gap and map have no class token: the registers lead, and are left out.
+        patches = tokens[:, self.num_registers :] if self.num_registers else tokens
         if self.pool_type == "tok":
             pooled = tokens[:, 0]
         elif self.pool_type == "gap":
-            pooled = jnp.mean(tokens, axis=1)
+            pooled = jnp.mean(patches, axis=1)
         else:
-            pooled = self.map_head(tokens)
+            pooled = self.map_head(patches)
         pre_logits = pooled if self.pre_logits is None else jnp.tanh(self.pre_logits(pooled))
         out = {"tokens": tokens, "pooled": pooled, "pre_logits": pre_logits}
         if return_intermediates:
@@ -458,6 +497,7 @@ class VisionTransformer(nnx.Module):
         top_parts = {
             "patch_embed": "embedding",
             "cls_token": "cls",
+            "registers": "registers",
             "posemb": "Transformer/posembed_input/pos_embedding" if original else "pos_embedding",
             "encoder_norm": "Transformer/encoder_norm",
             "pre_logits": "pre_logits",
