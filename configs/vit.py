@@ -97,7 +97,8 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
     config.init_from = ml_collections.ConfigDict(
-        dict(path="", head="auto", posemb_interpolation="bilinear")
+        # params: a run's weight EMA where it kept one ("auto"), "ema" or "raw".
+        dict(path="", head="auto", posemb_interpolation="bilinear", params="auto")
     )
     config.fewshot = ml_collections.ConfigDict(
         dict(
@@ -117,6 +118,10 @@ def base_config() -> ml_collections.ConfigDict:
     # there is no float32 master copy, so updates smaller than the dtype's resolution are
     # lost. Set True to acknowledge that (validation refuses it otherwise).
     config.low_precision_params_ok = False
+    # Weight EMA: 0 keeps none; e.g. 0.9999 keeps a float32 moving average of the parameters
+    # (decay held to (1 + step) / (10 + step) early), evaluated next to them as `<eval>_ema`
+    # and used by predict, visualize, export and init_from (`--params=raw` for the others).
+    config.ema_decay = 0.0
     return config
 
 

@@ -124,9 +124,11 @@ TRAINED_RUN = {
     "checkpoint.async_save": False,
     "schedule.warmup_steps": 5,
     "schedule.base_lr": 3e-3,
+    "ema_decay": 0.99,  # a weight EMA: predict, visualize and export take it by default
 }
-# Dropout and mixup draw random numbers every step: a resume must restore them too.
-RESUME_RUN = {"model.dropout": 0.1, "mixup.mixup_alpha": 0.2}
+# Dropout and mixup draw random numbers every step: a resume must restore them too, and the
+# weight EMA kept in the state.
+RESUME_RUN = {"model.dropout": 0.1, "mixup.mixup_alpha": 0.2, "ema_decay": 0.9}
 # Long enough that a SIGTERM sent at step 3 lands mid-run; a log line every step.
 STOPPED_RUN = {
     "total_steps": 200,

@@ -65,7 +65,8 @@ def logged_steps(text: str) -> list[int]:
 def test_sigterm_in_a_bucket_exits_143_and_the_same_command_resumes_bit_identically(
     storage_server, bucket, tmp_path, monkeypatch, straight_long_run
 ):
-    """The run of the local SIGTERM test (STOPPED_RUN, 8 devices), its workdir a bucket."""
+    """STOPPED_RUN on 8 devices (as the straight_long_run fixture), its workdir a bucket: exit
+    143 with the saved step named, and the same command resumes to the uninterrupted state."""
     workdir, empty = f"gs://{bucket}/run", tmp_path / "cwd"
     empty.mkdir()
     steps = STOPPED_RUN["total_steps"]
@@ -85,6 +86,7 @@ def test_sigterm_in_a_bucket_exits_143_and_the_same_command_resumes_bit_identica
     objects = storage_server.objects(bucket)
     stopped = sorted({int(n.split("/")[2]) for n in objects if n.startswith("run/checkpoints/")})
     assert len(stopped) == 1 and 3 <= stopped[0] < steps
+    assert f"stopped by SIGTERM: saved the checkpoint of step {stopped[0]}" in stderr
 
     # The same command again, in this process (pointed at the same server), from the folder.
     monkeypatch.chdir(empty)

@@ -490,7 +490,7 @@ TWO_PROCESS_FLAGS = tiny_flags(
 DIGITS_TEST_EXAMPLES = 355  # odd: the two processes get 178 and 177
 
 
-def start_local(tmp_path, name, workdir, processes, devices):
+def start_local(tmp_path, name, workdir, processes, devices, mesh):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = ROOT
     command = [
@@ -501,6 +501,7 @@ def start_local(tmp_path, name, workdir, processes, devices):
         "--",
         f"--workdir={workdir}",
         *TWO_PROCESS_FLAGS,
+        *(f"--config.mesh.{axis}" for axis in mesh),
     ]
     return subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -520,12 +521,15 @@ def test_two_local_processes_equal_one_with_as_many_devices_and_share_a_bucket_r
     tmp_path, storage_server, bucket
 ):
     """2 processes x 2 devices (into a bucket) and 1 x 4 (on disk), run at the same time: the
-    same losses, few-shot accuracies and test counts; each process writes its own shards of
-    the checkpoint, process 0 alone the logs."""
+    same losses, gradient norms, few-shot accuracies and test counts; each process writes its
+    own shards of the checkpoint, process 0 alone the logs. The two processes are also two
+    slices (devices without a TPU slice index are grouped by process): data parallel across
+    them (`dcn_data=2`) and FSDP inside each, against `data=2, fsdp=2` in one process."""
     url = f"gs://{bucket}/run"
+    slices, one = ["dcn_data=2", "fsdp=2", "data=1"], ["data=2", "fsdp=2"]
     runs = {
-        "two": start_local(tmp_path, "two", url, processes=2, devices=2),
-        "one": start_local(tmp_path, "one", tmp_path / "one", processes=1, devices=4),
+        "two": start_local(tmp_path, "two", url, processes=2, devices=2, mesh=slices),
+        "one": start_local(tmp_path, "one", tmp_path / "one", processes=1, devices=4, mesh=one),
     }
     try:
         for run in runs.values():
@@ -544,6 +548,10 @@ def test_two_local_processes_equal_one_with_as_many_devices_and_share_a_bucket_r
     losses = values(two, "train/loss")
     assert len(losses) == 3 and losses[-1] < losses[0]  # it trains
     assert losses == pytest.approx(values(one, "train/loss"), rel=1e-5)
+    grad_norms = values(two, "train/grad_norm")
+    assert len(grad_norms) == 3 and grad_norms == pytest.approx(
+        values(one, "train/grad_norm"), rel=1e-5
+    )
     for key in ("fewshot/digits_1shot", "fewshot/digits_5shot"):
         assert values(two, key, step=1) == values(one, key, step=1)
     # Features line up with their labels: far above chance (0.1) even for random weights.

@@ -142,7 +142,8 @@ def test_ci_runs_the_readme_test_command():
     assert ci.startswith(environment + "python3 -m pip install") and "python3 -m pytest" in ci
     demo = readme.split("```bash\n")[1].split("\n```")[0]
     assert demo.startswith(environment + "python3 -m pip install -e . && ")
-    assert demo.endswith("python3 -m vit_jax train --config=configs/vit.py --workdir=workdir/digits")
+    demo_run = "python3 -m vit_jax train --config=configs/vit.py --workdir=workdir/digits"
+    assert demo.endswith(demo_run)
 
 
 def test_command_extraction_handles_continuations_and_chains():

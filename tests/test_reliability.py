@@ -17,7 +17,7 @@ from orbax.checkpoint._src.path import atomicity
 from test_cli import ROOT, cli_env, failure
 from test_train import read_jsonl, restore_state
 
-from vit_jax import cli, data, loop
+from vit_jax import data, loop
 from vit_jax.checkpoint import Checkpointer
 from vit_jax.checkpoint import manager as checkpoint_manager
 from vit_jax.data.sources import folder
@@ -53,31 +53,8 @@ def stopped_command(workdir):
     )
 
 
-@pytest.mark.slow
-def test_sigterm_saves_exits_143_and_the_rerun_is_bit_identical(tmp_path, straight_long_run):
-    steps, workdir = STOPPED_RUN["total_steps"], str(tmp_path / "stopped")
-    command = stopped_command(workdir)
-    with open(tmp_path / "stderr", "w") as err:
-        proc = subprocess.Popen(  # 8 devices, as this process has (the straight run's)
-            command, cwd=ROOT, env=cli_env(8), stdout=subprocess.PIPE, stderr=err, text=True
-        )
-        for line in proc.stdout:  # wait until it has trained (and logged) a few steps
-            if line.startswith("step 3/"):
-                proc.send_signal(signal.SIGTERM)
-                break
-        proc.stdout.read()
-        status = proc.wait(timeout=300)
-    stderr = (tmp_path / "stderr").read_text()
-    assert status == 143, failure(stderr)
-    saved = steps_on_disk(workdir)
-    assert len(saved) == 1 and 3 <= saved[0] < steps
-    assert f"stopped by SIGTERM: saved the checkpoint of step {saved[0]}" in stderr
-    assert "run the same command again to resume" in stderr
-
-    # The same command again, in this process (no second start-up): it resumes and ends
-    # bit-identical to the run that was never stopped.
-    assert cli.run("train", command[4:]) == 0
-    assert_same_arrays(saved_state(workdir, steps), saved_state(straight_long_run, steps))
+# SIGTERM to a single process, its exit status 143 and the bit-identical rerun: the bucket
+# run's test (tests/test_bucket_run.py), whose storage path includes this one's.
 
 
 @pytest.mark.slow

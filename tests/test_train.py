@@ -124,8 +124,8 @@ def test_init_from_another_runs_checkpoint_and_fewshot_during_training(tmp_path,
     results = loop.run(config, str(tmp_path / "second"))
     before, _ = restore_state(tiny_config(**RESUME_RUN), straight_run, 6)  # its latest
     after, _ = restore_state(config, str(tmp_path / "second"), 2)
-    for a, b in zip(
-        jax.tree.leaves(before["params"]), jax.tree.leaves(after["params"]), strict=True
+    for a, b in zip(  # that run kept a weight EMA: it is what init_from takes by default
+        jax.tree.leaves(before["ema_params"]), jax.tree.leaves(after["params"]), strict=True
     ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert 0.1 <= results["fewshot/digits_5shot"] <= 1.0
@@ -134,7 +134,8 @@ def test_init_from_another_runs_checkpoint_and_fewshot_during_training(tmp_path,
 
 def test_resume_with_a_different_optimizer_is_refused_clearly(tmp_path, straight_run):
     shutil.copytree(straight_run, tmp_path / "run")
-    changed = tiny_config(**RESUME_RUN, **{"optim.clip_global_norm": 0.0})
+    # Trained on for 2 more steps (a finished run is not restored at all).
+    changed = tiny_config(**RESUME_RUN, **{"optim.clip_global_norm": 0.0, "total_steps": 8})
     with pytest.raises(ValueError, match="does not match the train state"):
         loop.run(changed, str(tmp_path / "run"))
 

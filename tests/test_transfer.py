@@ -59,30 +59,42 @@ def test_finetune_on_an_image_folder_from_an_npz(pretrained, tmp_path, monkeypat
 
 
 @pytest.mark.slow
-def test_transfer_sweep_selects_on_validation_and_writes_the_tables(pretrained, tmp_path):
-    out = tmp_path / "sweep"
-    argv = [f"--init_from={pretrained}", "--model=mu/4", f"--workdir={out}"]
+def test_transfer_sweep_in_a_bucket_selects_on_validation_and_writes_the_tables(
+    pretrained, storage_server, bucket, tmp_path, monkeypatch
+):
+    """--init_from and --workdir as gs:// URLs: the run folders, checkpoints and tables are
+    objects in the bucket, and nothing appears in the current directory (no `gs:` folder).
+    The lr is chosen on validation; VTAB's is trained again on train800+val200."""
+    monkeypatch.chdir(tmp_path)
+    init_from = f"gs://{bucket}/pretrained.npz"
+    storage.write_bytes(init_from, open(pretrained, "rb").read())
+    sweep = f"gs://{bucket}/sweep"
+    argv = [f"--init_from={init_from}", "--model=mu/4", f"--workdir={sweep}"]
     argv += ["--tasks=cifar10,vtab/dtd", "--lrs=0.003,0.03", "--recipe=finetune_short"]
     argv += [f"--config.{o}" for o in [*ARCH, "model.img_size=8", "model.pool_type=gap", *SHORT]]
     argv += ["--config.checkpoint.async_save=false"]  # orbax's async writer and mock_data clash
     with tfds.testing.mock_data(num_examples=64):
         assert cli.run("transfer", argv) == 0
-    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert os.listdir(tmp_path) == []
+    objects = storage_server.objects(bucket, "sweep/")
+    run = "sweep/cifar10/lr_0.03/"
+    assert {"sweep/results.csv", "sweep/results.md", f"{run}config.json"} <= set(objects)
+    assert any(name.startswith(f"{run}checkpoints/3/") for name in objects), objects
+    rows = list(csv.DictReader(storage.read_text(f"{sweep}/results.csv").splitlines()))
     assert [r["task"] for r in rows] == ["cifar10", "vtab/dtd"]
+
+    def last_val(folder: str) -> float:
+        text = storage.read_text(f"{sweep}/{folder}/metrics.jsonl")
+        return [r["val/top1"] for r in map(json.loads, text.splitlines()) if "val/top1" in r][-1]
+
     # The chosen lr is the one with the best validation accuracy among the runs.
     for row, select in zip(rows, ["cifar10", "vtab_dtd_hparam"], strict=True):
-        vals = {}
-        for lr in ("0.003", "0.03"):
-            records = [
-                json.loads(line) for line in open(out / select / f"lr_{lr}" / "metrics.jsonl")
-            ]
-            vals[lr] = [r["val/top1"] for r in records if "val/top1" in r][-1]
+        vals = {lr: last_val(f"{select}/lr_{lr}") for lr in ("0.003", "0.03")}
         assert float(row["lr"]) == float(max(vals, key=vals.get))
         assert np.isclose(float(row["val top-1 %"]), 100 * max(vals.values()), atol=0.01)
-    # VTAB: the chosen lr is trained again on train800+val200 and evaluated on test.
-    final = out / "vtab_dtd" / f"lr_{float(rows[1]['lr']):g}"
-    assert (final / "metrics.jsonl").exists()
-    assert "| cifar10 |" in open(out / "results.md").read()
+    final = f"sweep/vtab_dtd/lr_{float(rows[1]['lr']):g}/metrics.jsonl"
+    assert final in objects
+    assert "| cifar10 |" in storage.read_text(f"{sweep}/results.md")
 
 
 def test_sweep_checks_every_config_before_training(pretrained, tmp_path, capsys):
@@ -95,32 +107,3 @@ def test_sweep_checks_every_config_before_training(pretrained, tmp_path, capsys)
     assert cli.run("transfer", [*argv, "--tasks=paper", "--dry_run"]) == 0
     assert "oxford_flowers102: lrs" in capsys.readouterr().out
     assert not os.listdir(tmp_path)  # nothing trained, nothing written
-
-
-def test_transfer_sweep_in_a_bucket(pretrained, storage_server, bucket, tmp_path, monkeypatch):
-    """--init_from and --workdir as gs:// URLs: the run folders, checkpoints and tables are
-    objects in the bucket, and nothing appears in the current directory (no `gs:` folder)."""
-    monkeypatch.chdir(tmp_path)
-    init_from = f"gs://{bucket}/pretrained.npz"
-    storage.write_bytes(init_from, open(pretrained, "rb").read())
-    sweep = f"gs://{bucket}/sweep"
-    argv = [f"--init_from={init_from}", "--model=mu/4", f"--workdir={sweep}"]
-    argv += ["--tasks=cifar10", "--lrs=0.03", "--recipe=finetune_short"]
-    argv += [f"--config.{o}" for o in [*ARCH, "model.img_size=8", "model.pool_type=gap", *SHORT]]
-    argv += ["--config.checkpoint.async_save=false"]
-    with tfds.testing.mock_data(num_examples=64):
-        assert cli.run("transfer", argv) == 0
-    objects = storage_server.objects(bucket, "sweep/")
-    run = "sweep/cifar10/lr_0.03/"
-    assert {"sweep/results.csv", "sweep/results.md", f"{run}config.json"} <= set(objects)
-    assert f"{run}metrics.jsonl" in objects
-    assert any(name.startswith(f"{run}checkpoints/3/") for name in objects), objects
-    rows = list(csv.DictReader(storage.read_text(f"{sweep}/results.csv").splitlines()))
-    assert [(r["task"], float(r["lr"])) for r in rows] == [("cifar10", 0.03)]
-    records = [
-        json.loads(line)
-        for line in storage.read_text(f"gs://{bucket}/{run}metrics.jsonl").splitlines()
-    ]
-    val = [r["val/top1"] for r in records if "val/top1" in r][-1]
-    assert np.isclose(float(rows[0]["val top-1 %"]), 100 * val, atol=0.01)
-    assert os.listdir(tmp_path) == []

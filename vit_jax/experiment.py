@@ -59,6 +59,7 @@ class Experiment:
         self.steps = StepBuilder(config, mesh, num_classes=num_classes, total_steps=total_steps)
         self.params = params  # restored parameters (from_workdir, from_npz), else None
         self.checkpoint_step = checkpoint_step
+        self.parameter_set = "raw"  # or "ema": a run's weight EMA (from_workdir)
 
     # --- construction ----------------------------------------------------------------------
 
@@ -98,9 +99,13 @@ class Experiment:
         return cls(config, mesh, num_classes=num_classes, total_steps=steps)
 
     @classmethod
-    def from_workdir(cls, workdir: str, step: int | None = None) -> Experiment:
+    def from_workdir(
+        cls, workdir: str, step: int | None = None, params: str = "auto"
+    ) -> Experiment:
         """A trained run on one device with the parameters of its newest complete checkpoint
-        (or of `step`); UserError naming what is missing otherwise."""
+        (or of `step`); UserError naming what is missing otherwise. `params` (PARAMETER_SETS):
+        "auto" takes the weight EMA where the run kept one, "ema" requires it, "raw" takes the
+        trained parameters; `parameter_set` says which were taken."""
         config = read_config(workdir)
         checkpoints = open_checkpoints(workdir)
         try:
@@ -110,7 +115,13 @@ class Experiment:
             experiment = cls(
                 config, mesh, num_classes=num_classes, total_steps=1, checkpoint_step=step
             )
-            experiment.params = checkpoints.restore_params(experiment.abstract_params(), step)
+            which = pick_parameter_set(
+                checkpoints, step, params, field="--params", where=f"the run {workdir}"
+            )
+            experiment.params = checkpoints.restore_params(
+                experiment.abstract_params(), step, which=which
+            )
+            experiment.parameter_set = "ema" if which == "ema_params" else "raw"
         finally:
             checkpoints.close()
         return experiment
@@ -237,10 +248,24 @@ class Experiment:
         check_run_directory(path, "config.init_from.path")
         source = open_checkpoints(path, "config.init_from.path")
         try:
-            params = source.restore_params(self.abstract_state["params"], continue_with=None)
+            step = source.latest_step()
+            if step is None:
+                raise UserError(f"config.init_from.path {path}: no complete checkpoint yet")
+            which = pick_parameter_set(
+                source,
+                step,
+                init.get("params", "auto"),
+                field="config.init_from.params",
+                where=f"the run {path}",
+                continue_with=None,
+            )
+            params = source.restore_params(
+                self.abstract_state["params"], step, continue_with=None, which=which
+            )
         finally:
             source.close()
-        log.info("initialised from the run %s", path)
+        used = "its weight EMA" if which == "ema_params" else "its trained parameters"
+        log.info("initialised from the run %s, step %d: %s", path, step, used)
         return params
 
 
@@ -315,6 +340,32 @@ def pick_step(workdir: str, checkpoints: Checkpointer, step: int | None) -> int:
     if step is not None and step not in steps:
         raise UserError(f"--step {step}: {workdir} has checkpoints at steps {steps}")
     return max(steps) if step is None else step
+
+
+PARAMETER_SETS = ("auto", "ema", "raw")  # which parameters of a run with a weight EMA
+
+
+def pick_parameter_set(
+    checkpoints: Checkpointer,
+    step: int,
+    params: str,
+    *,
+    field: str,
+    where: str,
+    continue_with: str | None = STEP_FLAG,
+) -> str:
+    """The saved tree to restore: "ema_params" for `params` "ema", or "auto" where the run
+    kept a weight EMA (config.ema_decay); "params" otherwise. `field` names the setting that
+    gave `params` (`--params`), `where` the run, in errors."""
+    if params not in PARAMETER_SETS:
+        raise UserError(f"{field}={params!r} is not one of {', '.join(PARAMETER_SETS)}")
+    has_ema = "ema_params" in checkpoints.parameter_sets(step, continue_with)
+    if params == "ema" and not has_ema:
+        raise UserError(
+            f"{field}=ema: {where} kept no weight EMA (its config.ema_decay is 0); use "
+            f"{field}=raw for its trained parameters"
+        )
+    return "ema_params" if has_ema and params != "raw" else "params"
 
 
 def _num_classes(config: ml_collections.ConfigDict, checkpoints: Checkpointer, step: int) -> int:

@@ -32,7 +32,7 @@ from vit_jax.checkpoint.npz import REGISTERS_KEY
 from vit_jax.data import label_ops, pp_parse, presets, registry
 from vit_jax.data._tf import tf
 from vit_jax.errors import UserError
-from vit_jax.experiment import CLASS_NAMES_FILE, Experiment, read_class_names
+from vit_jax.experiment import CLASS_NAMES_FILE, PARAMETER_SETS, Experiment, read_class_names
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 _TF_FORMATS = ("JPEG", "PNG", "GIF", "BMP")  # what the eval pipeline's decode op reads
@@ -56,10 +56,21 @@ class LoadedModel:
     multi_label: bool = False  # sigmoid outputs instead of a softmax
     step: int | None = None
     source: str = ""  # the workdir or the .npz file
+    parameters: str = "raw"  # "ema": a run's weight EMA (config.ema_decay), else "raw"
 
     @property
     def num_classes(self) -> int:
         return int(self.model.num_classes)
+
+    def report_parameters(self) -> None:
+        """Says on stderr, after a command's work, that a run's weight EMA was used."""
+        if self.parameters == "ema":
+            print(
+                f"used the weight EMA of step {self.step} of {self.source} "
+                "(--params=raw for the trained parameters)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     @functools.cached_property
     def _pp_fn(self) -> Callable[[tf.Tensor], tf.Tensor]:
@@ -114,10 +125,12 @@ def read_failure(what: str, error: BaseException) -> UserError:
     return UserError(f"{what}: cannot read it ({text})")
 
 
-def load_run(workdir: str, step: int | None = None) -> LoadedModel:
-    """The model of a training run at its newest complete checkpoint (or at `step`)."""
+def load_run(workdir: str, step: int | None = None, params: str = "auto") -> LoadedModel:
+    """The model of a training run at its newest complete checkpoint (or at `step`), with
+    its weight EMA where it kept one and `params` is "auto" or "ema" ("raw": the trained
+    parameters); `LoadedModel.parameters_note` says which were taken."""
     with reading(f"--workdir {workdir}"):
-        experiment = Experiment.from_workdir(workdir, step)
+        experiment = Experiment.from_workdir(workdir, step, params)
     config, num_classes = experiment.config, experiment.num_classes
     return LoadedModel(
         model=experiment.model(),
@@ -128,6 +141,7 @@ def load_run(workdir: str, step: int | None = None) -> LoadedModel:
         multi_label=bool(config.data.multi_label) or "sigmoid" in str(config.loss),
         step=experiment.checkpoint_step,
         source=workdir,
+        parameters=experiment.parameter_set,
     )
 
 
@@ -341,6 +355,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model (a training run, or a released .npz)")
     group.add_argument("--workdir", help="a training run's directory (newest checkpoint)")
     group.add_argument("--step", type=int, help="a checkpoint step other than the newest")
+    group.add_argument(
+        "--params",
+        choices=PARAMETER_SETS,
+        default="auto",
+        help="a run with a weight EMA (config.ema_decay): its EMA (auto, the default; ema) or "
+        "its trained parameters (raw)",
+    )
     group.add_argument("--checkpoint", help="a public-layout .npz file instead of a run")
     group.add_argument("--model", help="the .npz's model name, e.g. ViT-B/16")
     group.add_argument("--labels", help="class names for the .npz, one per line")
@@ -353,7 +374,7 @@ def load_from_args(args: argparse.Namespace) -> LoadedModel:
     if bool(args.workdir) == bool(args.checkpoint):
         raise UserError("give either --workdir <run> or --checkpoint <file.npz> --model <name>")
     if args.workdir:
-        return load_run(args.workdir, args.step)
+        return load_run(args.workdir, args.step, args.params)
     if not args.model:
         raise UserError("--checkpoint needs --model, e.g. --model ViT-B/16")
     return load_npz_model(args.checkpoint, args.model, args.num_classes, args.img_size, args.labels)

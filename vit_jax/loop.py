@@ -143,10 +143,13 @@ def _run(config, workdir: str, stop_after_step: int | None, signals: StopSignals
                 checkpointer.save(step, state, force=last)
             if stopped is not None:
                 break
-            if due(step, config.eval_every_steps, end):
-                results = evaluator.classification(step, state["params"])
+            if due(step, config.eval_every_steps, end):  # the parameters, then their EMA
+                results = {}
+                for params, suffix in evaluator.parameter_sets(state):
+                    results.update(evaluator.classification(step, params, suffix))
             if due(step, config.fewshot.every_steps or config.eval_every_steps, end):
-                results = {**results, **evaluator.fewshot(step, state["params"])}
+                for params, suffix in evaluator.parameter_sets(state):
+                    results = {**results, **evaluator.fewshot(step, params, suffix)}
             if step == stop_after_step:
                 break
     finally:

@@ -20,7 +20,7 @@ from vit_jax import data, losses, optim, sharding, storage
 from vit_jax.checkpoint.npz import HEAD_POLICIES
 from vit_jax.checkpoint.posemb import INTERPOLATIONS
 from vit_jax.errors import UserError
-from vit_jax.experiment import total_steps
+from vit_jax.experiment import PARAMETER_SETS, total_steps
 from vit_jax.models.layers import REMAT_POLICIES
 from vit_jax.models.vit import ATTENTION_IMPLS, POOL_TYPES, POSEMB_TYPES
 from vit_jax.steps import NONFINITE_POLICIES
@@ -41,6 +41,7 @@ def _choices(config) -> list[tuple[str, Any, tuple]]:
         ("on_nonfinite", config.on_nonfinite, NONFINITE_POLICIES),
         ("init_from.head", config.init_from.head, HEAD_POLICIES),
         ("init_from.posemb_interpolation", config.init_from.posemb_interpolation, INTERPOLATIONS),
+        ("init_from.params", config.init_from.get("params", "auto"), PARAMETER_SETS),
         ("model.dtype", model.get("dtype"), (None, *DTYPES)),
         ("model.param_dtype", model.get("param_dtype"), DTYPES),
     ]
@@ -117,6 +118,7 @@ RANGES = (
     ("model.drop_path", 0.0, 1.0, False),
     ("model.num_registers", 0, math.inf, False),
     ("label_smoothing", 0.0, 1.0, False),
+    ("ema_decay", 0.0, 1.0, False),
     ("schedule.end_lr", 0.0, math.inf, False),
     ("schedule.warmup_steps", 0, math.inf, False),
     ("schedule.cooldown_steps", 0, math.inf, False),

@@ -86,6 +86,7 @@ def input_contract(loaded: inference.LoadedModel, exported: jax.export.Exported,
         "model_name": loaded.config.model_name if loaded.config else None,
         "source": loaded.source,
         "step": loaded.step,
+        "parameters": loaded.parameters,  # "ema": the run's weight EMA
         "jax_version": jax.__version__,
     }
 
@@ -135,6 +136,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         except (KeyError, ValueError) as e:
             raise UserError(f"--format npz: this model has no public .npz layout ({e})") from e
         print(out)
+        loaded.report_parameters()
         return 0
     platforms = args.platforms.split(",") if args.platforms else None
     try:
@@ -143,4 +145,5 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         raise UserError(f"--platforms {args.platforms}: {str(e).splitlines()[0]}") from e
     print(out)
     print(contract_path(out))
+    loaded.report_parameters()
     return 0

@@ -122,4 +122,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         print(json.dumps(results, indent=1) if args.json else format_text(results), flush=True)
     for error in unreadable:  # after the predictions: each file one line, as a UserError's
         print(f"error: {error}", file=sys.stderr, flush=True)
-    return cli.USER_ERROR_STATUS if unreadable else 0
+    if unreadable:
+        return cli.USER_ERROR_STATUS
+    loaded.report_parameters()
+    return 0

@@ -117,6 +117,11 @@ def dry_run_report(config, args: argparse.Namespace, overrides: list[str], local
     ]
     if config.model.get("num_registers"):
         lines.append("  " + _registers_line(config.model))
+    if config.get("ema_decay"):
+        lines.append(
+            f"  weight EMA: decay {config.ema_decay:g} (min(decay, (1 + step) / (10 + step))), "
+            "float32, sharded like the parameters; evaluated as <eval>_ema"
+        )
     if args.distributed or args.coordinator_address:
         lines.append("  multi-process: jax.distributed is not started in a dry run")
     lines += [f"warning: {w}" for w in warnings]

@@ -366,46 +366,52 @@ def output_paths(args: argparse.Namespace, names: list[str]) -> list[str]:
     return [storage.join(out, name) for name in names]
 
 
-def make_pictures(args: argparse.Namespace) -> list[str]:
-    """Draws the pictures the arguments ask for; returns their paths."""
+def make_pictures(args: argparse.Namespace) -> tuple[list[str], inference.LoadedModel | None]:
+    """Draws the pictures the arguments ask for; returns their paths and the model drawn
+    (None for the curves)."""
     if args.kind == "curves":
         if not args.workdir:
             raise UserError("visualize curves: give --workdir <run>")
         records = read_metrics(args.workdir)  # before anything is written
         (path,) = output_paths(args, ["curves.png"])
         draw_curves(args.workdir, path, records)
-        return [path]
+        return [path], None
     if args.kind == "attention" and not args.images:
         raise UserError("visualize attention: give one or more image files")
+    if args.kind == "distance" and args.num_images < 1:
+        raise UserError(f"--num_images {args.num_images}: give a positive number")
     files = inference.list_images(args.images) if args.images else []
-    loaded = inference.load_from_args(args)
-    if args.kind == "attention":
+    if args.kind == "attention":  # the arguments are checked before the model is loaded
         stems = [os.path.splitext(storage.basename(f))[0] for f in files]
         paths = output_paths(args, [f"attention_{stem}.png" for stem in stems])
+    else:
+        paths = output_paths(args, [f"{args.kind}.png"])
+    loaded = inference.load_from_args(args)
+    if args.kind == "attention":
         for file, path in zip(files, paths, strict=True):
             image = loaded.preprocess(inference.read_image(file))
             draw_attention(loaded, path, image, storage.basename(file))
-        return paths
-    (path,) = output_paths(args, [f"{args.kind}.png"])
+        return paths, loaded
+    (path,) = paths
     if args.kind == "posemb":
         draw_posemb(loaded, path)
     elif args.kind == "filters":
         draw_filters(loaded, path, args.num_filters)
     else:
-        if args.num_images < 1:
-            raise UserError(f"--num_images {args.num_images}: give a positive number")
         if files:
             images = inference.load_images(loaded, files)
         else:
             images = eval_images(loaded, args.num_images)
         draw_distance(loaded, path, images)
-    return [path]
+    return [path], loaded
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
-    paths = make_pictures(args)
+    paths, loaded = make_pictures(args)
     if args.show:
         print("\n".join(paths))
     else:
         print(f"wrote {len(paths)} picture(s) to {storage.dirname(paths[0])}", file=sys.stderr)
+    if loaded is not None:
+        loaded.report_parameters()
     return 0
