@@ -45,41 +45,51 @@ def pytest_configure(config):
     )
 
 
-# Runs trained once per test process (once per xdist worker) and shared. They are read-only:
-# a test that writes into one works on a copy (`shutil.copytree`).
+# Runs trained once per test session and shared by every xdist worker: the first worker
+# that needs one trains it under a file lock in the session's common temporary folder, the
+# others wait for it. They are read-only: a test that writes into one works on a copy
+# (`shutil.copytree`).
+
+
+def trained_once(tmp_path_factory, name: str, changes: dict) -> str:
+    """The run `tiny_config(**changes)` trained into `<session temp>/<name>`, once."""
+    import fcntl
+    import shutil
+
+    from vit_jax import loop
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the workers' folders share this one
+    workdir, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.exists():
+            shutil.rmtree(workdir, ignore_errors=True)  # a build that failed before
+            loop.run(tiny_config(**changes), str(workdir))
+            done.touch()
+    return str(workdir)
 
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> str:
-    """A tiny class-token ViT trained on digits for TRAINED_RUN's 100 steps (evaluated twice),
-    for predict, visualize, export and the bucket commands."""
-    from vit_jax import loop
-
-    workdir = str(tmp_path_factory.mktemp("trained_run"))
-    loop.run(tiny_config(**TRAINED_RUN), workdir)
-    return workdir
+    """A tiny class-token ViT trained on digits for TRAINED_RUN's 100 steps (evaluated twice,
+    with a weight EMA), for predict, visualize, export and the bucket commands."""
+    return trained_once(tmp_path_factory, "trained_run", TRAINED_RUN)
 
 
 @pytest.fixture(scope="session")
 def straight_run(tmp_path_factory) -> str:
     """The uninterrupted RESUME_RUN (6 steps, checkpoints at 3 and 6) that interrupted runs
     must equal bit for bit."""
-    from vit_jax import loop
-
-    workdir = str(tmp_path_factory.mktemp("straight_run"))
-    loop.run(tiny_config(**RESUME_RUN), workdir)
-    return workdir
+    return trained_once(tmp_path_factory, "straight_run", RESUME_RUN)
 
 
 @pytest.fixture(scope="session")
 def straight_long_run(tmp_path_factory) -> str:
-    """The uninterrupted STOPPED_RUN (200 steps, one checkpoint at the end), in this process
-    on its 8 devices: what a command stopped by SIGTERM and run again must equal."""
-    from vit_jax import loop
-
-    workdir = str(tmp_path_factory.mktemp("straight_long_run"))
-    loop.run(tiny_config(**STOPPED_RUN), workdir)
-    return workdir
+    """The uninterrupted STOPPED_RUN (200 steps, one checkpoint at the end) on 8 devices:
+    what a command stopped by SIGTERM and run again must equal."""
+    return trained_once(tmp_path_factory, "straight_long_run", STOPPED_RUN)
 
 
 @pytest.fixture(scope="session")

@@ -177,7 +177,9 @@ def test_another_state_is_a_mismatch_not_damage(run_dir, tmp_path, capsys):
     workdir = str(tmp_path / "run")
     shutil.copytree(run_dir, workdir)
     capsys.readouterr()
-    flags = [*tiny_flags(**RUN), f"--workdir={workdir}", "--config.model.mlp_dim=48"]
+    # Trained on for 2 more steps, so the last checkpoint is restored (a finished run's is not).
+    changes = {**RUN, "total_steps": 6, "model.mlp_dim": 48}
+    flags = [*tiny_flags(**changes), f"--workdir={workdir}"]
     status = cli.run("train", flags)
     line = one_line(capsys.readouterr().err)
     assert status == 2
