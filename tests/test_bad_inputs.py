@@ -73,6 +73,21 @@ def test_the_dry_run_refuses_a_folder_without_images_in_one_line(
     assert err.startswith("error: " + expected.format(root=root)), err
 
 
+def test_a_percent_split_of_a_small_folder_that_selects_nothing_is_refused_first(tmp_path, capsys):
+    """4 images: `all[:90%]` takes all of them and `all[90%:]` none. The dry run and the real
+    run refuse that before anything is compiled, in one line naming the field."""
+    root = tmp_path / "images"
+    write_folder(str(root), {"": {"cat": 2, "dog": 2}})
+    status, _, err = dry_run(root, tmp_path, capsys)
+    expected = f"error: config.data.evals.val.split='all[90%:]' selects no readable image of {root}"
+    assert status == 2 and err.startswith(expected) and len(err.splitlines()) == 1
+    workdir = tmp_path / "run"
+    flags = ["--config", f"vit:mu/4,folder:{root},small", f"--workdir={workdir}"]
+    assert cli.run("train", flags) == 2
+    assert capsys.readouterr().err.startswith(expected)
+    assert not workdir.exists()
+
+
 def test_a_decoding_error_names_the_file_not_a_buffer(tmp_path):
     path = tmp_path / "notes.jpg"
     path.write_bytes(b"some text, not an image")

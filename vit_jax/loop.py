@@ -152,6 +152,9 @@ def _run(config, workdir: str, stop_after_step: int | None, signals: StopSignals
                     results = {**results, **evaluator.fewshot(step, params, suffix)}
             if step == stop_after_step:
                 break
+    except BaseException:
+        checkpointer.close()  # a save in flight completes before the error ends the process
+        raise
     finally:
         batches.close()  # stops the input thread before anything shuts down
     if stopped is not None:

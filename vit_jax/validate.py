@@ -290,6 +290,28 @@ def folder_listings(config: ml_collections.ConfigDict) -> list[str]:
     return lines
 
 
+def check_folder_splits(config: ml_collections.ConfigDict) -> None:
+    """UserError for a split of a local image folder that selects no readable image (a
+    percent split of a small folder, e.g. `all[90%:]` of 4 images), before anything is
+    compiled or trained; the run would otherwise find it at its first evaluation."""
+    from vit_jax.data.sources import folder
+
+    named = {"train": ("data.train", config.data.train)}
+    named.update({n: (f"data.evals.{n}", s) for n, s in config.data.evals.items()})
+    for name, (field, split) in named.items():
+        root = split.data_dir or config.data.get("data_dir") or split.name
+        if split.source != "folder" or not root or storage.is_remote(root):
+            continue
+        if not os.path.isdir(root):
+            continue
+        folder.describe(root)  # empty class folders, splits without any: their own message
+        if data.num_examples(config.data, name) == 0:
+            raise UserError(
+                f"config.{field}.split={split.split!r} selects no readable image of {root}: "
+                "add images or choose another split"
+            )
+
+
 def _slices(slices: int | None) -> int:
     """The slice count given, or this machine's (slices by slice_index, else processes)."""
     if slices is not None:

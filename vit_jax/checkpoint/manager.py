@@ -335,6 +335,10 @@ class Checkpointer:
         self._pending = None
 
     def close(self) -> None:
+        """Waits for a save in flight and closes; closing again does nothing."""
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
         self.wait()
         self._manager.close()
 

@@ -51,6 +51,7 @@ def parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     config = config_loader.load_config(args.config, overrides)
     validate.check_config(config)
+    validate.check_folder_splits(config)  # before anything is created or compiled
     import jax
 
     if args.local_device_count:
