@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 from helpers import tiny_config, tiny_flags
 from PIL import Image
-from test_vit import np_gelu_tanh, np_layer_norm, random_public_weights
+from test_vit import np_vit, random_public_weights
 
 from vit_jax import cli, sharding
 from vit_jax.checkpoint import CheckpointMismatchError, load_npz, read_npz, save_npz
@@ -106,43 +106,6 @@ def test_negative_count_is_refused_by_the_model():
 # --- forward pass ----------------------------------------------------------------------------
 
 
-def np_vit_registers(w, images, *, patch, depth, tok):
-    """The ViT forward pass in float64 NumPy with registers joined after the position
-    embedding (after the class token) and left out of the pooling."""
-    w = {k: v.astype(np.float64) for k, v in w.items()}
-    b, h, wd, c = images.shape
-    x = images.astype(np.float64).reshape(b, h // patch, patch, wd // patch, patch, c)
-    x = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, -1, patch * patch * c)
-    kernel = w["embedding/kernel"]
-    x = x @ kernel.reshape(-1, kernel.shape[-1]) + w["embedding/bias"]
-    if tok:
-        x = np.concatenate([np.broadcast_to(w["cls"], (b, 1, x.shape[-1])), x], axis=1)
-    x = x + w["Transformer/posembed_input/pos_embedding"]
-    registers = np.broadcast_to(w["registers"], (b, *w["registers"].shape[1:]))
-    x = np.concatenate([x[:, : int(tok)], registers, x[:, int(tok) :]], axis=1)
-    for i in range(depth):
-        p = f"Transformer/encoderblock_{i}/"
-        a = p + "MultiHeadDotProductAttention_1/"
-        y = np_layer_norm(x, w[p + "LayerNorm_0/scale"], w[p + "LayerNorm_0/bias"])
-        q, k, v = (
-            np.einsum("bnd,dhk->bnhk", y, w[a + n + "/kernel"]) + w[a + n + "/bias"]
-            for n in ("query", "key", "value")
-        )
-        logits = np.einsum("bqhk,bshk->bhqs", q, k) / np.sqrt(q.shape[-1])
-        att = np.exp(logits - logits.max(-1, keepdims=True))
-        att /= att.sum(-1, keepdims=True)
-        o = np.einsum("bhqs,bshk->bqhk", att, v)
-        x = x + np.einsum("bqhk,hkd->bqd", o, w[a + "out/kernel"]) + w[a + "out/bias"]
-        y = np_layer_norm(x, w[p + "LayerNorm_2/scale"], w[p + "LayerNorm_2/bias"])
-        m = p + "MlpBlock_3/"
-        y = np_gelu_tanh(y @ w[m + "Dense_0/kernel"] + w[m + "Dense_0/bias"])
-        x = x + y @ w[m + "Dense_1/kernel"] + w[m + "Dense_1/bias"]
-    x = np_layer_norm(x, w["Transformer/encoder_norm/scale"], w["Transformer/encoder_norm/bias"])
-    num_registers = w["registers"].shape[1]
-    pooled = x[:, 0] if tok else x[:, num_registers:].mean(axis=1)
-    return pooled @ w["head/kernel"] + w["head/bias"]
-
-
 def public_weights_with_registers(seed: int, *, tok: bool, num_registers: int):
     rng = np.random.default_rng(seed)
     w = random_public_weights(rng, tok=tok, **PUBLIC)
@@ -164,14 +127,14 @@ def test_forward_matches_independent_numpy(tmp_path, images, pool_type, scan, re
         )
     )
     load_npz(model, path)
-    expected = np_vit_registers(w, images, patch=8, depth=2, tok=tok)
+    expected = np_vit(w, images, patch=8, depth=2, tok=tok)
     got = np.asarray(forward(model, jnp.asarray(images)))
     assert got.shape == (2, 5)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     # The registers matter: other values give other logits (not a reordering, which the
     # position-free attention ignores, nor a constant shift, which the LayerNorm removes).
     w["registers"] = np.random.default_rng(9).standard_normal(w["registers"].shape)
-    changed = np_vit_registers(w, images, patch=8, depth=2, tok=tok)
+    changed = np_vit(w, images, patch=8, depth=2, tok=tok)
     assert np.abs(changed - expected).max() > 1e-3
 
 

@@ -119,7 +119,9 @@ def np_gelu_tanh(x):
 
 
 def np_vit(w, images, *, patch, depth, tok=True, representation=False):
-    """The ViT forward pass in float64 NumPy, straight from the public weights."""
+    """The ViT forward pass in float64 NumPy, straight from the public weights. Register
+    tokens (`registers`, where the weights have them) join after the position embedding,
+    after the class token, and are left out of the pooling."""
     w = {k: v.astype(np.float64) for k, v in w.items()}
     b, h, wd, c = images.shape
     x = images.astype(np.float64).reshape(b, h // patch, patch, wd // patch, patch, c)
@@ -129,6 +131,10 @@ def np_vit(w, images, *, patch, depth, tok=True, representation=False):
     if tok:
         x = np.concatenate([np.broadcast_to(w["cls"], (b, 1, x.shape[-1])), x], axis=1)
     x = x + w["Transformer/posembed_input/pos_embedding"]
+    num_registers = w["registers"].shape[1] if "registers" in w else 0
+    if num_registers:
+        registers = np.broadcast_to(w["registers"], (b, *w["registers"].shape[1:]))
+        x = np.concatenate([x[:, : int(tok)], registers, x[:, int(tok) :]], axis=1)
     for i in range(depth):
         p = f"Transformer/encoderblock_{i}/"
         a = p + "MultiHeadDotProductAttention_1/"
@@ -147,7 +153,7 @@ def np_vit(w, images, *, patch, depth, tok=True, representation=False):
         y = np_gelu_tanh(y @ w[m + "Dense_0/kernel"] + w[m + "Dense_0/bias"])
         x = x + y @ w[m + "Dense_1/kernel"] + w[m + "Dense_1/bias"]
     x = np_layer_norm(x, w["Transformer/encoder_norm/scale"], w["Transformer/encoder_norm/bias"])
-    pooled = x[:, 0] if tok else x.mean(axis=1)
+    pooled = x[:, 0] if tok else x[:, num_registers:].mean(axis=1)
     if representation:
         pooled = np.tanh(pooled @ w["pre_logits/kernel"] + w["pre_logits/bias"])
     return pooled @ w["head/kernel"] + w["head/bias"]
