@@ -1,12 +1,19 @@
-"""Test setup: eight simulated CPU devices and a compilation cache, set before JAX is
-imported anywhere; the `slow` marker; tiny runs trained once and shared."""
+"""Test setup: eight simulated CPU devices, quick unoptimised compiles and a compilation
+cache, set before JAX is imported anywhere; the `slow` marker; tiny runs trained once and
+shared."""
 
 import os
 
+# LLVM optimisation off: the tests' programs are tiny, so compiling them is most of their
+# time, and this halves it (their results are the same programs' results; the benchmarks
+# measure with their own flags). Commands the tests start keep it (helpers.subprocess_env).
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_backend_optimization_level=0 --xla_force_host_platform_device_count=8"
 ).strip()
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from vit_jax.cli import tensorflow_environment  # noqa: E402
+
+tensorflow_environment()  # what the commands do: quiet, and no Keras (5 s of every start)
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 # One compilation cache for the whole run, this process and every command it starts (the

@@ -23,6 +23,19 @@ def with_changes(config: ml_collections.ConfigDict, **changes) -> ml_collections
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def subprocess_env(devices: int | None = None) -> dict[str, str]:
+    """The environment of a command a test starts: this session's, with the repository on
+    the path and XLA's flags kept (tests/conftest.py: LLVM optimisation off) except the
+    simulated device count, which is `devices` (None: the process's own, one CPU device or
+    its `--local_device_count`)."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
+    if devices is not None:
+        flags += f" --xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = flags.strip()
+    return env
+
+
 def shell_commands(text: str) -> list[str]:
     """The commands of every ```bash block: continuation lines joined, split at `&&`."""
     commands = []

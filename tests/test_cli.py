@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.helpers import tiny_flags
+from tests.helpers import subprocess_env, tiny_flags
 from vit_jax import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,10 +16,7 @@ TINY = tiny_flags(total_steps=4, checkpoint__every_steps=2, eval_every_steps=4)
 
 
 def cli_env(devices: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["PYTHONPATH"] = ROOT
-    return env
+    return subprocess_env(devices)
 
 
 def failure(stderr: str) -> str:

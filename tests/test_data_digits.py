@@ -25,6 +25,23 @@ def test_digits_splits_are_fixed_and_disjoint():
     assert sum(x.tobytes() in train_set for x in test_x) < 10
 
 
+def test_the_file_reads_as_scikit_learns_load_digits():
+    """The images and labels, read from scikit-learn's file without importing it, are what
+    `sklearn.datasets.load_digits` gives, in its order."""
+    from sklearn.datasets import load_digits
+
+    reference = load_digits()
+    pixels, target = digits._read_file()
+    np.testing.assert_array_equal(pixels.reshape(-1, 8, 8), reference.images)
+    np.testing.assert_array_equal(target, reference.target)
+    images, labels = digits.load_split("test")
+    first_seven = np.flatnonzero(reference.target == 7)[4]  # the 5th 7 is the first test 7
+    np.testing.assert_array_equal(
+        images[np.flatnonzero(labels == 7)[0], :, :, 0],
+        np.round(reference.images[first_seven] * 255.0 / 16.0).astype(np.uint8),
+    )
+
+
 def test_train_batches_shapes_and_ranges():
     cfg = data.get_data_config("digits")
     batch = next(

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, subprocess_env
 from vit_jax import cli
 from vit_jax.errors import UserError
 
@@ -29,11 +29,10 @@ host_memory.keep_freed_host_memory = spy
 
 
 def run_python(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     return subprocess.run(
         [sys.executable, "-c", code],
         cwd=ROOT,
-        env=env,
+        env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -54,6 +53,25 @@ def test_host_memory_is_set_before_any_thread_jax_or_tensorflow():
     assert "at host memory: 1 False False" in result.stdout
     assert "--workdir" in result.stdout  # the command's own help came after
     assert "after: True" in result.stdout  # the command's own imports came after
+
+
+def test_the_commands_tensorflow_is_quiet_and_loads_no_keras():
+    """The harness sets TensorFlow's environment before anything imports it: tf.data works
+    and Keras, which TensorFlow would otherwise import eagerly, is never loaded."""
+    code = (
+        "import os, sys\n"
+        "from vit_jax import cli\n"
+        "cli.tensorflow_environment()\n"
+        "from vit_jax.data._tf import tf\n"
+        "total = int(sum(tf.data.Dataset.range(4).as_numpy_iterator()))\n"
+        "print(total, 'keras' in sys.modules, os.environ['TF_CPP_MIN_LOG_LEVEL'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TF_")}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["6", "False", "2"]
 
 
 def test_plan_simulates_its_devices_in_its_own_process_without_starting_another():

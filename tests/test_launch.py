@@ -18,7 +18,7 @@ import sys
 import pytest
 import yaml
 
-from tests.helpers import tiny_flags
+from tests.helpers import subprocess_env, tiny_flags
 from vit_jax import storage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -491,8 +491,7 @@ DIGITS_TEST_EXAMPLES = 355  # odd: the two processes get 178 and 177
 
 
 def start_local(tmp_path, name, workdir, processes, devices, mesh):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = ROOT
+    env = subprocess_env()
     command = [
         os.path.join(LAUNCH, "local.sh"),
         f"--processes={processes}",
