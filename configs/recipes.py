@@ -20,13 +20,24 @@ config builder. Sources:
 - `small`: this project's from-scratch recipe for small datasets on a CPU (the demo):
   AdamW 2e-3, cosine, 100 warmup steps, 1000 steps of batch 128, gap pooling, 16 px for
   the 8x8 digits and 32 px otherwise.
+- `distill`: "Knowledge distillation: a good teacher is patient and consistent" (Beyer et
+  al., 2022), function matching: the student learns from the teacher alone (distillation
+  weight 1, temperature 1, `config.distill.teacher` required) on exactly the images the
+  teacher sees, mixup with uniform mixing coefficients (alpha 1, the paper's public
+  configs) to widen the inputs the two functions are matched on, and a long ("patient")
+  schedule. The optimizer and the rest are the from-scratch recipe of the data's scale, so
+  the student is trained as it would be on labels: `small` on CPU-sized data (a preset of
+  at most 32 px, the digits), there over 3,000 steps (3x `small`; more keeps helping, as in
+  the paper); `plain_baseline` otherwise, without RandAugment (the paper's students see
+  inception crop, flip and mixup only) and over 1,200 epochs (the paper's ImageNet
+  schedules run from 30 to 9,600 epochs and the student improves all the way).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-RECIPES = ("small", "pretrain", "plain_baseline", "finetune", "finetune_short")
+RECIPES = ("small", "pretrain", "plain_baseline", "finetune", "finetune_short", "distill")
 
 # The ViT paper's Table 3: (models, dataset, epochs, base lr, lr decay, weight decay, dropout).
 # Weight decay is in the paper's (AdamW) form: the update is scaled by the learning rate.
@@ -196,6 +207,24 @@ def finetune_short(model_name: str, dataset: str, preset_image_size: int) -> dic
     }
 
 
+# Function matching (`distill`): the student learns from the teacher alone, at temperature 1.
+DISTILL_VALUES = {"distill.weight": 1.0, "distill.temperature": 1.0, "mixup.mixup_alpha": 1.0}
+DISTILL_SMALL_STEPS = 3000  # 3x `small`: distillation wants a long schedule
+DISTILL_EPOCHS = 1200.0
+
+
+def distill(model_name: str, dataset: str, preset_image_size: int) -> dict[str, Any]:
+    if preset_image_size <= 32:  # CPU-sized data (the digits): `small`, 3x as long
+        return {
+            **small(model_name, dataset, preset_image_size),
+            **DISTILL_VALUES,
+            "total_steps": DISTILL_SMALL_STEPS,
+        }
+    values = plain_baseline(model_name, dataset, preset_image_size)
+    values["data.train.pp"] = values["data.train.pp"].replace("|randaug(2, 10)", "")
+    return {**values, **DISTILL_VALUES, "num_epochs": DISTILL_EPOCHS}
+
+
 def recipe_values(
     recipe: str, model_name: str, dataset: str, preset_image_size: int
 ) -> dict[str, Any]:
@@ -206,6 +235,7 @@ def recipe_values(
         "plain_baseline": plain_baseline,
         "finetune": finetune,
         "finetune_short": finetune_short,
+        "distill": distill,
     }
     if recipe not in builders:
         raise ValueError(f"unknown recipe {recipe!r}; valid: {', '.join(RECIPES)}")

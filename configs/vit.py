@@ -122,6 +122,22 @@ def base_config() -> ml_collections.ConfigDict:
     # (decay held to (1 + step) / (10 + step) early), evaluated next to them as `<eval>_ema`
     # and used by predict, visualize, export and init_from (`--params=raw` for the others).
     config.ema_decay = 0.0
+    # Knowledge distillation from a frozen teacher run inside the train step, on the
+    # student's augmented batch: loss = (1 - weight) * label loss + weight * T^2 *
+    # KL(teacher / T || student / T). weight 0 (the default) trains on labels alone.
+    # `teacher`: a training run's directory (local or gs://; `params`: its weight EMA where
+    # it kept one, "auto", or "ema" / "raw"), or a public-layout .npz with `teacher_model`
+    # (a zoo name) and `teacher_img_size` (0: the student's image size).
+    config.distill = ml_collections.ConfigDict(
+        dict(
+            teacher="",
+            teacher_model="",
+            teacher_img_size=0,
+            params="auto",
+            weight=0.0,
+            temperature=1.0,
+        )
+    )
     return config
 
 

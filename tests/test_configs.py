@@ -103,7 +103,7 @@ def test_config_is_locked_and_arguments_are_checked():
     with pytest.raises(ValueError, match="<model>,<dataset>,<recipe>"):
         get_config("B/16,cifar10")
     with pytest.raises(ValueError, match="unknown recipe"):
-        get_config("B/16,cifar10,distill")
+        get_config("B/16,cifar10,distil")
     with pytest.raises(ValueError, match="unknown data preset"):
         get_config("B/16,cifar11,finetune")
 
@@ -120,8 +120,9 @@ def _text(value) -> str:
     return value if isinstance(value, str) else repr(value)
 
 
-def _changed(value, kind):
-    """A different value of the same type (strings stay: any text is a valid string)."""
+def _changed(value, kind, field=""):
+    """A different value of the same type (strings stay: any text is a valid string; an
+    empty tuple gains an item of the type its field takes)."""
     if kind is bool:
         return not value
     if kind is int:
@@ -129,7 +130,9 @@ def _changed(value, kind):
     if kind is float:
         return (value or 0.0) * 2 + 0.5
     if kind is tuple:
-        return (*value, value[0]) if value else ("extra",)
+        if value:
+            return (*value, value[0])
+        return (config_loader.TUPLE_ITEM_TYPES.get(field, str)(16),)
     return value
 
 
@@ -152,7 +155,7 @@ def test_every_leaf_of_every_recipe_and_preset_parses_with_its_type(tmp_path):
                 kind, optional = config_loader.field_type(config, field)
                 value = _lookup(config, field)
                 assert kind is not type(None), f"{spec}: config.{field} has no type"
-                new = value if field in config_loader.SOURCES else _changed(value, kind)
+                new = value if field in config_loader.SOURCES else _changed(value, kind, field)
                 if optional and value is not None and field not in config_loader.SOURCES:
                     new = None  # an optional field set back to None
                 expected[field] = new
@@ -213,7 +216,7 @@ def test_override_syntax(override, value):
         ("data.image_size=32", "config.data.image_size follows config.model.img_size"),
         ("data.name=cifar10", "config.data.name follows config.dataset"),
         ("dataset=cifar11", "config.dataset: unknown data preset 'cifar11'"),
-        ("recipe=distill", "config.recipe: unknown recipe 'distill'"),
+        ("recipe=distil", "config.recipe: unknown recipe 'distil'"),
         ("model_name=ViT-X/16", "config.model_name: unknown model 'ViT-X/16'"),
         ("fewshot.shots=1,x", "config.fewshot.shots='1,x' is not a valid tuple"),
     ],

@@ -37,6 +37,8 @@ SOURCES = ("model_name", "dataset", "recipe", "model.img_size")
 DERIVED = {"data.image_size": "model.img_size", "data.name": "dataset"}
 DEFAULT_SPEC = "vit"
 _TRUE, _FALSE, _NONE = ("true", "yes", "1"), ("false", "no", "0"), ("none", "null")
+# Tuple fields whose default is empty, so that it cannot give the type of their items.
+TUPLE_ITEM_TYPES = {"model.patch_sizes": int}
 
 
 # The configs folder: installed next to the vit_jax package (setup.py's find_packages
@@ -229,8 +231,11 @@ def parse_value(config: ml_collections.ConfigDict, field: str, text: str | None)
             return None
         raise UserError(f"config.{field} cannot be None: give a {name}")
     parent, leaf = _parent(config, field)
+    default = parent[leaf]
+    if not default and field in TUPLE_ITEM_TYPES:
+        default = (TUPLE_ITEM_TYPES[field](),)  # an item of the right type, for its type
     try:
-        return _convert(text, kind, default=parent[leaf])
+        return _convert(text, kind, default=default)
     except (ValueError, SyntaxError, TypeError) as e:
         detail = f" ({e})" if str(e) else ""
         raise UserError(f"config.{field}={text!r} is not a valid {name}{detail}") from None

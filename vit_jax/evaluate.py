@@ -264,7 +264,7 @@ class Evaluator:
         self.logger = logger
         self.total_steps = total_steps
         self.sharding = sharding.batch_sharding(builder.mesh)
-        self._eval_step = None
+        self._eval_steps: dict[int | None, Callable] = {}  # by patch size (FlexiViT)
         self._feature_step = None
         if self.config.fewshot.datasets:
             check_fewshot(self.config.fewshot, **self._fewshot_args())
@@ -279,28 +279,34 @@ class Evaluator:
 
     def classification(self, step: int, params: dict, suffix: str = "") -> dict[str, float]:
         """Every eval set of `config.data.evals`; returns `{set}{suffix}/{metric}` values (a
-        new dict). `suffix` names other parameters of the same model (`_ema`)."""
-        self._eval_step = self._eval_step or self.builder.make_eval_step()
+        new dict). `suffix` names other parameters of the same model (`_ema`). A FlexiViT
+        is evaluated at each of its patch sizes P as `{set}_pP{suffix}/{metric}`
+        (`test_p8/top1`, `test_p8_ema/top1`)."""
         results = {}
-        for name in self.config.data.evals:
-            values = classification(
-                self._eval_step,
-                params,
-                self.config.data,
-                name,
-                batch_size=self.config.eval_batch_size,
-                batch_sharding=self.sharding,
-            )
-            self.logger.scalars(step, values, prefix=f"{name}{suffix}/")
-            named = {f"{name}{suffix}/{k}": v for k, v in values.items()}
-            if self.logger.is_main:
-                print(format_line(step, self.total_steps, named), flush=True)
-            results.update(named)
+        for patch_size in self.builder.patch_sizes or (None,):
+            if patch_size not in self._eval_steps:
+                self._eval_steps[patch_size] = self.builder.make_eval_step(patch_size)
+            size = "" if patch_size is None else f"_p{patch_size}"
+            for name in self.config.data.evals:
+                values = classification(
+                    self._eval_steps[patch_size],
+                    params,
+                    self.config.data,
+                    name,
+                    batch_size=self.config.eval_batch_size,
+                    batch_sharding=self.sharding,
+                )
+                prefix = f"{name}{size}{suffix}/"
+                self.logger.scalars(step, values, prefix=prefix)
+                named = {f"{prefix}{k}": v for k, v in values.items()}
+                if self.logger.is_main:
+                    print(format_line(step, self.total_steps, named), flush=True)
+                results.update(named)
         return results
 
     def fewshot(self, step: int, params: dict, suffix: str = "") -> dict[str, float]:
         """Few-shot accuracies on `config.fewshot.datasets` as `fewshot{suffix}/...` (a new
-        dict, empty when none)."""
+        dict, empty when none); a FlexiViT's at its own patch size, config.model.patch_size."""
         if not self.config.fewshot.datasets:
             return {}
         self._feature_step = self._feature_step or self.builder.make_feature_step()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,9 @@ from vit_jax.checkpoint import Checkpointer, abstract_like, load_npz
 from vit_jax.checkpoint.manager import STEP_FLAG
 from vit_jax.errors import UserError
 from vit_jax.steps import StepBuilder
+
+if TYPE_CHECKING:
+    from vit_jax.distill import Teacher
 
 log = logging.getLogger("vit_jax")
 
@@ -51,12 +55,16 @@ class Experiment:
         total_steps: int,
         params: dict | None = None,
         checkpoint_step: int | None = None,
+        teacher: Teacher | None = None,
     ):
         self.config = config
         self.mesh = mesh
         self.num_classes = num_classes
         self.total_steps = total_steps
-        self.steps = StepBuilder(config, mesh, num_classes=num_classes, total_steps=total_steps)
+        self.teacher = teacher  # config.distill: the frozen teacher on this mesh, else None
+        self.steps = StepBuilder(
+            config, mesh, num_classes=num_classes, total_steps=total_steps, teacher=teacher
+        )
         self.params = params  # restored parameters (from_workdir, from_npz), else None
         self.checkpoint_step = checkpoint_step
         self.parameter_set = "raw"  # or "ema": a run's weight EMA (from_workdir)
@@ -96,7 +104,10 @@ class Experiment:
                     "set config.total_steps instead"
                 )
         mesh = sharding.make_mesh(config.mesh, devices, slices=slices)
-        return cls(config, mesh, num_classes=num_classes, total_steps=steps)
+        from vit_jax.distill import build_teacher  # distill builds on this module
+
+        teacher = build_teacher(config, mesh, num_classes)
+        return cls(config, mesh, num_classes=num_classes, total_steps=steps, teacher=teacher)
 
     @classmethod
     def from_workdir(
@@ -164,23 +175,35 @@ class Experiment:
         state = nnx.to_pure_dict(nnx.state(self.steps.abstract_model, nnx.Param))
         return abstract_like(state, self.steps.param_shardings)
 
-    def abstract_model(self) -> nnx.Module:
+    def abstract_model(self, patch_size: int | None = None, *, plain: bool = False) -> nnx.Module:
         """The model with shapes instead of arrays and no activation-sharding constraints
-        (for loading parameters into and running on one device)."""
-        overrides = dict(self.steps.model_overrides(), activation_sharding=None)
+        (for loading parameters into and running on one device). A FlexiViT runs at
+        `patch_size` (None: its own); with `plain`, the plain ViT of that patch size."""
+        overrides = dict(self.steps.model_overrides(patch_size), activation_sharding=None)
+        if plain:
+            overrides.update(patch_sizes=(), param_patch_size=None)
         from vit_jax.models import create_model
 
         return nnx.eval_shape(lambda: create_model(self.config.model_name, **overrides))
 
-    def model(self) -> nnx.Module:
-        """The model holding `self.params` (from_workdir, from_npz)."""
+    def model(self, patch_size: int | None = None) -> nnx.Module:
+        """The model holding `self.params` (from_workdir, from_npz).
+
+        A FlexiViT (config.model.patch_sizes) comes as the plain ViT of `patch_size` (None:
+        config.model.patch_size): its kernel PI-resized and its position embedding resized
+        once, here, as its forward pass at that size does. So it runs without resizing,
+        saves as a plain `.npz` of that patch size and exports as one."""
         if self.params is None:
             raise ValueError("this experiment has no restored parameters")
-        model = self.abstract_model()
-        state = nnx.state(model, nnx.Param)
-        nnx.replace_by_pure_dict(state, self.params)
-        nnx.update(model, state)
-        return model
+        model = _filled(self.abstract_model(patch_size), self.params)
+        if not self.steps.patch_sizes:
+            return model
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        kernel = params["patch_embed"]["kernel"]
+        params["patch_embed"]["kernel"] = model.patch_kernel().astype(kernel.dtype)
+        if model.posemb is not None:
+            params["posemb"] = model.position_embedding().astype(params["posemb"].dtype)
+        return _filled(self.abstract_model(patch_size, plain=True), params)
 
     def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
         """The global batch of one train step as shapes with shardings."""
@@ -194,34 +217,71 @@ class Experiment:
             k: jax.ShapeDtypeStruct(shapes[k], jnp.float32, sharding=shardings[k]) for k in shapes
         }
 
-    def compile_train_step(self):
-        """The train step compiled ahead of time from abstract shapes (nothing allocated)."""
-        step = self.steps.make_train_step()
-        return step.lower(self.abstract_state, self.abstract_batch()).compile()
+    def abstract_train_args(self) -> tuple:
+        """The train step's arguments as shapes with shardings: the state, the batch and,
+        with a teacher, the teacher's parameters."""
+        args = (self.abstract_state, self.abstract_batch())
+        if self.teacher is not None:
+            args += (self.teacher.abstract_params(),)
+        return args
 
-    def step_flops(self, *, extrapolate_depth: bool = False) -> float | None:
+    def compile_train_step(self, patch_size: int | None = None):
+        """The train step compiled ahead of time from abstract shapes (nothing allocated); a
+        FlexiViT's at `patch_size` (None: config.model.patch_size)."""
+        step = self.steps.make_train_step(patch_size)
+        return step.lower(*self.abstract_train_args()).compile()
+
+    def compile_train_steps(self) -> dict:
+        """The run's compiled train steps by patch size: one per size of a FlexiViT
+        (config.model.patch_sizes), each compiled once; `{None: step}` for other models."""
+        return {size: self.compile_train_step(size) for size in self.steps.patch_sizes or (None,)}
+
+    def patch_size_at(self, step: int) -> int | None:
+        """The key in `compile_train_steps()` of train step `step`: a FlexiViT's patch size,
+        drawn from (config.seed, step) alone (`flexi.patch_size_at`); None otherwise."""
+        if not self.steps.patch_sizes:
+            return None
+        from vit_jax.models import flexi
+
+        return flexi.patch_size_at(self.steps.patch_sizes, int(self.config.seed), step)
+
+    def step_flops(
+        self, *, extrapolate_depth: bool = False, patch_size: int | None = None
+    ) -> float | None:
         """FLOPs of one train step for the global batch, from XLA's analysis of the program
         before partitioning. XLA counts a loop body once, so a scanned model is counted
         through an unrolled twin (lowered, never compiled). With `extrapolate_depth`, a deep
         model is counted at depth 1 and 2 and extrapolated (its blocks are identical, so the
-        cost is linear in depth): lowering a 48-block model unrolled takes minutes."""
+        cost is linear in depth): lowering a 48-block model unrolled takes minutes. A
+        FlexiViT's count is the mean over its patch sizes (each is drawn equally often), or
+        that of `patch_size`."""
+        sizes = self.steps.patch_sizes
+        if sizes and patch_size is None:
+            counts = [
+                self.step_flops(extrapolate_depth=extrapolate_depth, patch_size=p) for p in sizes
+            ]
+            return None if None in counts else sum(counts) / len(counts)
         model = self.config.model
         depth = model.get("depth")
         if extrapolate_depth and depth and depth > 2:
-            one, two = (self._twin(depth=d).step_flops() for d in (1, 2))
+            one, two = (self._twin(depth=d).step_flops(patch_size=patch_size) for d in (1, 2))
             if one is None or two is None:
                 return None
             return one + (depth - 1) * (two - one)
         if model.get("scan"):
-            return self._twin(scan=False).step_flops()
-        lowered = self.steps.make_train_step().lower(self.abstract_state, self.abstract_batch())
+            return self._twin(scan=False).step_flops(patch_size=patch_size)
+        lowered = self.steps.make_train_step(patch_size).lower(*self.abstract_train_args())
         return lowered_flops(lowered)
 
     def _twin(self, **model_fields) -> Experiment:
         config = ml_collections.ConfigDict(self.config.to_dict())
         config.model.update(model_fields)
         return Experiment(
-            config, self.mesh, num_classes=self.num_classes, total_steps=self.total_steps
+            config,
+            self.mesh,
+            num_classes=self.num_classes,
+            total_steps=self.total_steps,
+            teacher=self.teacher,
         )
 
     def init_state(self, params: dict | None = None) -> dict:
@@ -340,6 +400,35 @@ def pick_step(workdir: str, checkpoints: Checkpointer, step: int | None) -> int:
     if step is not None and step not in steps:
         raise UserError(f"--step {step}: {workdir} has checkpoints at steps {steps}")
     return max(steps) if step is None else step
+
+
+def _filled(model: nnx.Module, params: dict) -> nnx.Module:
+    """`model` (abstract) holding `params` (a pure dict)."""
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(model, state)
+    return model
+
+
+def pick_patch_size(
+    config: ml_collections.ConfigDict, requested: int | None, *, flag: str, where: str
+) -> int:
+    """The patch size to run a trained model at: `requested` (given by `flag`), one of a
+    FlexiViT's config.model.patch_sizes, or the model's own patch size (the default; the
+    only one of a model that is not a FlexiViT); UserError otherwise. `where` names the run."""
+    own = int(config.model.patch_size)
+    sizes = tuple(int(p) for p in config.model.get("patch_sizes") or ())
+    if requested is None or requested in (sizes or (own,)):
+        return own if requested is None else int(requested)
+    if sizes:
+        raise UserError(
+            f"{flag} {requested}: {where} was trained at patch sizes "
+            f"{', '.join(map(str, sizes))} (config.model.patch_sizes); give one of them"
+        )
+    raise UserError(
+        f"{flag} {requested}: {where} is not a FlexiViT (its config.model.patch_sizes is "
+        f"empty) and runs at its patch size {own} only"
+    )
 
 
 PARAMETER_SETS = ("auto", "ema", "raw")  # which parameters of a run with a weight EMA

@@ -6,6 +6,8 @@ complete checkpoint's parameters and builds the run's evaluation preprocessing f
 image files, so a picture goes through the same ops as the run's evaluation did. The class
 names come from the run's `class_names.json` (saved when it started), so the data need not
 be where it was.
+A FlexiViT run (config.model.patch_sizes) runs at one of its sizes (`patch_size`, default
+its own): the model is the plain ViT of that patch size (`Experiment.model`).
 `load_npz_model` does the same for a public-layout `.npz` with the release's preprocessing.
 The commands `predict`, `visualize` and `export` start from here.
 """
@@ -32,7 +34,13 @@ from vit_jax.checkpoint.npz import REGISTERS_KEY
 from vit_jax.data import label_ops, pp_parse, presets, registry
 from vit_jax.data._tf import tf
 from vit_jax.errors import UserError
-from vit_jax.experiment import CLASS_NAMES_FILE, PARAMETER_SETS, Experiment, read_class_names
+from vit_jax.experiment import (
+    CLASS_NAMES_FILE,
+    PARAMETER_SETS,
+    Experiment,
+    pick_patch_size,
+    read_class_names,
+)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 _TF_FORMATS = ("JPEG", "PNG", "GIF", "BMP")  # what the eval pipeline's decode op reads
@@ -57,13 +65,22 @@ class LoadedModel:
     step: int | None = None
     source: str = ""  # the workdir or the .npz file
     parameters: str = "raw"  # "ema": a run's weight EMA (config.ema_decay), else "raw"
+    patch_sizes: tuple[int, ...] = ()  # a FlexiViT run's sizes (config.model.patch_sizes)
 
     @property
     def num_classes(self) -> int:
         return int(self.model.num_classes)
 
     def report_parameters(self) -> None:
-        """Says on stderr, after a command's work, that a run's weight EMA was used."""
+        """Says on stderr, after a command's work, that a run's weight EMA was used and at
+        which patch size a FlexiViT run ran."""
+        if self.patch_sizes:
+            print(
+                f"ran the FlexiViT at patch size {self.model.patch_size} (trained at "
+                f"{', '.join(map(str, self.patch_sizes))}; --patch_size to choose)",
+                file=sys.stderr,
+                flush=True,
+            )
         if self.parameters == "ema":
             print(
                 f"used the weight EMA of step {self.step} of {self.source} "
@@ -125,15 +142,19 @@ def read_failure(what: str, error: BaseException) -> UserError:
     return UserError(f"{what}: cannot read it ({text})")
 
 
-def load_run(workdir: str, step: int | None = None, params: str = "auto") -> LoadedModel:
+def load_run(
+    workdir: str, step: int | None = None, params: str = "auto", patch_size: int | None = None
+) -> LoadedModel:
     """The model of a training run at its newest complete checkpoint (or at `step`), with
     its weight EMA where it kept one and `params` is "auto" or "ema" ("raw": the trained
-    parameters); `LoadedModel.parameters_note` says which were taken."""
+    parameters); `LoadedModel.parameters_note` says which were taken. A FlexiViT run runs at
+    `patch_size`, one of its config.model.patch_sizes (default: its own patch size)."""
     with reading(f"--workdir {workdir}"):
         experiment = Experiment.from_workdir(workdir, step, params)
     config, num_classes = experiment.config, experiment.num_classes
+    size = pick_patch_size(config, patch_size, flag="--patch_size", where=f"the run {workdir}")
     return LoadedModel(
-        model=experiment.model(),
+        model=experiment.model(size),
         config=config,
         class_names=_checked_names(run_class_names(workdir, config.data), num_classes),
         pp=eval_pp(config.data, num_classes),
@@ -142,6 +163,7 @@ def load_run(workdir: str, step: int | None = None, params: str = "auto") -> Loa
         step=experiment.checkpoint_step,
         source=workdir,
         parameters=experiment.parameter_set,
+        patch_sizes=experiment.steps.patch_sizes,
     )
 
 
@@ -362,6 +384,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="a run with a weight EMA (config.ema_decay): its EMA (auto, the default; ema) or "
         "its trained parameters (raw)",
     )
+    group.add_argument(
+        "--patch_size",
+        type=int,
+        help="a FlexiViT run (config.model.patch_sizes): the patch size to run at, one of its "
+        "sizes (default: the model's own)",
+    )
     group.add_argument("--checkpoint", help="a public-layout .npz file instead of a run")
     group.add_argument("--model", help="the .npz's model name, e.g. ViT-B/16")
     group.add_argument("--labels", help="class names for the .npz, one per line")
@@ -373,8 +401,14 @@ def load_from_args(args: argparse.Namespace) -> LoadedModel:
     """The model the command-line arguments name."""
     if bool(args.workdir) == bool(args.checkpoint):
         raise UserError("give either --workdir <run> or --checkpoint <file.npz> --model <name>")
+    patch_size = getattr(args, "patch_size", None)
     if args.workdir:
-        return load_run(args.workdir, args.step, args.params)
+        return load_run(args.workdir, args.step, args.params, patch_size)
+    if patch_size is not None:
+        raise UserError(
+            f"--patch_size {patch_size}: only a FlexiViT training run (--workdir) runs at "
+            "other patch sizes; a released .npz runs at its model's patch size"
+        )
     if not args.model:
         raise UserError("--checkpoint needs --model, e.g. --model ViT-B/16")
     return load_npz_model(args.checkpoint, args.model, args.num_classes, args.img_size, args.labels)

@@ -85,7 +85,10 @@ def _run(config, workdir: str, stop_after_step: int | None, signals: StopSignals
     start_step = int(jax.device_get(state["step"]))
     logger = MetricLogger(workdir, is_main=jax.process_index() == 0, start_step=start_step)
     logger.record_config(config)
-    train_step, flops = experiment.compile_train_step(), experiment.step_flops()
+    # One compiled step per patch size of a FlexiViT (config.model.patch_sizes), else one.
+    train_steps, flops = experiment.compile_train_steps(), experiment.step_flops()
+    if experiment.teacher is not None:  # config.distill: its parameters go into every step
+        train_steps = {size: experiment.teacher.bind(s) for size, s in train_steps.items()}
     peak = peak_flops(jax.devices()[0], config.peak_flops_per_device)
     progress = Progress(
         total_steps=steps,
@@ -112,6 +115,7 @@ def _run(config, workdir: str, stop_after_step: int | None, signals: StopSignals
         for step in range(start_step + 1, steps + 1):
             with profiler.step(step):
                 batch = progress.next_batch(batches, stats)  # times the device's input wait
+                train_step = train_steps[experiment.patch_size_at(step)]
                 state, stats = train_step(state, batch)
             step_finite = stats.pop("finite")
             if skips is None:

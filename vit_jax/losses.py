@@ -77,3 +77,37 @@ def get_loss_fn(name: str) -> Callable[..., jax.Array]:
     if name == "sigmoid_xent":
         return sigmoid_cross_entropy
     raise ValueError(f"Unknown loss {name!r}; valid: {', '.join(VALID_LOSSES)}.")
+
+
+def distillation_kl(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    temperature: float = 1.0,
+    weights: jax.Array | None = None,
+    reduction: str = "mean",
+) -> jax.Array:
+    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` per example, in float32.
+
+    The T^2 keeps the gradient's scale independent of the temperature (Hinton et al., 2015),
+    so the weight between this and the label loss means the same at every T.
+    """
+    student = jnp.asarray(student_logits, jnp.float32) / temperature
+    teacher = jnp.asarray(teacher_logits, jnp.float32) / temperature
+    log_q = jax.nn.log_softmax(teacher, axis=-1)
+    log_p = jax.nn.log_softmax(student, axis=-1)
+    per_example = jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1) * temperature**2
+    return _reduce(per_example, weights, reduction)
+
+
+def distilled_loss(
+    label_loss: jax.Array,
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    *,
+    weight: float,
+    temperature: float,
+) -> jax.Array:
+    """``(1 - weight) * label_loss + weight * distillation_kl(...)``, averaged over the batch
+    (config.distill: weight 1 learns from the teacher alone, as function matching does)."""
+    kl = distillation_kl(student_logits, teacher_logits, temperature)
+    return (1.0 - weight) * jnp.asarray(label_loss, jnp.float32) + weight * kl

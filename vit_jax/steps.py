@@ -10,13 +10,20 @@ counters advance, so the learning rate stays `schedule(step)`) and reports `skip
 
 With `config.ema_decay > 0` the state also holds `ema_params`: an exponential moving average
 of the parameters, in float32 and sharded like them, updated inside the step (`ema_update`).
+
+A FlexiViT (`config.model.patch_sizes`) has one train, eval and feature step per patch size
+(`make_train_step(patch_size)`, ...): the same parameters, the model run at that size.
+
+With a teacher (`config.distill.weight > 0`, vit_jax/distill.py) the train step takes the
+teacher's parameters as a third argument, runs the frozen teacher on each (micro-)batch the
+student sees and mixes the label loss with the distillation loss (`losses.distilled_loss`).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +35,9 @@ from vit_jax import eval_counts, losses, mixup, optim, sharding
 from vit_jax.checkpoint import abstract_like
 from vit_jax.errors import UserError
 from vit_jax.models import ActivationSharding, create_model
+
+if TYPE_CHECKING:
+    from vit_jax.distill import Teacher
 
 TrainState = dict[str, Any]
 
@@ -87,6 +97,17 @@ def nonfinite_policy(config: ml_collections.ConfigDict) -> str:
     return policy
 
 
+def teacher_logits(teacher: Teacher, params: dict, images: jax.Array) -> jax.Array:
+    """The frozen teacher's logits for the student's (augmented) images, resized (bilinear)
+    to the teacher's image size where it differs; no gradient flows into the teacher."""
+    size = teacher.img_size
+    if images.shape[1:3] != (size, size):
+        shape = (images.shape[0], size, size, images.shape[3])
+        images = jax.image.resize(images, shape, method="bilinear")
+    model = nnx.merge(teacher.graphdef, jax.lax.stop_gradient(params))
+    return jax.lax.stop_gradient(model(images, train=False))
+
+
 class StepBuilder:
     """Everything needed to build, shard and compile the steps of one run."""
 
@@ -97,16 +118,30 @@ class StepBuilder:
         *,
         num_classes: int,
         total_steps: int,
+        teacher: Teacher | None = None,
     ):
         self.config = config
         self.mesh = mesh
         self.num_classes = num_classes
         self.total_steps = total_steps
+        self.teacher = teacher  # distillation: the train step takes its parameters
 
     # --- model and optimizer -------------------------------------------------------------
 
-    def model_overrides(self) -> dict[str, Any]:
+    @property
+    def patch_sizes(self) -> tuple[int, ...]:
+        """config.model.patch_sizes: a FlexiViT's patch sizes (empty: a plain model)."""
+        return tuple(int(p) for p in self.config.model.get("patch_sizes") or ())
+
+    def model_overrides(self, patch_size: int | None = None) -> dict[str, Any]:
+        """The model's settings; a FlexiViT at `patch_size` (None: config.model.patch_size,
+        whose shapes its parameters keep at every size)."""
         overrides = {k: v for k, v in self.config.model.to_dict().items() if v is not None}
+        if self.patch_sizes:
+            overrides.update(patch_sizes=self.patch_sizes, param_patch_size=overrides["patch_size"])
+            overrides["patch_size"] = patch_size or overrides["patch_size"]
+        elif patch_size not in (None, overrides.get("patch_size")):
+            raise ValueError(f"patch size {patch_size}: the model is not a FlexiViT")
         rules = sharding.get_rules(self.config.sharding_rules)
         return dict(
             overrides,
@@ -114,8 +149,9 @@ class StepBuilder:
             activation_sharding=ActivationSharding(self.mesh, rules),
         )
 
-    def build_model(self, seed: int) -> nnx.Module:
-        return create_model(self.config.model_name, seed=seed, **self.model_overrides())
+    def build_model(self, seed: int, patch_size: int | None = None) -> nnx.Module:
+        overrides = self.model_overrides(patch_size)
+        return create_model(self.config.model_name, seed=seed, **overrides)
 
     @functools.cached_property
     def abstract_model(self) -> nnx.Module:
@@ -125,6 +161,21 @@ class StepBuilder:
     @functools.cached_property
     def graphdef(self) -> nnx.GraphDef:
         return nnx.split(self.abstract_model, nnx.Param)[0]
+
+    @functools.cached_property
+    def _graphdefs(self) -> dict[int, nnx.GraphDef]:
+        return {}
+
+    def graphdef_at(self, patch_size: int | None = None) -> nnx.GraphDef:
+        """The model's graph running at `patch_size` (a FlexiViT's; None: the model's own).
+        The parameters are `abstract_model`'s at every size."""
+        if patch_size is None or not self.patch_sizes:
+            self.model_overrides(patch_size)  # a size other than a plain model's is refused
+            return self.graphdef
+        if patch_size not in self._graphdefs:
+            model = nnx.eval_shape(lambda: self.build_model(0, patch_size))
+            self._graphdefs[patch_size] = nnx.split(model, nnx.Param)[0]
+        return self._graphdefs[patch_size]
 
     @functools.cached_property
     def tx(self) -> optax.GradientTransformation:
@@ -205,10 +256,14 @@ class StepBuilder:
             "mask": sharding.batch_sharding(self.mesh, 1),
         }
 
-    def make_train_step(self) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-        """The jitted train step: state donated, explicit in/out shardings."""
+    def make_train_step(
+        self, patch_size: int | None = None
+    ) -> Callable[..., tuple[TrainState, dict]]:
+        """The jitted train step: state donated, explicit in/out shardings. With a teacher it
+        takes the teacher's parameters as a third argument (`Teacher.bind`). A FlexiViT's
+        step runs the model at `patch_size` (None: config.model.patch_size)."""
         config = self.config
-        graphdef = self.graphdef
+        graphdef = self.graphdef_at(patch_size)  # FlexiViT: the size this step trains at
         _, state_sharding = self.state_shardings
         tx = self.tx
         schedule = self.schedule()
@@ -218,13 +273,23 @@ class StepBuilder:
         mix = config.mixup
         skip_nonfinite = nonfinite_policy(config) == "skip"
         ema_decay = self.ema_decay
+        teacher = self.teacher
 
-        def loss_of(params, images, labels, rng):
+        def loss_of(params, images, labels, rng, teacher_params=None):
             model = nnx.merge(graphdef, params)
             logits = model(images, train=True, rngs=nnx.Rngs(dropout=rng))
-            return loss_fn(logits, labels, **self._loss_kwargs())
+            loss = loss_fn(logits, labels, **self._loss_kwargs())
+            if teacher is None:
+                return loss
+            return losses.distilled_loss(
+                loss,
+                logits,
+                teacher_logits(teacher, teacher_params, images),
+                weight=teacher.weight,
+                temperature=teacher.temperature,
+            )
 
-        def train_step(state, batch):
+        def train_step(state, batch, teacher_params=None):
             step_rng = jax.random.fold_in(jax.random.key(seed), state["step"])
             mix_rng, dropout_rng = jax.random.split(step_rng)
             images, labels = batch["image"], batch["labels"]
@@ -237,7 +302,7 @@ class StepBuilder:
                     cutmix_alpha=mix.cutmix_alpha,
                     switch_prob=mix.switch_prob,
                 )
-            grad_fn = jax.value_and_grad(loss_of)
+            grad_fn = jax.value_and_grad(functools.partial(loss_of, teacher_params=teacher_params))
             if accum == 1:
                 loss, grads = grad_fn(state["params"], images, labels, dropout_rng)
             else:
@@ -270,9 +335,12 @@ class StepBuilder:
             stats.update(param_norm=param_norm, learning_rate=schedule(state["step"]))
             return new_state, stats
 
+        in_shardings = (state_sharding, self.batch_shardings_without_mask())
+        if teacher is not None:
+            in_shardings += (teacher.param_shardings,)
         return jax.jit(
             train_step,
-            in_shardings=(state_sharding, self.batch_shardings_without_mask()),
+            in_shardings=in_shardings,
             out_shardings=(state_sharding, sharding.replicated(self.mesh)),
             donate_argnums=(0,),
         )
@@ -309,9 +377,10 @@ class StepBuilder:
         (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), inputs)
         return loss_sum / accum, jax.tree.map(lambda g: g / accum, grad_sum)
 
-    def make_eval_step(self) -> Callable[[dict, dict], dict]:
-        """Jitted eval step: summed counts (correct top-1/top-5, loss, examples) for a batch."""
-        graphdef = self.graphdef
+    def make_eval_step(self, patch_size: int | None = None) -> Callable[[dict, dict], dict]:
+        """Jitted eval step: summed counts (correct top-1/top-5, loss, examples) for a batch
+        (a FlexiViT at `patch_size`)."""
+        graphdef = self.graphdef_at(patch_size)
         _, state_sharding = self.state_shardings
         loss_name = self.config.loss
 
@@ -328,9 +397,11 @@ class StepBuilder:
             out_shardings=sharding.replicated(self.mesh),
         )
 
-    def make_feature_step(self) -> Callable[[dict, jax.Array], jax.Array]:
-        """Jitted pre-logit features (for the few-shot evaluator)."""
-        graphdef = self.graphdef
+    def make_feature_step(
+        self, patch_size: int | None = None
+    ) -> Callable[[dict, jax.Array], jax.Array]:
+        """Jitted pre-logit features (for the few-shot evaluator; a FlexiViT at `patch_size`)."""
+        graphdef = self.graphdef_at(patch_size)
         _, state_sharding = self.state_shardings
 
         def features(params, images):

@@ -16,12 +16,13 @@ from typing import Any
 
 import ml_collections
 
-from vit_jax import data, losses, optim, sharding, storage
+from vit_jax import data, distill, losses, optim, sharding, storage
 from vit_jax.checkpoint.npz import HEAD_POLICIES
 from vit_jax.checkpoint.posemb import INTERPOLATIONS
 from vit_jax.errors import UserError
 from vit_jax.experiment import PARAMETER_SETS, total_steps
 from vit_jax.models.layers import REMAT_POLICIES
+from vit_jax.models.registry import is_plain_vit
 from vit_jax.models.vit import ATTENTION_IMPLS, POOL_TYPES, POSEMB_TYPES
 from vit_jax.steps import NONFINITE_POLICIES
 
@@ -42,6 +43,7 @@ def _choices(config) -> list[tuple[str, Any, tuple]]:
         ("init_from.head", config.init_from.head, HEAD_POLICIES),
         ("init_from.posemb_interpolation", config.init_from.posemb_interpolation, INTERPOLATIONS),
         ("init_from.params", config.init_from.get("params", "auto"), PARAMETER_SETS),
+        ("distill.params", _field(config, "distill.params") or "auto", PARAMETER_SETS),
         ("model.dtype", model.get("dtype"), (None, *DTYPES)),
         ("model.param_dtype", model.get("param_dtype"), DTYPES),
     ]
@@ -83,6 +85,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             f"config.model.img_size={size} is not a positive multiple of the patch size "
             f"{patch} of {config.model_name}; use e.g. {max(patch, size // patch * patch)}"
         )
+    _check_patch_sizes(config)
     if "num_heads" in model and model.width % model.num_heads:
         raise UserError(
             f"config.model.width={model.width} is not divisible by "
@@ -109,6 +112,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     _check_mesh_fields(config.mesh)
     _check_classes(config)
     _check_starting_weights(config)
+    distill.check_settings(config)  # a teacher where one is needed; its files: at run time
 
 
 # (field, lowest, highest, highest included): values outside train nonsense or crash later.
@@ -119,6 +123,8 @@ RANGES = (
     ("model.num_registers", 0, math.inf, False),
     ("label_smoothing", 0.0, 1.0, False),
     ("ema_decay", 0.0, 1.0, False),
+    ("distill.weight", 0.0, 1.0, True),
+    ("distill.teacher_img_size", 0, math.inf, False),
     ("schedule.end_lr", 0.0, math.inf, False),
     ("schedule.warmup_steps", 0, math.inf, False),
     ("schedule.cooldown_steps", 0, math.inf, False),
@@ -164,6 +170,35 @@ def _check_starting_weights(config) -> None:
             "is empty: set it to a released .npz or a run's directory, or train from scratch "
             "on purpose with a from-scratch recipe (--config.recipe=small, pretrain or "
             "plain_baseline)"
+        )
+
+
+def _check_patch_sizes(config) -> None:
+    """FlexiViT (config.model.patch_sizes): a plain ViT; distinct sizes that divide the image
+    size, the model's own patch size (its parameters' shapes, its default size) among them."""
+    sizes = tuple(config.model.get("patch_sizes") or ())
+    if not sizes:
+        return
+    field = f"config.model.patch_sizes={sizes}"
+    if not is_plain_vit(config.model_name):
+        raise UserError(
+            f"{field}: FlexiViT needs a plain ViT, and {config.model_name} is not one (a hybrid "
+            "with a ResNet stem); choose a ViT-... model or leave config.model.patch_sizes empty"
+        )
+    size, own = config.model.img_size, config.model.patch_size
+    for patch in sizes:
+        if not isinstance(patch, int) or patch <= 0 or size % patch:
+            divisors = ", ".join(str(d) for d in range(1, size + 1) if size % d == 0)
+            raise UserError(
+                f"{field}: {patch!r} is not a patch size of config.model.img_size={size}; "
+                f"every listed size must divide it ({divisors})"
+            )
+    if len(set(sizes)) != len(sizes):
+        raise UserError(f"{field} lists a size twice; list each once")
+    if own not in sizes:
+        raise UserError(
+            f"{field} must include the model's own patch size {own} (config.model.patch_size): "
+            "the parameters keep its shapes and it is the size the model runs at by default"
         )
 
 

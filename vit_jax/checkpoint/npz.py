@@ -183,8 +183,9 @@ def _weights_prefix(keys: list[str]) -> str:
 
 
 def _model_grid(model: Any, num_tokens: int) -> tuple[tuple[int, int], int]:
-    """The model's patch grid and its number of prefix (class) tokens in the posemb."""
-    grid = getattr(model, "grid", None)
+    """The model's position-embedding grid (a FlexiViT's underlying one, whatever patch size
+    it runs at) and its number of prefix (class) tokens in the posemb."""
+    grid = getattr(model, "posemb_grid", None) or getattr(model, "grid", None)
     if grid is None:
         side = math.isqrt(num_tokens)
         prefix = num_tokens - side * side

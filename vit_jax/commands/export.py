@@ -14,6 +14,10 @@ with the parameters inside and a symbolic batch dimension; running it needs only
 The input contract (shape, dtype, value range, class names, the preprocessing that makes
 such images from files) is written next to it as `model.json`. The run and `--out` may be
 bucket URLs (gs://...).
+
+A FlexiViT run (config.model.patch_sizes) is exported at `--patch_size` (one of its sizes;
+default: its own) as the plain ViT of that patch size: the `.npz` holds the PI-resized
+kernel and the resized position embedding, and the contract records `patch_size`.
 """
 
 from __future__ import annotations
@@ -87,6 +91,8 @@ def input_contract(loaded: inference.LoadedModel, exported: jax.export.Exported,
         "source": loaded.source,
         "step": loaded.step,
         "parameters": loaded.parameters,  # "ema": the run's weight EMA
+        "patch_size": getattr(loaded.model, "patch_size", None),  # the size it runs at
+        "patch_sizes": list(loaded.patch_sizes) or None,  # a FlexiViT's trained sizes
         "jax_version": jax.__version__,
     }
 

@@ -1,6 +1,7 @@
 """Top-k predictions for image files from a trained run or a released `.npz`.
 
     python -m vit_jax predict --workdir workdir/digits seven.png more/ [--top_k 3] [--json]
+    python -m vit_jax predict --workdir workdir/flexivit seven.png --patch_size 8  # FlexiViT
     python -m vit_jax predict --checkpoint ViT-B_16.npz --model ViT-B/16 \
         --labels labels.txt x.jpg
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from vit_jax import cli, config_loader, sharding, validate
+from vit_jax import cli, config_loader, distill, sharding, validate
 from vit_jax.errors import UserError
 
 TAKES_CONFIG = True
@@ -23,7 +23,8 @@ def parser() -> argparse.ArgumentParser:
         "train",
         description="Train and evaluate a Vision Transformer. Any config field is set with "
         "--config.<field>=<value> (e.g. --config.model.dtype=bfloat16).",
-        epilog="Recipes: small (the demo), pretrain, plain_baseline, finetune, finetune_short. "
+        epilog="Recipes: small (the demo), pretrain, plain_baseline, finetune, finetune_short, "
+        "distill. "
         "Datasets: digits, cifar10, cifar100, imagenet2012, imagenet21k, jft, oxford_iiit_pet, "
         "oxford_flowers102, vtab/<task>, tfds:<name>, folder:<root>. --dry_run prints every "
         "field of the resolved config.",
@@ -67,6 +68,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
             num_processes=args.num_processes,
             process_id=args.process_id,
         )
+    distill.check_teacher(config)  # a teacher that cannot be used: before the workdir exists
     problems = validate.check_machine(config, args.workdir, jax.device_count(), create=True)
     if problems:
         raise UserError("; ".join(problems))
@@ -98,6 +100,8 @@ def dry_run_report(config, args: argparse.Namespace, overrides: list[str], local
             devices = fixed
     warnings += validate.check_machine(config, args.workdir, devices, create=False, slices=slices)
     data_lines = validate.folder_listings(config)  # an image folder without images: refused
+    teacher_lines, teacher_warnings = distill.dry_run_lines(config)  # an unusable one: refused
+    warnings += teacher_warnings
     summary = validate.run_summary(config, devices, slices)
     lines = [f"config {args.config} with {len(overrides)} override(s):"]
     for field in config_loader.leaf_paths(config):
@@ -118,11 +122,14 @@ def dry_run_report(config, args: argparse.Namespace, overrides: list[str], local
     ]
     if config.model.get("num_registers"):
         lines.append("  " + _registers_line(config.model))
+    if config.model.get("patch_sizes"):
+        lines.append("  " + _flexi_line(config.model))
     if config.get("ema_decay"):
         lines.append(
             f"  weight EMA: decay {config.ema_decay:g} (min(decay, (1 + step) / (10 + step))), "
             "float32, sharded like the parameters; evaluated as <eval>_ema"
         )
+    lines += [f"  {line}" for line in teacher_lines]
     if args.distributed or args.coordinator_address:
         lines.append("  multi-process: jax.distributed is not started in a dry run")
     lines += [f"warning: {w}" for w in warnings]
@@ -146,6 +153,18 @@ def _registers_line(model) -> str:
     return (
         f"model: {model.num_registers} register token(s){cls_text} + {patches} patch tokens "
         f"= {total} tokens per image; the registers are dropped before pooling"
+    )
+
+
+def _flexi_line(model) -> str:
+    """A FlexiViT's sizes: what each step may run at, and where the parameters' shapes are."""
+    own, size = model.patch_size, model.img_size
+    sizes = ", ".join(f"{p} ({(size // p) ** 2} tokens)" for p in model.patch_sizes)
+    return (
+        f"FlexiViT: patch sizes {sizes}, one drawn per train step from (seed, step); "
+        f"parameters at patch size {own} ({own}x{own} kernel, {size // own}x{size // own} "
+        "position grid), resized to each size; evaluated at each as <eval>_p<size> "
+        f"(e.g. test_p{model.patch_sizes[0]}/top1), few-shot at {own}"
     )
 
 

@@ -65,8 +65,16 @@ def valid_overrides(name: str) -> list[str]:
 
 
 # Arguments that are not settings of a named model: the class count comes from the data,
-# the stem and channels define the architecture the name stands for.
-_NOT_SETTINGS = ("num_classes", "in_channels", "stem_layers", "stem_width", "activation_sharding")
+# the stem and channels define the architecture the name stands for, and a FlexiViT's
+# underlying patch size is the model's `patch_size` setting (`StepBuilder.model_overrides`).
+_NOT_SETTINGS = (
+    "num_classes",
+    "in_channels",
+    "stem_layers",
+    "stem_width",
+    "activation_sharding",
+    "param_patch_size",
+)
 
 
 def model_defaults(name: str) -> dict[str, Any]:
@@ -82,7 +90,12 @@ def model_defaults(name: str) -> dict[str, Any]:
 
 
 def create_model(name: str, *, rngs: nnx.Rngs | None = None, seed: int = 0, **overrides: Any):
-    """Builds a registered model; parameters initialised from `rngs` (or `seed`)."""
+    """Builds a registered model; parameters initialised from `rngs` (or `seed`).
+
+    FlexiViT: with a non-empty `patch_sizes`, `patch_size=N` is the size the model runs at,
+    while its parameters keep the shapes of the name's patch size (or of `param_patch_size`):
+    `create_model("ViT-B/16", patch_sizes=(8, 16, 32), patch_size=8)` has a 16x16 kernel
+    and a 14x14 position grid and runs on 28x28 patches of 8 px."""
     builder, defaults = _lookup(name)
     valid = valid_overrides(name)
     unknown = sorted(set(overrides) - set(valid))
@@ -94,7 +107,16 @@ def create_model(name: str, *, rngs: nnx.Rngs | None = None, seed: int = 0, **ov
             f"{hint_text + '. ' if hint_text else ''}Valid overrides: {valid}"
         )
     kwargs = {**defaults, **overrides}
+    flexi = kwargs.get("patch_sizes") and kwargs.get("param_patch_size") is None
+    if flexi and "patch_size" in defaults:  # a FlexiViT keeps the shapes of the name's size
+        kwargs["param_patch_size"] = defaults["patch_size"]
     return builder(**kwargs, rngs=rngs if rngs is not None else nnx.Rngs(seed))
+
+
+def is_plain_vit(name: str) -> bool:
+    """Whether a registered model is a ViT without a ResNet stem (FlexiViT needs one)."""
+    builder, defaults = _lookup(name)
+    return builder.__name__ == "VisionTransformer" and not defaults.get("stem_layers")
 
 
 def _lookup(name: str):

@@ -2,6 +2,7 @@
 
 Patch embedding (a strided conv, optionally after a ResNet stem for hybrids), class token,
 position embedding, optional register tokens ("Vision Transformers Need Registers"),
+optionally any patch size from one set of weights (FlexiViT, `patch_sizes`: models/flexi.py),
 pre-LayerNorm encoder blocks (optionally one stacked block scanned over depth), final
 LayerNorm, pooling (`tok`, `gap` or `map`), optional `pre_logits` layer and head. Parameter
 shapes follow the public `.npz` layout so that weights convert by renaming.
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vit_jax.models import layers
+from vit_jax.models import flexi, layers
 from vit_jax.models.layers import ActivationSharding, Dense, LayerNorm, constrain
 
 POOL_TYPES = ("tok", "gap", "map")
@@ -193,7 +194,17 @@ class MAPHead(nnx.Module):
 
 
 class VisionTransformer(nnx.Module):
-    """ViT classifier. `model(images)` gives logits (features when num_classes=0)."""
+    """ViT classifier. `model(images)` gives logits (features when num_classes=0).
+
+    FlexiViT: a non-empty `patch_sizes` (the sizes it is trained at) makes a plain ViT
+    (no ResNet stem) whose parameters have the shapes of `param_patch_size`, the underlying
+    size (a (p0, p0, C, D) kernel, an img/p0 position grid), while it runs at `patch_size`:
+    the kernel is PI-resized and the position grid resized in every forward pass
+    (models/flexi.py). `patch_size` is always the size the model runs at (its token grid,
+    `grid`); `posemb_grid` is the grid of its position embedding parameter. Models of one
+    FlexiViT at different `patch_size` share one parameter tree. `param_patch_size` None is
+    `patch_size` (`create_model` fills in the name's size for a FlexiViT).
+    """
 
     def __init__(
         self,
@@ -209,6 +220,7 @@ class VisionTransformer(nnx.Module):
         pool_type: str = "tok",
         posemb: str = "learn",
         num_registers: int = 0,
+        patch_sizes: tuple[int, ...] = (),
         representation_size: int | None = None,
         dropout: float = 0.0,
         attention_dropout: float = 0.0,
@@ -223,6 +235,7 @@ class VisionTransformer(nnx.Module):
         stem_layers: tuple[int, ...] | None = None,
         stem_width: int = 1,
         activation_sharding: ActivationSharding | None = None,
+        param_patch_size: int | None = None,
         rngs: nnx.Rngs,
     ):
         if pool_type not in POOL_TYPES:
@@ -235,6 +248,15 @@ class VisionTransformer(nnx.Module):
         dtype, param_dtype = as_dtype(dtype), as_dtype(param_dtype)
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self.patch_size = patch_size
+        self.patch_sizes = tuple(int(p) for p in patch_sizes)
+        self.param_patch_size = patch_size if param_patch_size is None else int(param_patch_size)
+        if self.param_patch_size != patch_size and not self.patch_sizes:
+            raise ValueError(
+                f"param_patch_size {param_patch_size} differs from patch_size {patch_size}: "
+                "only a FlexiViT (non-empty patch_sizes) runs at another size than its kernel's"
+            )
+        if self.patch_sizes and stem_layers:
+            raise ValueError("FlexiViT (patch_sizes) needs a plain ViT, not a ResNet-stem hybrid")
         self.width, self.depth, self.num_classes = width, depth, num_classes
         self.pool_type, self.posemb_type = pool_type, posemb
         self.num_registers = num_registers
@@ -254,16 +276,20 @@ class VisionTransformer(nnx.Module):
         self.stem = stem  # assigned once: nnx marks an attribute first set to None as static
         if patch_size % stride:
             raise ValueError(f"patch_size {patch_size} is not a multiple of stem stride {stride}")
-        kernel = patch_size // stride
-        for size in self.img_size:
-            if size % patch_size:
-                raise ValueError(f"img_size {self.img_size} is not divisible by patch {patch_size}")
+        kernel = self.param_patch_size // stride
+        for patch in sorted({patch_size, self.param_patch_size, *self.patch_sizes}):
+            if patch <= 0 or any(size % patch for size in self.img_size):
+                raise ValueError(f"img_size {self.img_size} is not divisible by patch {patch}")
         self.grid = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
+        self.posemb_grid = (
+            self.img_size[0] // self.param_patch_size,
+            self.img_size[1] // self.param_patch_size,
+        )
         self.patch_embed = layers.Conv(
             in_channels,
             width,
             kernel,
-            strides=kernel,
+            strides=patch_size // stride,
             axes=("conv_height", "conv_width", "conv_in", "embed"),
             **common,
         )
@@ -272,7 +298,7 @@ class VisionTransformer(nnx.Module):
             if pool_type == "tok"
             else None
         )
-        num_tokens = self.grid[0] * self.grid[1] + (pool_type == "tok")
+        num_tokens = self.posemb_grid[0] * self.posemb_grid[1] + (pool_type == "tok")
         self.posemb = (
             layers.make_param(
                 rngs,
@@ -348,6 +374,23 @@ class VisionTransformer(nnx.Module):
         """Tokens before the patches in the sequence: the class token, then the registers."""
         return int(self.cls_token is not None) + self.num_registers
 
+    def patch_kernel(self) -> jax.Array:
+        """The patch-embedding kernel at the size the model runs at: the parameter itself,
+        PI-resized for a FlexiViT running at another size than its underlying one."""
+        kernel = self.patch_embed.kernel[...]
+        return flexi.pi_resize_kernel(kernel, self.patch_size) if self.patch_sizes else kernel
+
+    def position_embedding(self) -> jax.Array | None:
+        """The learned position embedding at the token grid the model runs at (its grid
+        resized for a FlexiViT running at another size); None for sincos2d."""
+        if self.posemb is None:
+            return None
+        posemb = self.posemb[...]
+        if not self.patch_sizes:
+            return posemb
+        prefix = int(self.cls_token is not None)
+        return flexi.resize_posemb_grid(posemb, self.posemb_grid, self.grid, prefix)
+
     def embed(self, images: jax.Array) -> jax.Array:
         """Images (B, H, W, C) -> tokens (B, N, D): [class, registers, patches].
 
@@ -356,7 +399,7 @@ class VisionTransformer(nnx.Module):
         x = images if self.dtype is None else images.astype(self.dtype)
         if self.stem is not None:
             x = self.stem(x)
-        x = self.patch_embed(x)
+        x = self.patch_embed.convolve(x, self.patch_kernel())
         batch, grid_h, grid_w, width = x.shape
         if (grid_h, grid_w) != self.grid:
             raise ValueError(
@@ -370,7 +413,7 @@ class VisionTransformer(nnx.Module):
             cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (batch, 1, width))
             x = jnp.concatenate([cls, x], axis=1)
         if self.posemb is not None:
-            x = x + self.posemb[...].astype(x.dtype)
+            x = x + self.position_embedding().astype(x.dtype)
         if self.registers is not None:
             registers = self.registers[...].astype(x.dtype)
             registers = jnp.broadcast_to(registers, (batch, self.num_registers, width))
