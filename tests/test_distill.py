@@ -318,12 +318,30 @@ def test_weight_zero_compiles_exactly_the_program_without_distillation(teacher_r
 # --- the loop: resume with a teacher ---------------------------------------------------------
 
 
+# Every feature beyond the paper at once, with every training option, on an FSDP x tensor
+# parallel mesh: register tokens, FlexiViT at two patch sizes, a weight EMA, distillation;
+# scanned and rematerialised blocks in bfloat16, two accumulated micro-batches.
+EVERYTHING = {
+    "model.num_registers": 2,
+    "model.patch_sizes": (2, 4),
+    "model.scan": True,
+    "model.remat": "full",
+    "model.dtype": "bfloat16",
+    "optim.grad_accum_steps": 2,
+    "mesh.data": 1,
+    "mesh.fsdp": 4,
+    "mesh.model": 2,
+    "sharding_rules": "fsdp_tp",
+}
+
+
 @pytest.mark.slow
 def test_an_interrupted_distilled_run_resumes_bit_identically(teacher_run, tmp_path):
-    """RESUME_RUN (dropout, mixup, a weight EMA) distilled from the teacher run, killed after
-    its step-3 checkpoint (a copy of the finished run without the step-6 checkpoint) and run
-    again: it reloads the teacher and ends where the uninterrupted run ends, bit for bit."""
-    config = tiny_config(**RESUME_RUN, **distilled(teacher_run, 0.5, 2.0))
+    """RESUME_RUN (dropout, mixup, a weight EMA) distilled from the teacher run, with every
+    other feature and option on (EVERYTHING), killed after its step-3 checkpoint (a copy of
+    the finished run without the step-6 checkpoint) and run again: it reloads the teacher and
+    ends where the uninterrupted run ends, bit for bit."""
+    config = tiny_config(**RESUME_RUN, **EVERYTHING, **distilled(teacher_run, 0.5, 2.0))
     straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
     loop.run(config, straight)
     shutil.copytree(straight, interrupted)
