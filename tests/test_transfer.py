@@ -104,6 +104,11 @@ def test_sweep_checks_every_config_before_training(pretrained, tmp_path, capsys)
     assert cli.run("transfer", [*argv, "--tasks=digits"]) == 2  # no val split: lr chosen on what?
     assert "digits has no 'val' split" in capsys.readouterr().err
     assert cli.run("transfer", [*argv, "--lrs=fast"]) == 2
+    capsys.readouterr()
+    flexi = [*argv, "--tasks=cifar10", "--config.model.patch_sizes=4,8"]
+    assert cli.run("transfer", flexi) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "config.model.patch_sizes=(4, 8): transfer selects" in err
     assert cli.run("transfer", [*argv, "--tasks=paper", "--dry_run"]) == 0
     assert "oxford_flowers102: lrs" in capsys.readouterr().out
     assert not os.listdir(tmp_path)  # nothing trained, nothing written

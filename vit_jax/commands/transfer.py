@@ -56,6 +56,12 @@ def _config(args, dataset: str, lr: float, overrides: list[str]):
     extra = [f"init_from.path={args.init_from}", f"schedule.base_lr={lr}"]
     config = config_loader.load_config(spec, [*overrides, *extra])
     validate.check_config(config)
+    if config.model.get("patch_sizes"):
+        raise UserError(
+            f"config.model.patch_sizes={tuple(config.model.patch_sizes)}: transfer selects "
+            "the learning rate on one model's val/top1; fine-tune a FlexiViT with "
+            "`python3 -m vit_jax train`, which evaluates every patch size"
+        )
     if "val" not in config.data.evals:
         raise UserError(
             f"--tasks: {dataset} has no 'val' split to choose the learning rate on (its "
