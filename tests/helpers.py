@@ -23,12 +23,16 @@ def with_changes(config: ml_collections.ConfigDict, **changes) -> ml_collections
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def subprocess_env(devices: int | None = None) -> dict[str, str]:
+def subprocess_env(devices: int | None = None, *, optimised: bool = False) -> dict[str, str]:
     """The environment of a command a test starts: this session's, with the repository on
     the path and XLA's flags kept (tests/conftest.py: LLVM optimisation off) except the
     simulated device count, which is `devices` (None: the process's own, one CPU device or
-    its `--local_device_count`)."""
+    its `--local_device_count`). `optimised`: no XLA flags at all, for commands that train
+    for hundreds of steps, where running the program costs more than compiling it."""
     env = dict(os.environ, PYTHONPATH=ROOT)
+    if optimised:
+        env.pop("XLA_FLAGS", None)
+        return env
     flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
     if devices is not None:
         flags += f" --xla_force_host_platform_device_count={devices}"

@@ -55,8 +55,7 @@ def teacher_run(tmp_path_factory) -> str:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if not done.exists():
             shutil.rmtree(workdir, ignore_errors=True)  # a build that failed before
-            env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-            env["PYTHONPATH"] = helpers.ROOT
+            env = helpers.subprocess_env(optimised=True)
             flags = [*helpers.tiny_flags(**TEACHER_RUN), f"--workdir={workdir}"]
             command = [sys.executable, "-m", "vit_jax", "train", "--local_device_count=1"]
             result = subprocess.run(

@@ -367,8 +367,7 @@ def test_the_digits_demo_trained_at_two_sizes_is_accurate_at_both(tmp_path):
     next to it, within a point."""
     workdir = str(tmp_path / "demo")
     flags = [f"--config.{change}" for change in DEMO_RUN]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = helpers.ROOT
+    env = helpers.subprocess_env(optimised=True)
     command = [sys.executable, "-m", "vit_jax", "train", "--config=vit", f"--workdir={workdir}"]
     result = subprocess.run(
         [*command, *flags, "--local_device_count=1"],
