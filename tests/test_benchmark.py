@@ -10,7 +10,7 @@ import time
 import jax.numpy as jnp
 import pytest
 
-from tests.helpers import readme_commands
+from tests.helpers import TINY_MODEL, readme_commands
 from vit_jax import host_memory
 from vit_jax.metric_logging import Progress
 from vit_jax.tools import step_benchmark
@@ -148,3 +148,32 @@ def test_readme_benchmark_commands_parse_and_the_smallest_compiles():
     assert scanned_train["compile_seconds"] > 0 and scanned_train["images_per_sec"] is None
     # FLOPs count every layer, not the scanned loop's body once.
     assert 2 < scanned_train["flops_per_step"] / scanned_eval["flops_per_step"] < 5
+
+
+def test_step_benchmark_times_a_distilled_flexivit_at_a_chosen_patch_size(trained_run):
+    """`--config.<field>` overrides reach the timed step: the tiny model as a FlexiViT
+    (patch sizes 2 and 4) with a teacher run, timed at --patch_size 2; compiled at 4 it counts
+    fewer FLOPs."""
+    from vit_jax.errors import UserError
+
+    small = ["--model", "ViT-mu/4", "--img_size", "8", "--pool", "gap", "--batch", "8"]
+    overrides = [
+        *(o for o in TINY_MODEL if not o.startswith("model.img_size")),
+        "model.patch_sizes=2,4",
+        f"distill.teacher={trained_run}",
+        "distill.weight=1",
+    ]
+
+    def records(*flags: str) -> list[dict]:
+        args = step_benchmark.parser().parse_args(["step", *small, *flags])
+        return step_benchmark.step(args, overrides)
+
+    at_2 = records("--patch_size", "2", "--steps", "1", "--rounds", "1")
+    at_4 = records("--patch_size", "4", "--rounds", "0")  # compile only
+    assert [r["patch_size"] for r in at_2 + at_4] == [2, 2, 4, 4]
+    assert at_2[0]["teacher"].startswith(f"{trained_run} (ViT-mu/4 at 8 px, a run: step 100")
+    assert at_2[0]["images_per_sec"] > 0 and at_2[1]["images_per_sec"] > 0
+    assert at_2[0]["flops_per_step"] > 2 * at_4[0]["flops_per_step"]  # 16 tokens against 4
+    for flags, field in ((["--compare", "timm"], "--compare timm"), (["--patch_size", "3"], "3")):
+        with pytest.raises(UserError, match=field):
+            records(*flags)

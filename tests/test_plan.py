@@ -129,3 +129,50 @@ def test_deep_models_are_scanned_unless_the_command_line_says_otherwise():
     assert not plan._auto_scan(unscanned, ["model.scan=false"]) and not unscanned.model.scan
     shallow = config_loader.load_config("vit:B/16,cifar10,small")
     assert not plan._auto_scan(shallow, []) and not shallow.model.scan
+
+
+def test_a_flexivit_is_planned_at_its_smallest_patch_size():
+    """The step with the most tokens is the one that must fit: patch sizes (8, 16) at 32 px
+    are measured at 8 (16 tokens), the FLOPs are the mean of both sizes' steps."""
+
+    def planned(**model):  # 64 images per device: activations outweigh the parameters
+        config = plan_config("data=8", **model)
+        config.batch_size = 512
+        return plan.plan(config, 8), config
+
+    (plain, _), (flexi, config) = planned(), planned(patch_sizes="8,16")
+    assert (plain["tokens"], flexi["tokens"]) == (4, 16)  # gap pooling: no class token
+    assert flexi["patch_size"].startswith("8 (FlexiViT") and "patch_size" not in plain
+    assert flexi["params"] == plain["params"]  # one set of parameters, shaped for 16
+    temporaries = (p["bytes_per_device"]["temporaries"] for p in (plain, flexi))
+    assert next(temporaries) < next(temporaries)
+    flops_at_8 = plan._experiment(config, 8).step_flops(patch_size=8)
+    mean = (flops_at_8 + plain["flops_per_step"]["xla_unpartitioned"]) / 2
+    assert flexi["flops_per_step"]["xla_unpartitioned"] == pytest.approx(mean, rel=0.02)
+
+
+def test_a_distilled_run_is_planned_with_its_teacher_in_the_step(tmp_path):
+    """An .npz teacher (ViT-mu/4 at 8 px) on a data mesh: its float32 parameters, whole on
+    every device, are exactly the step's extra arguments, and its forward pass adds FLOPs."""
+    from flax import nnx
+
+    from vit_jax.checkpoint import save_npz
+    from vit_jax.models import create_model
+
+    teacher = create_model("ViT-mu/4", num_classes=10, img_size=8)
+    save_npz(teacher, str(tmp_path / "teacher.npz"))
+    teacher_bytes = sum(x.size * 4 for x in jax.tree.leaves(nnx.state(teacher, nnx.Param)))
+    config = plan_config("data=8")
+    with config.unlocked():
+        config.distill.update(
+            teacher=str(tmp_path / "teacher.npz"),
+            teacher_model="ViT-mu/4",
+            teacher_img_size=8,
+            weight=1.0,
+        )
+    plain, distilled = plan.plan(plan_config("data=8"), 8), plan.plan(config, 8)
+    extra = (p["bytes_per_device"]["arguments"] for p in (plain, distilled))
+    assert -next(extra) + next(extra) == teacher_bytes
+    assert "ViT-mu/4 at 8 px, a released .npz" in distilled["teacher"]
+    flops = (p["flops_per_step"]["xla_unpartitioned"] for p in (plain, distilled))
+    assert next(flops) < next(flops)

@@ -191,16 +191,23 @@ def _experiment(config, devices: int, slices: int = 1):
     )
 
 
+def _largest_patch_count_size(experiment) -> int | None:
+    """A FlexiViT's smallest patch size: its step has the most tokens, so the most memory
+    (the one that must fit); None for other models."""
+    sizes = experiment.steps.patch_sizes
+    return min(sizes) if sizes else None
+
+
 def _measure(experiment, slices: int = 1) -> dict[str, Any]:
     """Compiles the train step for the experiment's mesh (`slices` slices, as `_experiment`
     makes them): memory per device, DCN x ICI layout, the collectives that cross slices,
-    compile time."""
+    compile time. A FlexiViT's step is compiled at its smallest patch size."""
     import jax
 
     from vit_jax import sharding
 
     start = time.perf_counter()
-    compiled = experiment.compile_train_step()
+    compiled = experiment.compile_train_step(_largest_patch_count_size(experiment))
     compile_s = time.perf_counter() - start
     stats = compiled.memory_analysis()
     config = experiment.config
@@ -274,10 +281,18 @@ def _model_facts(experiment) -> dict[str, Any]:
     config = experiment.config
     model = config.model
     params = sum(x.size for x in jax.tree.leaves(experiment.abstract_state["params"]))
-    tokens = (model.img_size // model.patch_size) ** 2 + (model.get("pool_type") == "tok")
+    patch_size = _largest_patch_count_size(experiment) or model.patch_size
+    tokens = (model.img_size // patch_size) ** 2 + (model.get("pool_type") == "tok")
     tokens += model.get("num_registers") or 0
     parallel = experiment.mesh.shape["data"] * experiment.mesh.shape["fsdp"]
+    facts = {}
+    if experiment.steps.patch_sizes:
+        facts["patch_size"] = f"{patch_size} (FlexiViT: memory and tokens at the smallest of "
+        facts["patch_size"] += f"{list(experiment.steps.patch_sizes)}; FLOPs their mean)"
+    if experiment.teacher is not None:  # its parameters are arguments of the step
+        facts["teacher"] = experiment.teacher.info.description()
     return {
+        **facts,
         "params": params,
         "tokens": tokens,
         "batch_size": config.batch_size,

@@ -8,6 +8,10 @@ timed in the same run (and against the nominal peak of a known GPU/TPU). `--comp
 runs timm's model of the same variant in PyTorch eager in a child process
 (`vit_jax.tools.timm_benchmark`), alternating rounds of ours and theirs, and prints the ratios.
 
+Any run config field is set with `--config.<field>=<value>` (a teacher, register tokens, a
+FlexiViT's patch sizes with `--patch_size` choosing the size timed); the timm comparison
+times timm's plain model, so it takes no overrides.
+
 `python -m vit_jax step_benchmark attention` compares the attention implementations on a
 jitted forward+backward of the bare model.
 """
@@ -99,13 +103,17 @@ def attention(args: argparse.Namespace) -> dict:
 # --- the trainer's steps ------------------------------------------------------------------
 
 
-def step_config(args: argparse.Namespace):
+TAKES_CONFIG = True
+
+
+def step_config(args: argparse.Namespace, overrides: Sequence[str] = ()):
     """The run config of the benchmarked step: the `small` recipe on the given variant,
-    with the image size, batch, dtype, mesh, remat and scan of the command line."""
+    with the image size, batch, dtype, mesh, remat and scan of the command line, then the
+    `--config.<field>` overrides."""
     from vit_jax.config_loader import load_config
 
     name = args.model if "-" in args.model else f"ViT-{args.model}"
-    overrides = [
+    fields = [
         f"model.img_size={args.img_size}",
         f"batch_size={args.batch}",
         f"eval_batch_size={args.batch}",
@@ -114,15 +122,15 @@ def step_config(args: argparse.Namespace):
         f"model.remat={args.remat}",
     ]
     if args.dtype != "float32":
-        overrides.append(f"model.dtype={args.dtype}")
-    overrides += [f"mesh.{part}" for part in args.mesh.split(",") if part]
-    return load_config(f"vit:{name},digits,small", overrides)
+        fields.append(f"model.dtype={args.dtype}")
+    fields += [f"mesh.{part}" for part in args.mesh.split(",") if part]
+    return load_config(f"vit:{name},digits,small", [*fields, *overrides])
 
 
 class Steps:
     """The compiled train and eval steps of one config, with random inputs and a state."""
 
-    def __init__(self, config, *, allocate: bool = True):
+    def __init__(self, config, *, allocate: bool = True, patch_size: int | None = None):
         from vit_jax.experiment import Experiment, lowered_flops
 
         self.config = config
@@ -140,18 +148,18 @@ class Steps:
         self.train_batch = {k: self.batch[k] for k in ("image", "labels")}
 
         start = time.perf_counter()
-        self.train_step = experiment.compile_train_step()
+        self.train_step = experiment.compile_train_step(patch_size)
         self.train_compile_s = time.perf_counter() - start
         params = experiment.abstract_state["params"]
         start = time.perf_counter()
-        self.eval_step = builder.make_eval_step().lower(params, self.batch).compile()
+        self.eval_step = builder.make_eval_step(patch_size).lower(params, self.batch).compile()
         self.eval_compile_s = time.perf_counter() - start
-        self.train_flops = experiment.step_flops()
+        self.train_flops = experiment.step_flops(patch_size=patch_size)
         if config.model.scan:  # XLA counts a loop body once: an unrolled twin, lowered only
             twin = Experiment.from_config(_unrolled(config), steps=10_000)
             twin_params = twin.abstract_state["params"]
             self.eval_flops = lowered_flops(
-                twin.steps.make_eval_step().lower(twin_params, self.batch)
+                twin.steps.make_eval_step(patch_size).lower(twin_params, self.batch)
             )
         else:
             self.eval_flops = lowered_flops(self.eval_step)
@@ -159,9 +167,11 @@ class Steps:
             return
         self.state = experiment.init_state()
         self.params = jax.tree.map(jnp.copy, self.state["params"])  # the state is donated
+        teacher = experiment.teacher
+        self.teacher_args = (teacher.load_params(),) if teacher is not None else ()
 
     def train(self) -> None:
-        self.state, stats = self.train_step(self.state, self.train_batch)
+        self.state, stats = self.train_step(self.state, self.train_batch, *self.teacher_args)
         jax.block_until_ready((self.state, stats))
 
     def eval(self) -> None:
@@ -256,8 +266,13 @@ def _median_rate(times: Sequence[float], batch: int) -> float:
     return batch / statistics.median(times)
 
 
-def step(args: argparse.Namespace) -> list[dict[str, Any]]:
+def step(args: argparse.Namespace, overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
     """JSON records: the train step, the eval step and (with --compare) the ratios."""
+    if args.compare == "timm" and overrides:
+        raise UserError(
+            f"--compare timm times timm's plain {args.model}, not --config.{overrides[0]}: "
+            "leave the --config overrides or --compare out"
+        )
     if args.compare == "timm" and args.rounds:
         import importlib.util
 
@@ -267,8 +282,14 @@ def step(args: argparse.Namespace) -> list[dict[str, Any]]:
                 f"--compare timm needs {' and '.join(missing)} installed "
                 "(pip install torch timm), or leave --compare out"
             )
-    config = step_config(args)
-    steps = Steps(config, allocate=args.rounds > 0)
+    config = step_config(args, overrides)
+    sizes = tuple(config.model.get("patch_sizes") or ())
+    if args.patch_size is not None and args.patch_size not in sizes:
+        raise UserError(
+            f"--patch_size={args.patch_size} is not one of config.model.patch_sizes={sizes}: "
+            "give one of them (a FlexiViT's), or leave --patch_size out"
+        )
+    steps = Steps(config, allocate=args.rounds > 0, patch_size=args.patch_size)
     batch = config.batch_size
     device = jax.devices()[0]
     peaks = [matmul_peak()] if args.rounds else []
@@ -306,6 +327,10 @@ def step(args: argparse.Namespace) -> list[dict[str, Any]]:
         "mesh": config.mesh.to_dict(),
         "remat": config.model.remat,
         "scan": config.model.scan,
+        "patch_size": args.patch_size or config.model.patch_size,
+        "teacher": steps.experiment.teacher.info.description()
+        if steps.experiment.teacher
+        else None,
         "backend": jax.default_backend(),
         "device": getattr(device, "device_kind", device.platform),
         "devices": jax.device_count(),
@@ -395,6 +420,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", default="", help="e.g. data=1,fsdp=1,model=1")
     p.add_argument("--remat", default="none")
     p.add_argument("--scan", action="store_true", help="scan one stacked block over depth")
+    p.add_argument(
+        "--patch_size",
+        type=int,
+        help="a FlexiViT's (--config.model.patch_sizes) patch size to time (default: its own)",
+    )
     p.add_argument("--steps", type=int, default=3, help="timed steps per round")
     p.add_argument(
         "--rounds",
@@ -433,6 +463,6 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.what == "attention":
         print(json.dumps(attention(args), indent=2))
         return 0
-    for record in step(args):
+    for record in step(args, overrides):
         print(json.dumps(record), flush=True)
     return 0
