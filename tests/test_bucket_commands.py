@@ -1,11 +1,10 @@
 """predict, visualize and export on a run kept in a bucket (--workdir=gs://...), against the
-local GCS server, run as commands from an empty directory; mistakes with bucket paths."""
+local GCS server, through the commands' entry points from an empty directory; mistakes with
+bucket paths."""
 
 import io
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +18,6 @@ from vit_jax import cli, inference, storage
 from vit_jax.checkpoint import load_npz, npz_arrays, read_npz
 from vit_jax.commands import predict, transfer, visualize
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PICTURES = ["attention_seven.png", "curves.png", "distance.png", "filters.png", "posemb.png"]
 
 
@@ -52,30 +50,22 @@ def empty_cwd(tmp_path):
     assert os.listdir(cwd) == []
 
 
-def command(storage_server, cwd: str, *args: str) -> subprocess.CompletedProcess:
-    """`python3 <args>` in `cwd` with the storage server's environment; must succeed."""
-    env = {**os.environ, **storage_server.env, "PYTHONPATH": ROOT}
-    result = subprocess.run(
-        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
 def read_png(url: str) -> Image.Image:
     image = Image.open(io.BytesIO(storage.read_bytes(url)))
     image.load()
     return image
 
 
-@pytest.mark.slow
 def test_predict_reads_the_run_and_an_image_from_the_bucket(
-    storage_server, bucket_run, local_run, digit_png, empty_cwd
+    storage_server, bucket_run, local_run, digit_png, empty_cwd, monkeypatch, capsys
 ):
+    """Through the command's entry point, in this process (no start-up cost)."""
+    monkeypatch.chdir(empty_cwd)
     url, image_url = f"gs://{bucket_run}/run", f"gs://{bucket_run}/images/seven.png"
-    argv = ["-m", "vit_jax", "predict", f"--workdir={url}", "--json", "--quiet", "--top_k=3"]
-    result = command(storage_server, empty_cwd, *argv, digit_png, image_url)
-    entries = json.loads(result.stdout)
+    argv = [f"--workdir={url}", "--json", "--quiet", "--top_k=3", digit_png, image_url]
+    capsys.readouterr()
+    assert cli.run("predict", argv) == 0
+    entries = json.loads(capsys.readouterr().out)
     assert [e["file"] for e in entries] == [digit_png, image_url]
     (expected,) = predict.predict(inference.load_run(local_run), [digit_png], top_k=3)
     for entry in entries:

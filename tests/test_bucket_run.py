@@ -178,6 +178,15 @@ def test_kill_9_during_a_save_to_the_bucket_never_reads_the_half_written_step(
 # --- a bucket that fails -------------------------------------------------------------------
 
 
+class QuietServer(ThreadingHTTPServer):
+    """Says nothing when a client hangs up mid-answer (the command shares this process's
+    stderr, which the tests read)."""
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 class RefusingProxy:
     """An HTTP proxy in front of the storage server that answers 403 to every write whose
     URL contains one of `refused` (a bucket without write access, or one path of it)."""
@@ -220,7 +229,7 @@ class RefusingProxy:
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _relay  # noqa: N815
 
         self.refused = refused
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = QuietServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -277,22 +286,31 @@ def test_missing_refusing_or_silent_bucket_is_one_line_before_anything_runs(
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.slow
 def test_a_save_refused_mid_run_keeps_the_last_checkpoint_and_says_so(
-    storage_server, bucket, tmp_path
+    storage_server, bucket, tmp_path, monkeypatch, capsys
 ):
+    """The command in this process (8 devices: the kill -9 test's program), its storage
+    clients pointed at a proxy that refuses the writes of step 6."""
     proxy = RefusingProxy(
         storage_server.port, refused=("run%2Fcheckpoints%2F6", "run/checkpoints/6")
     )
+    monkeypatch.chdir(tmp_path)
+    for key, value in proxy.env().items():
+        monkeypatch.setenv(key, value)
+    gcsfs.GCSFileSystem.clear_instance_cache()  # a client made for another endpoint
+    capsys.readouterr()
     try:
-        result = subprocess.run(
-            main_command(f"gs://{bucket}/run", *FLAGS, "--config.checkpoint.async_save=false"),
-            cwd=tmp_path, env=env_for(storage_server, **proxy.env()), capture_output=True,
-            text=True, timeout=300,
-        )  # fmt: skip
+        argv = main_command(f"gs://{bucket}/run", *FLAGS, "--config.checkpoint.async_save=false")
+        status = cli.run("train", argv[4:])
     finally:
+        monkeypatch.undo()
+        gcsfs.GCSFileSystem.clear_instance_cache()
         proxy.close()
+    stderr = capsys.readouterr().err
     assert_one_line_error(
-        result, "could not save the checkpoint of step 6", "the checkpoint of step 3 is kept"
+        subprocess.CompletedProcess(argv, status, "", stderr),
+        "could not save the checkpoint of step 6",
+        "the checkpoint of step 3 is kept",
     )
     assert "run/checkpoints/3/state/_METADATA" in storage_server.objects(bucket)
+    assert list(tmp_path.iterdir()) == []

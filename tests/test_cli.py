@@ -2,13 +2,12 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.helpers import subprocess_env, tiny_flags
+from tests.helpers import RESUME_RUN, subprocess_env, tiny_flags
 from vit_jax import cli
+from vit_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The tiny run for 4 steps: a checkpoint every 2, the test evaluation at the end.
@@ -25,53 +24,40 @@ def failure(stderr: str) -> str:
     return stderr[start : start + 4000] if start >= 0 else stderr[-3000:]
 
 
-def run_cli(args, devices=2, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "vit_jax", "train", *args],
-        cwd=ROOT,
-        env=cli_env(devices),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 @pytest.mark.slow
-def test_main_command_trains_evaluates_and_writes_everything(tmp_path, monkeypatch, capsys):
+def test_main_command_trains_evaluates_and_writes_everything(
+    tmp_path, monkeypatch, capsys, straight_run
+):
+    """`python -m vit_jax train` of the shared resume run (RESUME_RUN: dropout, mixup, a
+    weight EMA; `straight_run` trains it in-process, so its programs are compiled once per
+    session), in this process: tests/test_reliability.py and tests/test_launch.py start the
+    command as a process of its own."""
+    monkeypatch.chdir(ROOT)
+    flags = [f"--workdir={tmp_path}", *tiny_flags(**RESUME_RUN)]
     profile = ["--config.profile.start_step=2", "--config.profile.num_steps=1"]
-    result = run_cli([f"--workdir={tmp_path}", *TINY, *profile])
-    assert result.returncode == 0, failure(result.stderr)
-    assert "final evaluation: test/top1" in result.stdout
-    assert "step 4/4" in result.stdout and "img/s" in result.stdout
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
+    assert cli.run("train", [*flags, *profile]) == 0
+    out = capsys.readouterr().out
+    assert "final evaluation: test/top1" in out
+    assert "step 6/6" in out and "img/s" in out
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
     assert os.listdir(tmp_path / "tensorboard")
     traces = [f for _, _, files in os.walk(tmp_path / "profile") for f in files]
     assert any(f.endswith(".xplane.pb") for f in traces)  # the requested profiler trace
     steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
-    assert steps.count(4) == 2  # train and test records at the last step
+    assert steps.count(6) == 3  # train, test and test_ema records at the last step
 
-    # Complete: the same command again (in this process) resumes and only evaluates.
-    monkeypatch.chdir(ROOT)
-    assert cli.run("train", [f"--workdir={tmp_path}", *TINY]) == 0
+    # Complete: the same command again resumes and only evaluates.
+    assert cli.run("train", flags) == 0
     again = capsys.readouterr().out
-    assert "final evaluation" in again and "step 2/4 |" not in again
+    assert "final evaluation" in again and "step 2/6 |" not in again
 
 
-def run_outside(args, tmp_path, devices=2, timeout=300):
-    """The CLI as an installed user runs it: from a directory outside the repository."""
-    return subprocess.run(
-        [sys.executable, "-m", "vit_jax", "train", *args],
-        cwd=tmp_path,
-        env=cli_env(devices),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def test_dry_run_prints_the_resolved_run_and_writes_nothing(tmp_path):
+def test_dry_run_prints_the_resolved_run_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """In-process (8 simulated devices), from a directory outside the repository."""
     workdir = tmp_path / "run"
-    result = run_outside(
+    monkeypatch.chdir(tmp_path)
+    status = cli.run(
+        "train",
         [
             "--config=vit:B/16,cifar10,finetune",
             "--config.init_from.path=/data/ViT-B_16.npz",
@@ -82,15 +68,13 @@ def test_dry_run_prints_the_resolved_run_and_writes_nothing(tmp_path):
             "--config.mesh.fsdp=2",
             "--dry_run",
         ],
-        tmp_path,
-        devices=4,
     )
-    assert result.returncode == 0, failure(result.stderr)
-    out = result.stdout
+    out = capsys.readouterr().out
+    assert status == 0
     assert "  model.dtype = bfloat16" in out and "  model.img_size = 384" in out
-    assert "run on 4 device(s), mesh data=2 fsdp=2 model=1" in out
-    assert "batch 512: 128 per device" in out
-    assert "micro-batch 128: 32 per device, 4 accumulation step(s)" in out
+    assert "run on 8 device(s), mesh data=4 fsdp=2 model=1" in out
+    assert "batch 512: 64 per device" in out
+    assert "micro-batch 128: 16 per device, 4 accumulation step(s)" in out
     assert "steps 10000" in out
     assert not workdir.exists()  # nothing written
 
@@ -142,15 +126,17 @@ def test_user_errors_are_one_line_with_status_2(tmp_path, monkeypatch, capsys, a
     assert len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0], errors
 
 
-def test_unwritable_workdir_is_refused_before_anything_compiles(tmp_path):
+def test_unwritable_workdir_is_refused_before_anything_compiles(tmp_path, monkeypatch, capsys):
+    """In-process, from a directory outside the repository."""
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    result = run_outside([f"--workdir={blocker / 'run'}"], tmp_path)
-    assert result.returncode == 2
-    assert f"--workdir={blocker / 'run'} is not writable" in result.stderr
-    assert "Traceback" not in result.stderr
-    verbose = run_outside([f"--workdir={blocker / 'run'}", "--verbose"], tmp_path)
-    assert verbose.returncode != 0 and "Traceback" in verbose.stderr
+    monkeypatch.chdir(tmp_path)
+    assert cli.run("train", [f"--workdir={blocker / 'run'}"]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 1 and errors[0].startswith("error: ")
+    assert f"--workdir={blocker / 'run'} is not writable" in errors[0]
+    with pytest.raises(UserError, match="is not writable"):  # --verbose: the traceback
+        cli.run("train", [f"--workdir={blocker / 'run'}", "--verbose"])
 
 
 def test_demo_trains_on_a_folder_named_on_the_command_line(tmp_path, monkeypatch):
@@ -161,7 +147,7 @@ def test_demo_trains_on_a_folder_named_on_the_command_line(tmp_path, monkeypatch
     root = tmp_path / "my_images"
     write_folder(str(root / "x"), {"": {"ant": 12, "bee": 12, "cow": 12}}, size=(20, 18))
     args = [f"--workdir={tmp_path / 'run'}", f"--config.dataset=folder:{root / 'x'}"]
-    args += tiny_flags(total_steps=4, eval_batch_size=16, **{"model.img_size": None})
+    args += tiny_flags(total_steps=2, eval_batch_size=16, **{"model.img_size": None})
     monkeypatch.chdir(tmp_path)
     assert cli.run("train", args) == 0
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]

@@ -9,30 +9,22 @@ import os
 import shutil
 
 import pytest
-from helpers import ROOT, tiny_config, tiny_flags
+from helpers import RESUME_RUN, ROOT, tiny_flags
 
 from vit_jax import cli
 from vit_jax.checkpoint import manager
 
-# Checkpoints at steps 2 and 4; the damage is always done to step 4.
-RUN = {
-    "total_steps": 4,
-    "eval_every_steps": 4,
-    "checkpoint.every_steps": 2,
-    "checkpoint.keep": 5,
-    "checkpoint.async_save": False,
-}
+# The shared straight_run (tests/conftest.py): checkpoints at steps 3 and 6; the damage is
+# always done to step 6.
+RUN = RESUME_RUN
 IMAGE = os.path.join(ROOT, "docs", "images", "digits", "digit_7.png")
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> str:
-    """The one tiny run of this module (read-only: each test damages a copy)."""
-    from vit_jax import loop
-
-    workdir = str(tmp_path_factory.mktemp("intact_run"))
-    loop.run(tiny_config(**RUN), workdir)
-    return workdir
+def run_dir(straight_run) -> str:
+    """The tiny run of this module, trained once per session (read-only: each test damages
+    a copy)."""
+    return straight_run
 
 
 def _data_files(state: str) -> list[str]:
@@ -78,7 +70,7 @@ DAMAGE = {
 def damaged_copy(run_dir: str, tmp_path, kind: str) -> str:
     workdir = str(tmp_path / "run")
     shutil.copytree(run_dir, workdir)
-    DAMAGE[kind](os.path.join(workdir, "checkpoints", "4", "state"))
+    DAMAGE[kind](os.path.join(workdir, "checkpoints", "6", "state"))
     return workdir
 
 
@@ -90,10 +82,10 @@ def one_line(stderr: str) -> str:
 
 
 def assert_names_steps(line: str, workdir: str, how: str) -> None:
-    assert line.startswith("error: the checkpoint of step 4 in "), line
-    assert os.path.join(workdir, "checkpoints", "4") in line
+    assert line.startswith("error: the checkpoint of step 6 in "), line
+    assert os.path.join(workdir, "checkpoints", "6") in line
     assert "cannot be read" in line and "does not match" not in line
-    assert f"step 2 is intact: continue from it with {how}" in line
+    assert f"step 3 is intact: continue from it with {how}" in line
     assert "nothing was deleted" in line
 
 
@@ -104,8 +96,8 @@ def test_train_names_the_damaged_step_and_the_resume_field(run_dir, tmp_path, ca
     status = cli.run("train", [*tiny_flags(**RUN), f"--workdir={workdir}"])
     line = one_line(capsys.readouterr().err)
     assert status == 2
-    assert_names_steps(line, workdir, "--config.checkpoint.resume_step=2")
-    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+    assert_names_steps(line, workdir, "--config.checkpoint.resume_step=3")
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
 
 
 @pytest.mark.parametrize("kind", DAMAGE)
@@ -115,7 +107,7 @@ def test_predict_names_the_damaged_step_and_the_step_flag(run_dir, tmp_path, cap
     status = cli.run("predict", [f"--workdir={workdir}", IMAGE, "--quiet"])
     line = one_line(capsys.readouterr().err)
     assert status == 2
-    assert_names_steps(line, workdir, "--step 2")
+    assert_names_steps(line, workdir, "--step 3")
 
 
 def test_export_names_the_damaged_step_and_the_step_flag(run_dir, tmp_path, capsys):
@@ -124,40 +116,40 @@ def test_export_names_the_damaged_step_and_the_step_flag(run_dir, tmp_path, caps
     status = cli.run("export", [f"--workdir={workdir}", "--format=jax"])
     line = one_line(capsys.readouterr().err)
     assert status == 2
-    assert_names_steps(line, workdir, "--step 2")
+    assert_names_steps(line, workdir, "--step 3")
     assert not os.path.exists(os.path.join(workdir, "export"))
 
 
 def test_no_intact_step_says_so(run_dir, tmp_path, capsys):
     workdir = damaged_copy(run_dir, tmp_path, "empty manifest")
-    _empty("manifest.ocdbt")(os.path.join(workdir, "checkpoints", "2", "state"))
+    _empty("manifest.ocdbt")(os.path.join(workdir, "checkpoints", "3", "state"))
     capsys.readouterr()
     status = cli.run("predict", [f"--workdir={workdir}", IMAGE, "--quiet"])
     line = one_line(capsys.readouterr().err)
     assert status == 2
-    assert "step 4" in line and "no earlier step is intact" in line
+    assert "step 6" in line and "no earlier step is intact" in line
 
 
 def test_the_resume_field_and_the_step_flag_continue_from_the_intact_step(
     run_dir, tmp_path, capsys
 ):
     workdir = damaged_copy(run_dir, tmp_path, "truncated data files")
-    status = cli.run("predict", [f"--workdir={workdir}", IMAGE, "--quiet", "--step", "2"])
+    status = cli.run("predict", [f"--workdir={workdir}", IMAGE, "--quiet", "--step", "3"])
     assert status == 0
     assert capsys.readouterr().out.startswith(IMAGE)
 
     flags = [*tiny_flags(**RUN), f"--workdir={workdir}"]
-    assert cli.run("train", [*flags, "--config.checkpoint.resume_step=2"]) == 0
+    assert cli.run("train", [*flags, "--config.checkpoint.resume_step=3"]) == 0
     checkpoints = os.path.join(workdir, "checkpoints")
-    assert sorted(os.listdir(checkpoints)) == ["2", "4"]  # step 4 trained again from 2
+    assert sorted(os.listdir(checkpoints)) == ["3", "6"]  # step 6 trained again from 3
     aside = os.path.join(workdir, "checkpoints_set_aside")
-    assert os.listdir(aside) == ["4"]  # the damaged step is kept, not deleted
+    assert os.listdir(aside) == ["6"]  # the damaged step is kept, not deleted
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     train_steps = [row["step"] for row in rows if "train/loss" in row]
-    assert train_steps == sorted(set(train_steps)) and train_steps[-1] == 4  # logged once
+    assert train_steps == sorted(set(train_steps)) and train_steps[-1] == 6  # logged once
 
     capsys.readouterr()
-    assert cli.run("train", flags) == 0  # the new step 4 restores: nothing left to train
+    assert cli.run("train", flags) == 0  # the new step 6 restores: nothing left to train
     assert cli.run("predict", [f"--workdir={workdir}", IMAGE, "--quiet"]) == 0
 
 
@@ -165,11 +157,11 @@ def test_resume_step_must_be_a_checkpoint_of_the_run(run_dir, tmp_path, capsys):
     workdir = str(tmp_path / "run")
     shutil.copytree(run_dir, workdir)
     capsys.readouterr()
-    flags = [*tiny_flags(**RUN), f"--workdir={workdir}", "--config.checkpoint.resume_step=3"]
+    flags = [*tiny_flags(**RUN), f"--workdir={workdir}", "--config.checkpoint.resume_step=4"]
     status = cli.run("train", flags)
     line = one_line(capsys.readouterr().err)
     assert status == 2
-    assert "config.checkpoint.resume_step=3" in line and "steps [2, 4]" in line
+    assert "config.checkpoint.resume_step=4" in line and "steps [3, 6]" in line
     assert not os.path.exists(os.path.join(workdir, "checkpoints_set_aside"))
 
 
@@ -178,7 +170,7 @@ def test_another_state_is_a_mismatch_not_damage(run_dir, tmp_path, capsys):
     shutil.copytree(run_dir, workdir)
     capsys.readouterr()
     # Trained on for 2 more steps, so the last checkpoint is restored (a finished run's is not).
-    changes = {**RUN, "total_steps": 6, "model.mlp_dim": 48}
+    changes = {**RUN, "total_steps": 8, "model.mlp_dim": 48}
     flags = [*tiny_flags(**changes), f"--workdir={workdir}"]
     status = cli.run("train", flags)
     line = one_line(capsys.readouterr().err)

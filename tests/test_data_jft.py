@@ -4,8 +4,6 @@ shards in a bucket."""
 import contextlib
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -95,30 +93,13 @@ def test_sliced_split(csv_shards):
     assert batch["mask"].sum() == 5
 
 
-def test_cli_from_folder(tmp_path):
+def test_cli_from_folder(tmp_path, capsys):
     jft.load_metadata.cache_clear()
     write_folder(str(tmp_path / "src"), {"x": {"a": 3, "b": 2}})
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "vit_jax",
-            "write_shards",
-            "--input",
-            str(tmp_path / "src/x"),
-            "--output",
-            str(tmp_path / "out"),
-            "--num_shards",
-            "2",
-            "--split",
-            "val",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=os.getcwd(),
-    )
-    assert json.loads(result.stdout.strip().splitlines()[-1])["num_examples"] == 5
+    args = ["--input", str(tmp_path / "src/x"), "--output", str(tmp_path / "out")]
+    assert cli.run("write_shards", [*args, "--num_shards", "2", "--split", "val"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out.strip().splitlines()[-1])["num_examples"] == 5
     meta = jft.load_metadata(str(tmp_path / "out"), "val")
     assert meta["class_names"] == ["a", "b"] and meta["num_classes"] == 2
 

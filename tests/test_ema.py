@@ -32,20 +32,19 @@ def numpy_ema(trajectory: list[dict], decay: float) -> dict:
     return average
 
 
-def train(config, mesh_shape, count=4):
-    """(state, parameters after each step, the first one the initial parameters)."""
-    builder = make_trainer(config, mesh_shape)
+def test_the_ema_is_the_numpy_recurrence_over_the_parameters_and_sharded_like_them():
+    """4 steps on an FSDP x tensor-parallel mesh: the average is the NumPy recurrence and
+    sharded like the parameters; then a step with a NaN input is skipped (on_nonfinite=skip,
+    which only wraps the same update in a `where`) and leaves the average as it was."""
+    config = tiny_config(ema_decay=DECAY, on_nonfinite="skip")
+    builder = make_trainer(config, {"fsdp": 4, "model": 2})
     state = builder.init_state()
     step = builder.make_train_step()
     trajectory = [jax.device_get(state["params"])]
-    for batch in batches(count):
-        state, _ = step(state, batch)
+    for batch in batches(4):
+        state, stats = step(state, batch)
+        assert int(stats["skipped"]) == 0
         trajectory.append(jax.device_get(state["params"]))
-    return state, trajectory
-
-
-def test_the_ema_is_the_numpy_recurrence_over_the_parameters_and_sharded_like_them():
-    state, trajectory = train(tiny_config(ema_decay=DECAY), {"fsdp": 4, "model": 2})
     expected = numpy_ema(trajectory, DECAY)
     for got, want in zip(
         jax.tree.leaves(state["ema_params"]), jax.tree.leaves(expected), strict=True
@@ -62,19 +61,7 @@ def test_the_ema_is_the_numpy_recurrence_over_the_parameters_and_sharded_like_th
     ema = np.asarray(jax.tree.leaves(state["ema_params"])[0])
     assert not np.allclose(ema, last) and not np.allclose(ema, first)
 
-
-def test_without_ema_the_state_and_the_step_are_unchanged():
-    builder = make_trainer(tiny_config(), {"data": 2})
-    assert set(builder.state_shardings[0]) == {"params", "opt_state", "step"}
-    assert set(builder.init_state()) == {"params", "opt_state", "step"}
-
-
-def test_a_skipped_step_leaves_the_average_as_it_was():
-    config = tiny_config(ema_decay=DECAY, on_nonfinite="skip")
-    builder = make_trainer(config, {"data": 2})
-    state = builder.init_state()
-    step = builder.make_train_step()
-    state, _ = step(state, next(batches(1)))
+    # A skipped step leaves the average as it was.
     before = jax.device_get(state["ema_params"])
     bad = next(batches(1, seed=1))
     bad["image"] = bad["image"].at[0, 0, 0, 0].set(jnp.nan)
@@ -84,6 +71,12 @@ def test_a_skipped_step_leaves_the_average_as_it_was():
         jax.tree.leaves(state["ema_params"]), jax.tree.leaves(before), strict=True
     ):
         np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_without_ema_the_state_and_the_step_are_unchanged():
+    builder = make_trainer(tiny_config(), {"data": 2})
+    assert set(builder.state_shardings[0]) == {"params", "opt_state", "step"}
+    assert set(builder.init_state()) == {"params", "opt_state", "step"}
 
 
 def test_the_decay_warms_up_then_holds():

@@ -4,8 +4,10 @@ import json
 import math
 import os
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from tests.helpers import tiny_config
 from vit_jax import sharding
@@ -68,13 +70,20 @@ def test_a_run_is_its_directory_everywhere(tmp_path):
 
 
 def test_a_released_npz_gives_the_models_own_logits_and_a_mismatch_is_refused(tmp_path):
-    model = create_model("ViT-mu/4", num_classes=7, img_size=32)
+    # The model's shapes filled with random values, head included (nothing compiled for an
+    # initialisation); both models run through one jitted forward pass.
+    abstract = nnx.eval_shape(lambda: create_model("ViT-mu/4", num_classes=7, img_size=32))
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda x: (0.1 * rng.normal(size=x.shape)).astype(x.dtype), params)
+    model = nnx.merge(graphdef, params, rest)
     path = str(tmp_path / "mu.npz")
     save_npz(model, path)
     loaded = Experiment.from_npz(path, "ViT-mu/4", num_classes=7, img_size=32).model()
     images = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
-    np.testing.assert_allclose(
-        np.asarray(loaded(images, train=False)), np.asarray(model(images, train=False)), atol=1e-6
-    )
+    forward = nnx.jit(lambda m, x: m(x, train=False))
+    expected = np.asarray(forward(model, images))
+    assert np.ptp(expected) > 0.01  # logits that differ by image and class
+    np.testing.assert_allclose(np.asarray(forward(loaded, images)), expected, atol=1e-6)
     with pytest.raises(CheckpointError):  # the file is not a ViT-Ti/16
         Experiment.from_npz(path, "ViT-Ti/16", num_classes=7, img_size=32)

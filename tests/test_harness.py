@@ -81,7 +81,9 @@ def test_plan_simulates_its_devices_in_its_own_process_without_starting_another(
         "    raise AssertionError('the planner started a process')\n"
         "subprocess.Popen.__init__ = refuse\n"
         'status = cli.main(["plan", "--config=vit", "--devices", "4", "--mesh", "data=4",'
-        ' "--config.batch_size=8", "--no-propose"])\n'
+        ' "--config.batch_size=8", "--no-propose", "--config.model.depth=1",'
+        ' "--config.model.width=32", "--config.model.mlp_dim=64",'
+        ' "--config.model.num_heads=2", "--config.model.img_size=8"])\n'
         "import jax\n"
         "print('devices', jax.device_count())\n"
         "sys.exit(status)\n"

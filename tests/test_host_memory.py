@@ -3,6 +3,7 @@ in again on every step (vit_jax/host_memory.py)."""
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -10,21 +11,25 @@ import pytest
 
 from vit_jax import host_memory
 
-# A jitted function with large temporaries; the minor page faults of its fifth call (the
-# heap settles over the first calls).
+# A jitted function with one large temporary (sin(x), 64 MiB: 16,384 pages of 4 KiB) and
+# little arithmetic; the minor page faults of each of its calls after the first three
+# (compilation, and the heap's first growth), with a pause between calls as a train loop has.
+# A kept heap still grows now and then (a temporary freed on XLA's thread after the next
+# call began), so the typical call is the median.
 FAULTS_OF_A_STEP = """
-import json, resource
+import json, resource, time
 from vit_jax import host_memory
 kept = host_memory.keep_freed_host_memory()
 import jax, jax.numpy as jnp
 x = jnp.ones((2048, 8192), jnp.float32)
-step = jax.jit(lambda x: (jnp.sin(x) @ jnp.cos(x).T).sum() + jnp.tanh(x).sum())
-for _ in range(4):
+step = jax.jit(lambda x: (jnp.sin(x) @ jnp.cos(x[:8]).T).sum() + jnp.tanh(x).sum())
+faults = []
+for _ in range(15):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step(x).block_until_ready()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-step(x).block_until_ready()
-faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-print(json.dumps({"kept": kept, "faults": faults}))
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    time.sleep(0.05)
+print(json.dumps({"kept": kept, "faults": faults[3:]}))
 """
 
 
@@ -54,10 +59,10 @@ def test_a_repeated_step_reuses_its_memory_instead_of_faulting_it_in():
     ]
     default, kept = map(faults, runs)
     assert not default["kept"] and kept["kept"]
-    # glibc's default: the temporaries (hundreds of MiB, 4 KiB pages) are mapped afresh
-    # and faulted in on every call; kept, the heap already holds them.
-    assert default["faults"] > 20_000
-    assert kept["faults"] < default["faults"] / 10
+    # glibc's default: the temporary (64 MiB) is mapped afresh and faulted in on every
+    # call; kept, the heap already holds it: the typical call faults nothing.
+    assert min(default["faults"]) > 12_000, default
+    assert statistics.median(kept["faults"]) < statistics.median(default["faults"]) / 10, kept
 
 
 @pytest.mark.parametrize(

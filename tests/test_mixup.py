@@ -70,7 +70,8 @@ def test_cutmix_label_weight_is_pasted_area(seed):
 
 
 def test_cutmix_box_is_rectangle_of_expected_size():
-    box = np.asarray(mixup.cutmix_box(jax.random.key(3), 100, 100, jnp.float32(0.75)))
+    cutmix_box = jax.jit(mixup.cutmix_box, static_argnums=(1, 2))  # one compile, not one per op
+    box = np.asarray(cutmix_box(jax.random.key(3), 100, 100, jnp.float32(0.75)))
     rows, cols = np.flatnonzero(box.any(1)), np.flatnonzero(box.any(0))
     # A filled axis-aligned rectangle, at most 50x50 (sqrt(1 - 0.75) * 100), clipped.
     assert box.sum() == len(rows) * len(cols)
@@ -80,25 +81,34 @@ def test_cutmix_box_is_rectangle_of_expected_size():
 
 def test_deterministic_and_switch():
     images, labels = constant_batch()
-    fn = jitted(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5)
-    a = fn(jax.random.key(7), images, labels)
-    b = fn(jax.random.key(7), images, labels)
+
+    # One program for every switch probability: mix_batch only compares a uniform draw
+    # with it, so it may as well be an argument (three constants would be three compiles).
+    @jax.jit
+    def switched(key, switch_prob):
+        return mixup.mix_batch(
+            key, images, labels, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=switch_prob
+        )
+
+    def fn(key):
+        return switched(key, 0.5)
+
+    a = fn(jax.random.key(7))
+    b = fn(jax.random.key(7))
     np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
     np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
-    c = fn(jax.random.key(8), images, labels)
+    c = fn(jax.random.key(8))
     assert not np.array_equal(np.asarray(a[1]), np.asarray(c[1]))
 
     def is_cutmix(img):  # CutMix only copies values; Mixup makes non-integer blends.
         img = np.asarray(img)
         return bool(np.all(img == np.round(img)))
 
-    kinds = {is_cutmix(fn(jax.random.key(s), images, labels)[0]) for s in range(12)}
+    kinds = {is_cutmix(fn(jax.random.key(s))[0]) for s in range(12)}
     assert kinds == {True, False}
-    always_cut = jitted(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=1.0)
-    never_cut = jitted(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.0)
     for s in range(4):
-        assert is_cutmix(always_cut(jax.random.key(s), images, labels)[0])
-        assert not is_cutmix(never_cut(jax.random.key(s), images, labels)[0])
+        assert is_cutmix(switched(jax.random.key(s), 1.0)[0])  # always CutMix
+        assert not is_cutmix(switched(jax.random.key(s), 0.0)[0])  # never
 
 
 def test_bad_inputs():

@@ -50,17 +50,19 @@ def sched_cfg(**overrides):
 
 
 def tiny_params(seed=0):
+    """A ViT-like parameter tree. Two shapes only: the optimizers work elementwise, and op by
+    op every new shape is another compile of each of their ops."""
     rng = np.random.default_rng(seed)
 
     def r(*shape):
         return jnp.asarray(rng.normal(size=shape), jnp.float32)
 
     return {
-        "patch_embed": {"kernel": r(4, 3), "bias": r(3)},
-        "cls_token": r(1, 3),
+        "patch_embed": {"kernel": r(2, 3), "bias": r(3)},
+        "cls_token": r(2, 3),
         "posemb": r(2, 3),
-        "blocks": {"norm1": {"scale": r(3)}, "mlp": {"fc1": {"kernel": r(3, 5), "bias": r(5)}}},
-        "head": {"kernel": r(3, 2), "bias": r(2)},
+        "blocks": {"norm1": {"scale": r(3)}, "mlp": {"fc1": {"kernel": r(2, 3), "bias": r(3)}}},
+        "head": {"kernel": r(2, 3), "bias": r(3)},
     }
 
 
@@ -226,22 +228,22 @@ def test_lr_mult_scales_sgd_update_exactly():
 
 
 def test_clipping_caps_global_norm():
-    params = {"a": jnp.zeros((3,)), "b": jnp.zeros((2, 2))}
+    params = {"a": jnp.zeros((3,)), "b": jnp.zeros((2, 3))}
     cfg = optim_cfg(name="sgd", momentum=0.0, clip_global_norm=1.0)
     tx = optim.make_optimizer(cfg, sched_cfg(base_lr=1.0), params, 10)
-    big = {"a": jnp.full((3,), 10.0), "b": jnp.full((2, 2), -10.0)}
+    big = {"a": jnp.full((3,), 10.0), "b": jnp.full((2, 3), -10.0)}
     updates, _ = tx.update(big, tx.init(params), params)
     norm = float(optax.global_norm(updates))
     np.testing.assert_allclose(norm, 1.0, rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(updates["a"]), -10.0 / math.sqrt(700.0), rtol=1e-6)
-    small = {"a": jnp.full((3,), 0.1), "b": jnp.zeros((2, 2))}
+    np.testing.assert_allclose(np.asarray(updates["a"]), -10.0 / math.sqrt(900.0), rtol=1e-6)
+    small = {"a": jnp.full((3,), 0.1), "b": jnp.zeros((2, 3))}
     updates, _ = tx.update(small, tx.init(params), params)
     np.testing.assert_allclose(np.asarray(updates["a"]), -0.1, rtol=1e-6)
 
 
 def test_unscaled_vs_scaled_decay():
-    params = {"w": jnp.asarray([1.0, -2.0]), "bias": jnp.asarray([3.0])}
-    grads = {"w": jnp.asarray([0.5, 0.5]), "bias": jnp.asarray([1.0])}
+    params = {"w": jnp.asarray([1.0, -2.0, 0.5]), "bias": jnp.asarray([3.0, -1.0, 2.0])}
+    grads = {"w": jnp.asarray([0.5, 0.5, -1.0]), "bias": jnp.asarray([1.0, 0.0, -0.5])}
     base_lr, wd = 0.1, 0.01
     sched = sched_cfg(base_lr=base_lr, warmup_steps=2, decay="linear")
     total = 12
@@ -322,7 +324,7 @@ def test_mu_dtype_and_adafactor_and_nnx_state():
     assert float(loss(p)) < 0.5 * float(loss(params))
 
     # nnx.State works as the params pytree, freezing included.
-    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
     state_tree = nnx.state(model, nnx.Param)
     tx = optim.make_optimizer(
         optim_cfg(freeze="bias", weight_decay=0.1), sched_cfg(), state_tree, 10
@@ -349,7 +351,7 @@ def test_config_errors():
 
 
 def test_lr_mult_scales_decay_only_in_scaled_mode():
-    params = {"w": jnp.asarray([1.0, -2.0]), "head": {"kernel": jnp.asarray([4.0])}}
+    params = {"w": jnp.asarray([1.0, -2.0, 0.5]), "head": {"kernel": jnp.asarray([4.0, 1.0, -3.0])}}
     grads = jax.tree_util.tree_map(jnp.ones_like, params)
     lr, wd = 0.1, 0.2
     for unscaled in (False, True):
@@ -365,8 +367,8 @@ def test_lr_mult_scales_decay_only_in_scaled_mode():
         # Constant schedule. Scaled: -lr * mult * (g + wd * p); unscaled: -(lr * mult * g +
         # wd * p), i.e. the multiplier never touches the unscaled decay.
         for path, mult, p in (
-            (("head", "kernel"), 0.5, np.array([4.0])),
-            (("w",), 1.0, np.array([1.0, -2.0])),
+            (("head", "kernel"), 0.5, np.array([4.0, 1.0, -3.0])),
+            (("w",), 1.0, np.array([1.0, -2.0, 0.5])),
         ):
             got = updates[path[0]][path[1]] if len(path) == 2 else updates[path[0]]
             want = -(lr * mult + wd * p) if unscaled else -lr * mult * (1.0 + wd * p)

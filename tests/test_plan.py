@@ -93,8 +93,8 @@ def test_batch_not_dividing_data_parallel_devices_is_one_line_error(capsys):
     assert "config.batch_size=12" in err and "\n" not in err
 
 
-def test_cli_reruns_itself_with_the_requested_device_count(capfd):
-    # JAX already runs with 8 devices here: the CLI starts a process with 4 simulated ones.
+def test_cli_in_a_running_jax_plans_on_its_first_devices(capfd):
+    # JAX already runs with 8 devices here: the command plans on the first 4 of them.
     assert jax.device_count() == 8
     argv = ["--config", PLAN_SPEC, *PLAN_FLAGS, "--devices", "4", "--mesh", "data=2,fsdp=2"]
     status = cli.run("plan", [*argv, "--device-kind", "tpu-v5e", "--mfu", "0.4"])

@@ -138,12 +138,23 @@ def test_forward_matches_independent_numpy(tmp_path, images, pool_type, scan, re
     assert np.abs(changed - expected).max() > 1e-3
 
 
+@nnx.jit
+def logits_features_and_map(model, x):
+    """The logits, `forward_features` with attention, and (map pooling) the MAP head run
+    on the patch tokens alone: one compiled program (eager, each op compiles on its own)."""
+    features = model.forward_features(x, return_attention=True)
+    patches = features["tokens"][:, model.num_prefix_tokens :]
+    head = model.map_head(patches) if model.map_head is not None else None
+    return model(x), features, head
+
+
 @pytest.mark.parametrize("pool_type", ["tok", "gap", "map"])
 def test_shapes_and_pooling_leave_the_registers_out(images, pool_type):
     model = create_model("ViT-Ti/16", pool_type=pool_type, num_registers=2, **TINY)
-    features = model.forward_features(jnp.asarray(images), return_attention=True)
+    logits, features, map_pooled = logits_features_and_map(model, jnp.asarray(images))
+    features = jax.tree.map(np.asarray, features)
     tokens = 16 + (pool_type == "tok") + 2
-    assert model(jnp.asarray(images)).shape == (2, 5)
+    assert logits.shape == (2, 5)
     assert features["tokens"].shape == (2, tokens, 32)
     assert features["attention"].shape == (2, 2, 2, tokens, tokens)
     assert model.num_prefix_tokens == tokens - 16
@@ -154,7 +165,7 @@ def test_shapes_and_pooling_leave_the_registers_out(images, pool_type):
         np.testing.assert_allclose(features["pooled"], patches.mean(axis=1), atol=1e-6)
         assert np.abs(features["pooled"] - features["tokens"].mean(axis=1)).max() > 1e-4
     else:
-        np.testing.assert_allclose(features["pooled"], model.map_head(patches), atol=1e-6)
+        np.testing.assert_allclose(features["pooled"], np.asarray(map_pooled), atol=1e-6)
 
 
 def test_scan_and_remat_give_the_unrolled_gradients(tmp_path, images):
@@ -243,14 +254,13 @@ def test_npz_without_registers_does_not_fit_a_model_with_them(tmp_path):
 
 
 def test_predict_from_an_npz_builds_its_registers(tmp_path, digit_png, capsys):
-    model = create_model("ViT-Ti/16", img_size=16, num_classes=10, num_registers=2)
-    path = str(tmp_path / "ti16.npz")
+    # The demo's ViT-mu/4 (6 blocks of width 96): the smallest model `--model` names.
+    model = create_model("ViT-mu/4", img_size=16, num_classes=10, num_registers=2)
+    path = str(tmp_path / "mu4.npz")
     save_npz(model, path)
-    experiment = Experiment.from_npz(
-        path, "ViT-Ti/16", num_classes=10, img_size=16, num_registers=2
-    )
-    assert experiment.params["registers"].shape == (1, 2, 192)
-    args = ["--checkpoint", path, "--model", "ViT-Ti/16", "--img_size", "16", "--json"]
+    experiment = Experiment.from_npz(path, "ViT-mu/4", num_classes=10, img_size=16, num_registers=2)
+    assert experiment.params["registers"].shape == (1, 2, 96)
+    args = ["--checkpoint", path, "--model", "ViT-mu/4", "--img_size", "16", "--json"]
     assert cli.run("predict", [*args, digit_png]) == 0, capsys.readouterr().err
     assert '"file"' in capsys.readouterr().out
 
@@ -295,8 +305,12 @@ def test_attention_distance_leaves_registers_out():
 
 
 def test_a_tiny_run_with_registers_trains_and_draws_its_rollout(tmp_path, digit_png, capsys):
+    # Three steps (the zero-initialised head first has to move before anything else gets a
+    # gradient), one evaluation and one checkpoint, at the end.
+    short = {k: 3 for k in ("total_steps", "log_every_steps", "eval_every_steps")}
+    flags = tiny_flags("model.num_registers=2", **short, schedule__warmup_steps=1)
     workdir = str(tmp_path / "run")
-    assert cli.run("train", [*tiny_flags("model.num_registers=2"), f"--workdir={workdir}"]) == 0
+    assert cli.run("train", [*flags, f"--workdir={workdir}"]) == 0
     assert "final evaluation" in capsys.readouterr().out
     trained = Experiment.from_workdir(workdir)
     registers = np.asarray(trained.params["registers"])

@@ -59,7 +59,8 @@ def stopped_command(workdir):
 
 @pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
-    """JAX's preemption service: both processes save the same step and exit 143."""
+    """JAX's preemption service: both processes (one device each) save the same step and exit
+    143."""
     port, workdir = free_port(), str(tmp_path / "run")
     procs = []
     for index in range(2):
@@ -67,14 +68,14 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
             f"--coordinator_address=127.0.0.1:{port}",
             "--num_processes=2",
             f"--process_id={index}",
-            "--local_device_count=2",
+            "--local_device_count=1",
         ]
         with open(tmp_path / f"stderr{index}", "w") as err:
             procs.append(
                 subprocess.Popen(
                     stopped_command(workdir) + multi,
                     cwd=ROOT,
-                    env=cli_env(2),
+                    env=cli_env(1),
                     stdout=subprocess.PIPE,
                     stderr=err,
                     text=True,
@@ -103,14 +104,16 @@ def test_sigint_saves_the_current_step_and_exits_130(tmp_path, monkeypatch):
             yield batch
 
     monkeypatch.setattr(data, "train_batches", interrupting)
-    config = tiny_config(**{"total_steps": 50, "checkpoint.every_steps": 50})
+    # The tiny run's own program (6 steps; compiled once per session): no checkpoint or
+    # evaluation before the end, so the stop's checkpoint is the only one.
+    config = tiny_config(**{"eval_every_steps": 6, "checkpoint.every_steps": 6})
     previous = signal.getsignal(signal.SIGINT)
     with pytest.raises(loop.Preempted) as stop:
         loop.run(config, str(tmp_path))
     assert stop.value.code == 130 and isinstance(stop.value, SystemExit)
     assert signal.getsignal(signal.SIGINT) is previous  # the handler is put back
     step = stop.value.step
-    assert 1 <= step < 50 and steps_on_disk(str(tmp_path)) == [step]
+    assert 1 <= step < 6 and steps_on_disk(str(tmp_path)) == [step]
     assert f"stopped by SIGINT: saved the checkpoint of step {step}" in str(stop.value)
     state, record = restore_state(config, str(tmp_path), step)
     assert record["step"] == int(state["step"]) == step

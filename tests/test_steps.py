@@ -1,5 +1,6 @@
 """The sharded train step: same losses on any mesh, accumulation, resharding restores."""
 
+import functools
 import os
 
 import helpers
@@ -41,9 +42,43 @@ def make_trainer(config, mesh_shape, devices=None):
     return Experiment.from_config(config, devices=devices, num_classes=10, steps=100).steps
 
 
+def small_config(**changes):
+    """The tiny run at depth 1: every check here is per block, and every block costs about
+    a second of each compile."""
+    base = {"schedule.warmup_steps": 1, "schedule.base_lr": 3e-3, "model.depth": 1}
+    return helpers.tiny_config(**{**base, **changes})
+
+
+# The run of the mesh comparison. Its single-device step is also the AdamW case of
+# test_skipped_steps_... (one program, compiled once per session).
+MESH_RUN = {"on_nonfinite": "skip"}
+# Plain SGD (no momentum, decay or clipping) with a rate still warming up: its update is
+# exactly -lr * grad, linear in the gradient. The SGD case of test_skipped_steps_... and the
+# large batch of test_gradient_accumulation_... (one program).
+SGD_RUN = {
+    "on_nonfinite": "skip",
+    "schedule.warmup_steps": 10,
+    "schedule.decay": "constant",
+    "schedule.base_lr": 1.0,
+    "optim.name": "sgd",
+    "optim.momentum": 0.0,
+    "optim.weight_decay": 0.0,
+    "optim.clip_global_norm": None,
+    "optim.decay_unscaled": False,
+}
+
+
+@functools.cache
+def initial_params():
+    """The random initial parameters, made once (on one device, as host arrays): every run
+    here starts from them (test_checkpoint_from_8_devices_restores_on_4 checks that a
+    sharded initialisation makes the same)."""
+    return jax.device_get(make_trainer(small_config(), {"data": 1}).init_state()["params"])
+
+
 def loss_trajectory(config, mesh_shape):
     trainer = make_trainer(config, mesh_shape)
-    state = trainer.init_state()
+    state = trainer.init_state(initial_params())
     step = trainer.make_train_step()
     losses = []
     for batch in batches():
@@ -52,25 +87,23 @@ def loss_trajectory(config, mesh_shape):
     return np.array(losses), state
 
 
-@pytest.fixture(scope="module")
-def single_device_run():
-    return loss_trajectory(tiny_config(sharding_rules="fsdp_tp"), {"data": 1})
-
-
-@pytest.mark.parametrize(
-    "mesh_shape",
-    [{"data": 8}, {"data": 4, "model": 2}, {"fsdp": 8}],
-    ids=["data8", "data4_model2", "fsdp8"],
-)
-def test_meshes_match_single_device(single_device_run, mesh_shape):
-    reference_losses, reference_state = single_device_run
-    losses, state = loss_trajectory(tiny_config(sharding_rules="fsdp_tp"), mesh_shape)
-    assert losses[-1] < losses[0]  # it trains
-    np.testing.assert_allclose(losses, reference_losses, rtol=2e-5, atol=2e-5)
-    for got, want in zip(
-        jax.tree.leaves(state["params"]), jax.tree.leaves(reference_state["params"]), strict=True
-    ):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=2e-5)
+def test_meshes_match_single_device():
+    config = small_config(**MESH_RUN)
+    reference_losses, reference_state = loss_trajectory(config, {"data": 1})
+    assert reference_losses[-1] < reference_losses[0]  # it trains
+    for mesh_shape in ({"data": 8}, {"data": 4, "model": 2}, {"fsdp": 8}):
+        losses, state = loss_trajectory(config, mesh_shape)
+        np.testing.assert_allclose(
+            losses, reference_losses, rtol=2e-5, atol=2e-5, err_msg=str(mesh_shape)
+        )
+        for got, want in zip(
+            jax.tree.leaves(state["params"]),
+            jax.tree.leaves(reference_state["params"]),
+            strict=True,
+        ):
+            np.testing.assert_allclose(
+                np.asarray(got), np.asarray(want), rtol=2e-4, atol=2e-5, err_msg=str(mesh_shape)
+            )
 
 
 def test_fsdp_and_tensor_parallel_really_shard_parameters():
@@ -89,12 +122,18 @@ def test_fsdp_and_tensor_parallel_really_shard_parameters():
 
 def test_gradient_accumulation_equals_large_batch():
     # SGD: the update is linear in the gradient (Adam would amplify round-off on ~0 gradients).
-    sgd = {"optim.name": "sgd", "schedule.base_lr": 0.1}
-    plain, plain_state = loss_trajectory(tiny_config(**sgd), {"data": 2})
+    plain, plain_state = loss_trajectory(small_config(**SGD_RUN), {"data": 2})
     accumulated, accum_state = loss_trajectory(
-        tiny_config(**sgd, **{"optim.grad_accum_steps": 4}), {"data": 2}
+        small_config(**SGD_RUN, **{"optim.grad_accum_steps": 4}), {"data": 2}
     )
     np.testing.assert_allclose(accumulated, plain, rtol=1e-5, atol=1e-6)
+    moved = [  # the rate warms up from 0: the steps did move the parameters
+        np.abs(np.asarray(p) - q).max()
+        for p, q in zip(
+            jax.tree.leaves(plain_state["params"]), jax.tree.leaves(initial_params()), strict=True
+        )
+    ]
+    assert max(moved) > 1e-3, moved
     for got, want in zip(
         jax.tree.leaves(accum_state["params"]), jax.tree.leaves(plain_state["params"]), strict=True
     ):
@@ -107,9 +146,12 @@ def test_accumulation_rejects_indivisible_batch_when_the_run_is_built():
 
 
 def test_checkpoint_from_8_devices_restores_on_4(tmp_path):
-    config = tiny_config(sharding_rules="fsdp")
+    config = small_config(**MESH_RUN)  # the step is test_meshes_match_single_device's
     big = make_trainer(config, {"fsdp": 8})
-    state = big.init_state()
+    state = big.init_state()  # initialised sharded 8 ways: the single-device initialisation
+    initial = jax.tree.leaves(initial_params())
+    for got, want in zip(jax.tree.leaves(state["params"]), initial, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), want)
     state, _ = big.make_train_step()(state, next(batches()))
     checkpointer = Checkpointer(str(tmp_path), every_steps=1, async_save=True)
     checkpointer.save(1, state, {"step": 1})
@@ -119,14 +161,17 @@ def test_checkpoint_from_8_devices_restores_on_4(tmp_path):
     abstract, _ = small.state_shardings
     restored, record = Checkpointer(str(tmp_path), every_steps=1).restore(abstract)
     assert record["step"] == 1
-    kernel = restored["params"]["blocks"][1]["mlp"]["fc2"]["kernel"]
+    kernel = restored["params"]["blocks"][0]["mlp"]["fc2"]["kernel"]
     assert len(kernel.sharding.device_set) == 4
     for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_bfloat16_compute_keeps_float32_state():
-    config = tiny_config(**{"model.dtype": "bfloat16", "optim.mu_dtype": "bfloat16"})
+    config = small_config(**{"model.dtype": "bfloat16", "optim.mu_dtype": "bfloat16"})
+    trainer = make_trainer(config, {"data": 2})
+    abstract, _ = trainer.state_shardings  # the state it initialises (from these shapes)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(abstract["params"]))
     losses, state = loss_trajectory(config, {"data": 2})
     assert np.all(np.isfinite(losses))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["params"]))
@@ -194,22 +239,14 @@ def opt_state_counts(opt_state) -> list[int]:
 
 @pytest.mark.parametrize("name", ["adamw", "sgd"])
 def test_skipped_steps_advance_the_optimizer_counters_with_the_step(name):
-    # Plain SGD (no momentum, decay or clipping) applies exactly -lr * grad, so the applied
-    # learning rate is |update| / |grad|; it must be the logged schedule(step).
-    config = tiny_config(
-        on_nonfinite="skip",
-        **{
-            "schedule.warmup_steps": 10,
-            "schedule.decay": "constant",
-            "optim.name": name,
-            "optim.momentum": 0.0,
-            "optim.weight_decay": 0.0,
-            "optim.clip_global_norm": None,
-            "optim.decay_unscaled": False,
-        },
-    )
-    trainer = make_trainer(config, {"data": 1})
-    state = trainer.init_state()
+    # Plain SGD applies exactly -lr * grad, so the applied learning rate is |update| / |grad|;
+    # it must be the logged schedule(step), still warming up.
+    if name == "sgd":
+        config, mesh_shape = small_config(**SGD_RUN), {"data": 2}
+    else:
+        config, mesh_shape = small_config(**MESH_RUN), {"data": 1}
+    trainer = make_trainer(config, mesh_shape)
+    state = trainer.init_state(initial_params())
     step = trainer.make_train_step()
     for index, batch in enumerate(batches(count=5)):
         if index in (1, 2):  # two non-finite steps, skipped
@@ -219,11 +256,16 @@ def test_skipped_steps_advance_the_optimizer_counters_with_the_step(name):
         assert int(stats["skipped"]) == (index in (1, 2))
         counts = opt_state_counts(state["opt_state"])
         assert counts and all(c == int(state["step"]) == index + 1 for c in counts), counts
+        if index in (1, 2):  # the skipped step kept the parameters
+            kept = zip(jax.tree.leaves(state["params"]), jax.tree.leaves(before), strict=True)
+            for got, want in kept:
+                np.testing.assert_array_equal(np.asarray(got), want)
         if name == "sgd" and index >= 3:
             after = jax.device_get(state["params"])
             delta = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), after, before)
             applied = float(jnp.sqrt(sum(jnp.sum(d**2) for d in jax.tree.leaves(delta))))
             applied /= float(stats["grad_norm"])
             expected = float(trainer.schedule()(index))
+            assert 0 < expected < float(config.schedule.base_lr)  # warming up
             assert float(stats["learning_rate"]) == pytest.approx(expected)
             assert applied == pytest.approx(expected, rel=1e-3)

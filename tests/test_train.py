@@ -71,41 +71,43 @@ def test_run_writes_metrics_tensorboard_and_evaluates(straight_run):
 
 
 @pytest.mark.slow
-def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    config = tiny_config(total_steps=4, checkpoint__every_steps=2, eval_every_steps=100)
-    loop.run(config, str(tmp_path), stop_after_step=2)
-    with config.unlocked():
-        config.schedule.base_lr = 1e30  # blows the parameters up on the next update
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, straight_run):
+    # The shared run (checkpoints at 3 and 6) trained on for 2 more steps with a rate that
+    # blows the parameters up on the first update.
+    shutil.copytree(straight_run, tmp_path / "run")
+    config = tiny_config(**RESUME_RUN, **{"total_steps": 8, "schedule.base_lr": 1e30})
     with pytest.raises(loop.NonFiniteLossError, match="NaN or Inf") as error:
-        loop.run(config, str(tmp_path))
-    assert "last good checkpoint (2)" in str(error.value)
-    checkpointer = Checkpointer(os.path.join(tmp_path, "checkpoints"), every_steps=1)
-    assert checkpointer.all_steps() == [2]
+        loop.run(config, str(tmp_path / "run"))
+    assert "last good checkpoint (6)" in str(error.value)
+    checkpointer = Checkpointer(os.path.join(tmp_path, "run", "checkpoints"), every_steps=1)
+    assert checkpointer.all_steps() == [3, 6]
+
+
+def npz_of_random_model(path: str, **model) -> nnx.Module:
+    """A model (of abstract shapes filled with random values: nothing compiled) saved as a
+    released `.npz`."""
+    abstract = nnx.eval_shape(lambda: create_model("ViT-Ti/4", **model))
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    rng = np.random.default_rng(3)
+    params = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(x.dtype), params)
+    source = nnx.merge(graphdef, params, rest)
+    save_npz(source, path)
+    return source
 
 
 def test_init_from_npz_replaces_head_and_keeps_body(tmp_path):
-    source = create_model(
-        "ViT-Ti/4", num_classes=7, pool_type="gap", head_zero_init=False, seed=3, **TINY_MODEL
-    )
+    """The parameters a run starts from (`Experiment.initial_params`, which the loop trains
+    from: test_init_from_another_runs_checkpoint_... runs that through the loop)."""
     path = str(tmp_path / "pretrained.npz")
-    save_npz(source, path)
-    config = tiny_config(
-        **{
-            "total_steps": 1,
-            "init_from.path": path,
-            "schedule.base_lr": 0.0,
-            "schedule.warmup_steps": 0,
-            "checkpoint.every_steps": 1,
-        }
-    )
-    loop.run(config, str(tmp_path / "run"))
-    state, _ = restore_state(config, str(tmp_path / "run"), 1)
+    source = npz_of_random_model(path, num_classes=7, pool_type="gap", **TINY_MODEL)
+    config = tiny_config(**{"init_from.path": path})
+    params = Experiment.from_config(config, num_classes=10).initial_params()
     source_params = nnx.to_pure_dict(nnx.state(source, nnx.Param))
     np.testing.assert_array_equal(
-        np.asarray(state["params"]["blocks"][1]["attn"]["query"]["kernel"]),
+        np.asarray(params["blocks"][1]["attn"]["query"]["kernel"]),
         np.asarray(source_params["blocks"][1]["attn"]["query"]["kernel"]),
     )
-    head = np.asarray(state["params"]["head"]["kernel"])
+    head = np.asarray(params["head"]["kernel"])
     assert head.shape == (32, 10) and not head.any()
 
 

@@ -152,17 +152,18 @@ class Steps:
         self.train_compile_s = time.perf_counter() - start
         params = experiment.abstract_state["params"]
         start = time.perf_counter()
-        self.eval_step = builder.make_eval_step(patch_size).lower(params, self.batch).compile()
+        lowered = builder.make_eval_step(patch_size).lower(params, self.batch)
+        self.eval_step = lowered.compile()
         self.eval_compile_s = time.perf_counter() - start
         self.train_flops = experiment.step_flops(patch_size=patch_size)
-        if config.model.scan:  # XLA counts a loop body once: an unrolled twin, lowered only
+        # Both counts for the whole batch, from the program before partitioning (a compiled
+        # program's count is one device's); XLA counts a loop body once, so a scanned model
+        # is counted through an unrolled twin, lowered only.
+        if config.model.scan:
             twin = Experiment.from_config(_unrolled(config), steps=10_000)
             twin_params = twin.abstract_state["params"]
-            self.eval_flops = lowered_flops(
-                twin.steps.make_eval_step(patch_size).lower(twin_params, self.batch)
-            )
-        else:
-            self.eval_flops = lowered_flops(self.eval_step)
+            lowered = twin.steps.make_eval_step(patch_size).lower(twin_params, self.batch)
+        self.eval_flops = lowered_flops(lowered)
         if not allocate:  # compile-only: no parameters, no optimizer state
             return
         self.state = experiment.init_state()
