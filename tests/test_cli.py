@@ -147,7 +147,10 @@ def test_demo_trains_on_a_folder_named_on_the_command_line(tmp_path, monkeypatch
     root = tmp_path / "my_images"
     write_folder(str(root / "x"), {"": {"ant": 12, "bee": 12, "cow": 12}}, size=(20, 18))
     args = [f"--workdir={tmp_path / 'run'}", f"--config.dataset=folder:{root / 'x'}"]
-    args += tiny_flags(total_steps=2, eval_batch_size=16, **{"model.img_size": None})
+    # Two steps of a one-block model: what is checked is the data and the image size.
+    args += tiny_flags(
+        total_steps=2, eval_batch_size=16, **{"model.img_size": None, "model.depth": 1}
+    )
     monkeypatch.chdir(tmp_path)
     assert cli.run("train", args) == 0
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]

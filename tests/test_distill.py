@@ -243,9 +243,9 @@ def test_a_distilled_student_beats_the_same_student_on_labels_and_matches_its_te
 
 
 def test_the_teacher_sees_the_students_batch_resized_to_its_image_size(teacher_run):
-    """Student at 16 px, teacher at 8 px: the step's loss (weight 1, no mixup, no dropout)
-    is the KL to the teacher run on the bilinear resize of the student's images."""
-    changes = {"model.img_size": 16, "model.head_zero_init": False}
+    """Student (one block) at 16 px, teacher at 8 px: the step's loss (weight 1, no mixup, no
+    dropout) is the KL to the teacher run on the bilinear resize of the student's images."""
+    changes = {"model.img_size": 16, "model.head_zero_init": False, "model.depth": 1}
     config = tiny_config(**distilled(teacher_run, temperature=2.0), **changes)
     experiment, step = build(config)
     teacher = experiment.teacher
@@ -268,12 +268,14 @@ def test_the_teacher_sees_the_students_batch_resized_to_its_image_size(teacher_r
 
 
 # SGD (an update linear in the gradient, so accumulation matches to round-off), mixup,
-# weight 0.5, temperature 2, the student at 16 px and the teacher at 8 px (resized).
+# weight 0.5, temperature 2, the student at 16 px and the teacher at 8 px (resized). One
+# student block (a second compiles longer and shards the same way).
 SGD_MIXED = {
     "optim.name": "sgd",
     "schedule.base_lr": 0.1,
     "mixup.mixup_alpha": 0.2,
     "model.img_size": 16,
+    "model.depth": 1,
 }
 
 

@@ -283,9 +283,7 @@ def test_head_dropped_into_feature_model(source, source_file, images, head):
     assert report.head == "dropped" and not report.unexpected
     features = forward(model, images)
     assert features.shape == (2, 32)
-    np.testing.assert_allclose(
-        features, pre_logits(source, images), rtol=1e-5, atol=1e-6
-    )
+    np.testing.assert_allclose(features, pre_logits(source, images), rtol=1e-5, atol=1e-6)
     with pytest.raises(CheckpointMismatchError, match="config.init_from.head=replace"):
         load_npz(shell(num_classes=0), source_file, head="keep")
 

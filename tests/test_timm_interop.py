@@ -108,7 +108,11 @@ def timm(tmp_path_factory):
     }
     for grid in POSEMB_GRIDS:
         path = str(folder / "posemb.npy")
-        requests[f"posemb_{grid[0]}x{grid[1]}"] = {"kind": "resample", "posemb": path, "grid": list(grid)}
+        requests[f"posemb_{grid[0]}x{grid[1]}"] = {
+            "kind": "resample",
+            "posemb": path,
+            "grid": list(grid),
+        }
     theirs = run_timm(folder, requests)
     ours = {
         "original": np.asarray(forward(original, jnp.asarray(images))),

@@ -88,7 +88,9 @@ def test_transfer_sweep_in_a_bucket_selects_on_validation_and_writes_the_tables(
         return [r["val/top1"] for r in map(json.loads, text.splitlines()) if "val/top1" in r][-1]
 
     # The chosen lr is the one with the best validation accuracy among the runs.
-    for row, select in zip(rows, ["oxford_flowers102", "vtab_oxford_flowers102_hparam"], strict=True):
+    for row, select in zip(
+        rows, ["oxford_flowers102", "vtab_oxford_flowers102_hparam"], strict=True
+    ):
         vals = {lr: last_val(f"{select}/lr_{lr}") for lr in ("0.003", "0.03")}
         assert float(row["lr"]) == float(max(vals, key=vals.get))
         assert np.isclose(float(row["val top-1 %"]), 100 * max(vals.values()), atol=0.01)
