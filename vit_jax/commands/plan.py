@@ -191,7 +191,7 @@ def _experiment(config, devices: int, slices: int = 1):
     )
 
 
-def _largest_patch_count_size(experiment) -> int | None:
+def _measured_patch_size(experiment) -> int | None:
     """A FlexiViT's smallest patch size: its step has the most tokens, so the most memory
     (the one that must fit); None for other models."""
     sizes = experiment.steps.patch_sizes
@@ -207,7 +207,7 @@ def _measure(experiment, slices: int = 1) -> dict[str, Any]:
     from vit_jax import sharding
 
     start = time.perf_counter()
-    compiled = experiment.compile_train_step(_largest_patch_count_size(experiment))
+    compiled = experiment.compile_train_step(_measured_patch_size(experiment))
     compile_s = time.perf_counter() - start
     stats = compiled.memory_analysis()
     config = experiment.config
@@ -281,14 +281,17 @@ def _model_facts(experiment) -> dict[str, Any]:
     config = experiment.config
     model = config.model
     params = sum(x.size for x in jax.tree.leaves(experiment.abstract_state["params"]))
-    patch_size = _largest_patch_count_size(experiment) or model.patch_size
+    patch_size = _measured_patch_size(experiment) or model.patch_size
     tokens = (model.img_size // patch_size) ** 2 + (model.get("pool_type") == "tok")
     tokens += model.get("num_registers") or 0
     parallel = experiment.mesh.shape["data"] * experiment.mesh.shape["fsdp"]
     facts = {}
     if experiment.steps.patch_sizes:
-        facts["patch_size"] = f"{patch_size} (FlexiViT: memory and tokens at the smallest of "
-        facts["patch_size"] += f"{list(experiment.steps.patch_sizes)}; FLOPs their mean)"
+        sizes = list(experiment.steps.patch_sizes)
+        facts["patch_size"] = (
+            f"{patch_size} (FlexiViT: memory and tokens at the smallest of {sizes}; "
+            "FLOPs their mean)"
+        )
     if experiment.teacher is not None:  # its parameters are arguments of the step
         facts["teacher"] = experiment.teacher.info.description()
     return {
