@@ -27,13 +27,14 @@ def subprocess_env(devices: int | None = None, *, optimised: bool = False) -> di
     """The environment of a command a test starts: this session's, with the repository on
     the path and XLA's flags kept (tests/conftest.py: LLVM optimisation off) except the
     simulated device count, which is `devices` (None: the process's own, one CPU device or
-    its `--local_device_count`). `optimised`: no XLA flags at all, for commands that train
-    for hundreds of steps, where running the program costs more than compiling it."""
+    its `--local_device_count`). `optimised`: LLVM optimisation back on (and the device
+    count the process's own), for commands that train for hundreds of steps, where running
+    the program costs more than compiling it."""
     env = dict(os.environ, PYTHONPATH=ROOT)
+    dropped = r"--xla_force_host_platform_device_count=\S+"
     if optimised:
-        env.pop("XLA_FLAGS", None)
-        return env
-    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
+        dropped += r"|--xla_backend_optimization_level=\S+"
+    flags = re.sub(dropped, "", env.get("XLA_FLAGS", ""))
     if devices is not None:
         flags += f" --xla_force_host_platform_device_count={devices}"
     env["XLA_FLAGS"] = flags.strip()

@@ -54,13 +54,6 @@ def test_plan_fields_are_consistent(fsdp_plan):
     json.dumps(p)  # printable as JSON
 
 
-def test_deep_models_flops_extrapolated_from_depth_one_and_two():
-    config = plan_config("data=8", depth=4)
-    experiment = plan._experiment(config, 8)
-    extrapolated = experiment.step_flops(extrapolate_depth=True)
-    assert extrapolated == pytest.approx(experiment.step_flops(), rel=1e-3)
-
-
 @pytest.mark.slow
 def test_layout_that_does_not_fit_names_one_that_does(fsdp_plan):
     # A chip just big enough for the FSDP layout: data parallelism (replicated state) is over.

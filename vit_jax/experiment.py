@@ -68,6 +68,7 @@ class Experiment:
         self.params = params  # restored parameters (from_workdir, from_npz), else None
         self.checkpoint_step = checkpoint_step
         self.parameter_set = "raw"  # or "ema": a run's weight EMA (from_workdir)
+        self._lowered_train_steps: dict = {}  # by patch size: compiling and FLOPs share one
 
     # --- construction ----------------------------------------------------------------------
 
@@ -225,11 +226,18 @@ class Experiment:
             args += (self.teacher.abstract_params(),)
         return args
 
+    def lower_train_step(self, patch_size: int | None = None):
+        """The train step lowered from abstract shapes (nothing allocated), once per patch
+        size: compiling it and counting its FLOPs trace the model only once."""
+        if patch_size not in self._lowered_train_steps:
+            step = self.steps.make_train_step(patch_size)
+            self._lowered_train_steps[patch_size] = step.lower(*self.abstract_train_args())
+        return self._lowered_train_steps[patch_size]
+
     def compile_train_step(self, patch_size: int | None = None):
-        """The train step compiled ahead of time from abstract shapes (nothing allocated); a
-        FlexiViT's at `patch_size` (None: config.model.patch_size)."""
-        step = self.steps.make_train_step(patch_size)
-        return step.lower(*self.abstract_train_args()).compile()
+        """The train step compiled ahead of time from abstract shapes; a FlexiViT's at
+        `patch_size` (None: config.model.patch_size)."""
+        return self.lower_train_step(patch_size).compile()
 
     def compile_train_steps(self) -> dict:
         """The run's compiled train steps by patch size: one per size of a FlexiViT
@@ -245,33 +253,30 @@ class Experiment:
 
         return flexi.patch_size_at(self.steps.patch_sizes, int(self.config.seed), step)
 
-    def step_flops(
-        self, *, extrapolate_depth: bool = False, patch_size: int | None = None
-    ) -> float | None:
+    def step_flops(self, *, patch_size: int | None = None) -> float | None:
         """FLOPs of one train step for the global batch, from XLA's analysis of the program
-        before partitioning. XLA counts a loop body once, so a scanned model is counted
-        through an unrolled twin (lowered, never compiled). With `extrapolate_depth`, a deep
-        model is counted at depth 1 and 2 and extrapolated (its blocks are identical, so the
-        cost is linear in depth): lowering a 48-block model unrolled takes minutes. A
-        FlexiViT's count is the mean over its patch sizes (each is drawn equally often), or
-        that of `patch_size`."""
+        before partitioning (the lowering `compile_train_step` uses, so no second trace).
+        XLA counts a loop body once, so a scanned model is counted through unrolled twins
+        (lowered, never compiled) at depth 1 and 2 and extrapolated: its blocks are
+        identical, so the cost is linear in depth, and lowering a 48-block model unrolled
+        takes minutes. A FlexiViT's count is the mean over its patch sizes (each is drawn
+        equally often), or that of `patch_size`."""
         sizes = self.steps.patch_sizes
         if sizes and patch_size is None:
-            counts = [
-                self.step_flops(extrapolate_depth=extrapolate_depth, patch_size=p) for p in sizes
-            ]
+            counts = [self.step_flops(patch_size=p) for p in sizes]
             return None if None in counts else sum(counts) / len(counts)
         model = self.config.model
-        depth = model.get("depth")
-        if extrapolate_depth and depth and depth > 2:
-            one, two = (self._twin(depth=d).step_flops(patch_size=patch_size) for d in (1, 2))
-            if one is None or two is None:
-                return None
-            return one + (depth - 1) * (two - one)
-        if model.get("scan"):
+        if not model.get("scan"):
+            return lowered_flops(self.lower_train_step(patch_size))
+        depth = model.get("depth") or 0
+        if depth <= 2:
             return self._twin(scan=False).step_flops(patch_size=patch_size)
-        lowered = self.steps.make_train_step(patch_size).lower(*self.abstract_train_args())
-        return lowered_flops(lowered)
+        one, two = (
+            self._twin(scan=False, depth=d).step_flops(patch_size=patch_size) for d in (1, 2)
+        )
+        if one is None or two is None:
+            return None
+        return one + (depth - 1) * (two - one)
 
     def _twin(self, **model_fields) -> Experiment:
         config = ml_collections.ConfigDict(self.config.to_dict())

@@ -95,10 +95,10 @@ def plan(
     experiment = _experiment(config, devices, slices)
     layout = _measure(experiment, slices)
     flops_start = time.perf_counter()
-    xla_flops = experiment.step_flops(extrapolate_depth=True)
+    xla_flops = experiment.step_flops()
     flops_s = time.perf_counter() - flops_start
     flops_method = "XLA cost_analysis of the unpartitioned step"
-    if (config.model.get("depth") or 0) > 2:
+    if config.model.get("scan") and (config.model.get("depth") or 0) > 2:
         flops_method += f" at depth 1 and 2, linear to {config.model.depth}"
     model = _model_facts(experiment)
     formula_flops = 6 * model["params"] * model["tokens"] * config.batch_size
