@@ -232,8 +232,8 @@ def test_a_distilled_student_beats_the_same_student_on_labels_and_matches_its_te
     )
     print("teacher", teacher_top1, "labels only", labels_only, "distilled", distilled_)
     assert teacher_top1["test/top1"] > 0.7
-    # Measured: test top-1 0.552 against 0.459, train agreement 0.542 against 0.425, train
-    # KL 0.754 against 0.938 (teacher: 0.749); required: about half of each margin.
+    # Measured: test top-1 0.552 against 0.459, train agreement 0.553 against 0.428, train
+    # KL 0.602 against 0.831 (teacher: 0.800); required: about half of each margin.
     assert distilled_["test"]["top1"] > labels_only["test"]["top1"] + 0.05
     assert distilled_["train"]["agree"] > labels_only["train"]["agree"] + 0.06
     assert distilled_["train"]["kl"] < labels_only["train"]["kl"] - 0.1
