@@ -1,6 +1,7 @@
 """The sharded train step: same losses on any mesh, accumulation, resharding restores."""
 
 import functools
+import logging
 import os
 
 import helpers
@@ -211,6 +212,29 @@ def test_checkpointer_keeps_last_k_and_every_mth_and_ignores_partial_saves(tmp_p
     restored, record = reopened.restore(abstract)
     assert record == {"step": 7}
     np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(4.0))
+
+
+def test_on_cpu_a_replicated_array_is_saved_whole_without_compiling_a_slice(tmp_path, caplog):
+    """Orbax's default splits a replicated array's write into a slice per device, each a
+    compiled program; on CPU devices the Checkpointer writes it whole, compiling nothing."""
+    mesh = sharding.make_mesh({"data": 8})
+    weights = jnp.arange(120.0).reshape(24, 5)  # 8 slices of 3 rows; no other test's shape
+    state = {"w": jax.device_put(weights, sharding.replicated(mesh))}
+    checkpointer = Checkpointer(str(tmp_path), every_steps=1)
+    jax.config.update("jax_log_compiles", True)  # for orbax's threads too (not a context)
+    try:
+        with caplog.at_level(logging.WARNING):
+            checkpointer.save(1, state)
+            checkpointer.wait()
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    checkpointer.close()
+    assert [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()] == []
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
+    restored, _ = Checkpointer(str(tmp_path), every_steps=1).restore(abstract)
+    np.testing.assert_array_equal(np.asarray(restored["w"]), np.asarray(weights))
 
 
 def test_train_step_compiles_from_abstract_shapes_with_the_published_cost():
