@@ -189,10 +189,20 @@ def _parent(config: ml_collections.ConfigDict, field: str):
     return target, leaf
 
 
+def _is_leaf(config: ml_collections.ConfigDict, field: str) -> bool:
+    """Whether `field` names a leaf (one of `leaf_paths`), without listing them all."""
+    target = config
+    for part in field.split("."):
+        if not isinstance(target, ml_collections.ConfigDict) or part not in target:
+            return False
+        target = target[part]
+    return not isinstance(target, ml_collections.ConfigDict)
+
+
 def _check_field(config: ml_collections.ConfigDict, field: str) -> None:
-    paths = list(leaf_paths(config))
-    if field in paths:
+    if _is_leaf(config, field):
         return
+    paths = list(leaf_paths(config))
     if any(p.startswith(field + ".") for p in paths):
         example = next(p for p in paths if p.startswith(field + "."))
         raise UserError(
