@@ -37,9 +37,9 @@ def test_total_steps_from_epochs_rounds_up_and_the_data_gives_the_class_count():
 
 
 def test_a_scanned_model_is_counted_like_its_unrolled_twin():
-    """XLA counts a scan's body once: the scanned model's count, extrapolated from unrolled
-    twins at depth 1 and 2, is the unrolled model's (counted whole, from the very lowering
-    that is compiled)."""
+    """XLA counts a scan's body once: the scanned model's counts (train and eval steps),
+    extrapolated from unrolled twins at depth 1 and 2, are the unrolled model's (its train
+    step counted whole, from the very lowering that is compiled)."""
     scanned = Experiment.from_config(tiny_config("model.scan=true", "model.depth=4"))
     unrolled = Experiment.from_config(tiny_config("model.scan=false", "model.depth=4"))
     lowered = unrolled.lower_train_step()
@@ -47,6 +47,9 @@ def test_a_scanned_model_is_counted_like_its_unrolled_twin():
     assert unrolled.lower_train_step() is lowered
     assert scanned.step_flops() == pytest.approx(unrolled.step_flops(), rel=1e-3)
     assert scanned.lower_train_step().cost_analysis()["flops"] < unrolled.step_flops() / 2
+    # The eval step likewise; forward only on the same 32 images: a third of the train step.
+    assert scanned.eval_flops(32) == pytest.approx(unrolled.eval_flops(32), rel=1e-3)
+    assert 2 < unrolled.step_flops() / unrolled.eval_flops(32) < 4
 
 
 def fake_run(root, config) -> str:

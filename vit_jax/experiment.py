@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import jax
@@ -218,6 +219,18 @@ class Experiment:
             k: jax.ShapeDtypeStruct(shapes[k], jnp.float32, sharding=shardings[k]) for k in shapes
         }
 
+    def abstract_eval_batch(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """An eval batch of `batch_size` images (with its mask) as shapes with shardings."""
+        shardings, size = self.steps.batch_shardings(), self.config.data.image_size
+        shapes = {
+            "image": (batch_size, size, size, 3),
+            "labels": (batch_size, self.num_classes),
+            "mask": (batch_size,),
+        }
+        return {
+            k: jax.ShapeDtypeStruct(shapes[k], jnp.float32, sharding=shardings[k]) for k in shapes
+        }
+
     def abstract_train_args(self) -> tuple:
         """The train step's arguments as shapes with shardings: the state, the batch and,
         with a teacher, the teacher's parameters."""
@@ -255,25 +268,38 @@ class Experiment:
 
     def step_flops(self, *, patch_size: int | None = None) -> float | None:
         """FLOPs of one train step for the global batch, from XLA's analysis of the program
-        before partitioning (the lowering `compile_train_step` uses, so no second trace).
-        XLA counts a loop body once, so a scanned model is counted through unrolled twins
-        (lowered, never compiled) at depth 1 and 2 and extrapolated: its blocks are
-        identical, so the cost is linear in depth, and lowering a 48-block model unrolled
-        takes minutes. A FlexiViT's count is the mean over its patch sizes (each is drawn
-        equally often), or that of `patch_size`."""
+        before partitioning (the lowering `compile_train_step` uses, so no second trace). A
+        scanned model is counted as `_counted` says. A FlexiViT's count is the mean over its
+        patch sizes (each is drawn equally often), or that of `patch_size`."""
         sizes = self.steps.patch_sizes
         if sizes and patch_size is None:
             counts = [self.step_flops(patch_size=p) for p in sizes]
             return None if None in counts else sum(counts) / len(counts)
+        return self._counted(lambda run: lowered_flops(run.lower_train_step(patch_size)))
+
+    def eval_flops(self, batch_size: int, *, patch_size: int | None = None) -> float | None:
+        """FLOPs of one eval step on `batch_size` images (a FlexiViT's at `patch_size`),
+        counted before partitioning as `step_flops` counts."""
+
+        def count(run: Experiment) -> float | None:
+            step = run.steps.make_eval_step(patch_size)
+            batch = run.abstract_eval_batch(batch_size)
+            return lowered_flops(step.lower(run.abstract_state["params"], batch))
+
+        return self._counted(count)
+
+    def _counted(self, count: Callable[[Experiment], float | None]) -> float | None:
+        """`count(experiment)` for this model. XLA counts a loop body once, so a scanned
+        model is counted through unrolled twins (lowered, never compiled) at depth 1 and 2
+        and extrapolated: its blocks are identical, so the cost is linear in depth, and
+        lowering a 48-block model unrolled takes minutes."""
         model = self.config.model
         if not model.get("scan"):
-            return lowered_flops(self.lower_train_step(patch_size))
+            return count(self)
         depth = model.get("depth") or 0
         if depth <= 2:
-            return self._twin(scan=False).step_flops(patch_size=patch_size)
-        one, two = (
-            self._twin(scan=False, depth=d).step_flops(patch_size=patch_size) for d in (1, 2)
-        )
+            return count(self._twin(scan=False))
+        one, two = (count(self._twin(scan=False, depth=d)) for d in (1, 2))
         if one is None or two is None:
             return None
         return one + (depth - 1) * (two - one)

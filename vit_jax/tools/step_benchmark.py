@@ -30,7 +30,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -131,7 +130,7 @@ class Steps:
     """The compiled train and eval steps of one config, with random inputs and a state."""
 
     def __init__(self, config, *, allocate: bool = True, patch_size: int | None = None):
-        from vit_jax.experiment import Experiment, lowered_flops
+        from vit_jax.experiment import Experiment
 
         self.config = config
         self.experiment = experiment = Experiment.from_config(config, steps=10_000)
@@ -152,18 +151,12 @@ class Steps:
         self.train_compile_s = time.perf_counter() - start
         params = experiment.abstract_state["params"]
         start = time.perf_counter()
-        lowered = builder.make_eval_step(patch_size).lower(params, self.batch)
-        self.eval_step = lowered.compile()
+        self.eval_step = builder.make_eval_step(patch_size).lower(params, self.batch).compile()
         self.eval_compile_s = time.perf_counter() - start
-        self.train_flops = experiment.step_flops(patch_size=patch_size)
         # Both counts for the whole batch, from the program before partitioning (a compiled
-        # program's count is one device's); XLA counts a loop body once, so a scanned model
-        # is counted through an unrolled twin, lowered only.
-        if config.model.scan:
-            twin = Experiment.from_config(_unrolled(config), steps=10_000)
-            twin_params = twin.abstract_state["params"]
-            lowered = twin.steps.make_eval_step(patch_size).lower(twin_params, self.batch)
-        self.eval_flops = lowered_flops(lowered)
+        # program's count is one device's).
+        self.train_flops = experiment.step_flops(patch_size=patch_size)
+        self.eval_flops = experiment.eval_flops(batch, patch_size=patch_size)
         if not allocate:  # compile-only: no parameters, no optimizer state
             return
         self.state = experiment.init_state()
@@ -177,12 +170,6 @@ class Steps:
 
     def eval(self) -> None:
         jax.block_until_ready(self.eval_step(self.params, self.batch))
-
-
-def _unrolled(config):
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.model.scan = False
-    return config
 
 
 def timed(fn: Callable[[], None], steps: int) -> list[float]:
