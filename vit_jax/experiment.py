@@ -208,16 +208,9 @@ class Experiment:
         return _filled(self.abstract_model(patch_size, plain=True), params)
 
     def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
-        """The global batch of one train step as shapes with shardings."""
-        config, shardings = self.config, self.steps.batch_shardings_without_mask()
-        size = config.data.image_size
-        shapes = {
-            "image": (config.batch_size, size, size, 3),
-            "labels": (config.batch_size, self.num_classes),
-        }
-        return {
-            k: jax.ShapeDtypeStruct(shapes[k], jnp.float32, sharding=shardings[k]) for k in shapes
-        }
+        """The global batch of one train step as shapes with shardings (no mask)."""
+        batch = self.abstract_eval_batch(self.config.batch_size)
+        return {k: batch[k] for k in ("image", "labels")}
 
     def abstract_eval_batch(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         """An eval batch of `batch_size` images (with its mask) as shapes with shardings."""
