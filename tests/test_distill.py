@@ -24,21 +24,34 @@ from vit_jax.experiment import Experiment
 from vit_jax.models import create_model
 from vit_jax.steps import teacher_logits
 
-# The teacher: the demo config (digits, gap pooling) with a ViT twice as wide as the tiny
-# student of tests/helpers.py and four times its MLP, at the same 8 px, 300 steps of 64.
+# The teacher: the demo config (digits, gap pooling) at the digits' own 8 px with a ViT
+# larger than the student ViT-mu/4 (width 192 and 4 heads in 2 blocks: a third more
+# parameters and compute per token), 300 steps of 64 without the random crop (a short run
+# learns faster without it). Measured: 96.1% test top-1.
 TEACHER_RUN = {
-    "model.width": 64,
-    "model.mlp_dim": 256,
+    "model.width": 192,
+    "model.mlp_dim": 768,
+    "model.num_heads": 4,
+    "data.train.pp": "decode(3)|resize({image_size})|value_range(-1, 1)|onehot({num_classes})",
     "batch_size": 64,
     "total_steps": 300,
-    "schedule.base_lr": 1e-2,
+    "schedule.base_lr": 3e-3,
     "schedule.warmup_steps": 10,
     "log_every_steps": 100,
     "eval_every_steps": 300,
     "checkpoint.every_steps": 300,
     "checkpoint.async_save": False,
 }
-STUDENT_STEPS = 150  # a short schedule: the student is far from done on labels alone
+# The student: ViT-mu/4 itself (the demo's model: width 96, 6 blocks, 3 heads), scanned (one
+# block to compile), at 8 px.
+STUDENT = {
+    "model.width": None,
+    "model.depth": None,
+    "model.mlp_dim": None,
+    "model.num_heads": None,
+    "model.scan": True,
+}
+STUDENT_STEPS = 80  # a short schedule: the student is far from done on labels alone
 
 
 @pytest.fixture(scope="session")
@@ -211,9 +224,9 @@ def agreement(config, both, params: dict, teacher_params: dict) -> dict:
 def test_a_distilled_student_beats_the_same_student_on_labels_and_matches_its_teacher(
     teacher_run,
 ):
-    """The tiny ViT-mu/4 student (width 32, depth 2, 8 px) for 150 steps of 32, from the same
-    seed: with the teacher (weight 1, temperature 1) it is more accurate on the test split
-    and closer to the teacher on the train images than on labels alone (weight 0)."""
+    """The student ViT-mu/4 for 80 steps of 32 from the same seed: with the teacher (weight
+    1, temperature 1) it is more accurate on the test split and closer to the teacher on the
+    train images than on labels alone (weight 0)."""
     teacher_top1 = loop.final_evaluation(os.path.join(teacher_run, "metrics.jsonl"), 300)
     schedule = {
         "total_steps": STUDENT_STEPS,
@@ -222,7 +235,8 @@ def test_a_distilled_student_beats_the_same_student_on_labels_and_matches_its_te
     }
     trained, batches = {}, None
     for weight in (0.0, 1.0):
-        config = with_train_eval(tiny_config(**distilled(teacher_run, weight), **schedule))
+        changes = {**distilled(teacher_run, weight), **STUDENT, **schedule}
+        config = with_train_eval(tiny_config(**changes))
         batches = batches or digit_batches(config)  # the data config is the same
         experiment, trained[weight] = train_on_digits(config, batches)
     both = forward(experiment)  # the distilled run's: the same student model, the teacher
@@ -231,12 +245,12 @@ def test_a_distilled_student_beats_the_same_student_on_labels_and_matches_its_te
         agreement(config, both, trained[weight], teacher_params) for weight in (0.0, 1.0)
     )
     print("teacher", teacher_top1, "labels only", labels_only, "distilled", distilled_)
-    assert teacher_top1["test/top1"] > 0.7
-    # Measured: test top-1 0.552 against 0.459, train agreement 0.553 against 0.428, train
-    # KL 0.602 against 0.831 (teacher: 0.800); required: about half of each margin.
-    assert distilled_["test"]["top1"] > labels_only["test"]["top1"] + 0.05
-    assert distilled_["train"]["agree"] > labels_only["train"]["agree"] + 0.06
-    assert distilled_["train"]["kl"] < labels_only["train"]["kl"] - 0.1
+    assert teacher_top1["test/top1"] > 0.9
+    # Measured: test top-1 0.473 against 0.332, train agreement 0.467 against 0.330, train
+    # KL 1.39 against 1.83 (teacher: 0.961); required: about half of each margin.
+    assert distilled_["test"]["top1"] > labels_only["test"]["top1"] + 0.07
+    assert distilled_["train"]["agree"] > labels_only["train"]["agree"] + 0.07
+    assert distilled_["train"]["kl"] < labels_only["train"]["kl"] - 0.2
 
 
 # --- the step: resized input, meshes, accumulation, weight 0 --------------------------------
