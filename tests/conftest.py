@@ -97,7 +97,7 @@ def straight_run(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def straight_long_run(tmp_path_factory) -> str:
-    """The uninterrupted STOPPED_RUN (200 steps, one checkpoint at the end) on 8 devices:
+    """The uninterrupted STOPPED_RUN (100 steps, one checkpoint at the end) on 8 devices:
     what a command stopped by SIGTERM and run again must equal."""
     return trained_once(tmp_path_factory, "straight_long_run", STOPPED_RUN)
 

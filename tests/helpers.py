@@ -150,10 +150,10 @@ TRAINED_RUN = {
 RESUME_RUN = {"model.dropout": 0.1, "mixup.mixup_alpha": 0.2, "ema_decay": 0.9}
 # Long enough that a SIGTERM sent at step 3 lands mid-run; a log line every step.
 STOPPED_RUN = {
-    "total_steps": 200,
+    "total_steps": 100,
     "log_every_steps": 1,
-    "eval_every_steps": 200,
-    "checkpoint.every_steps": 200,
+    "eval_every_steps": 100,
+    "checkpoint.every_steps": 100,
 }
 
 

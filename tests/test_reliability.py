@@ -47,7 +47,7 @@ def steps_on_disk(workdir):
 
 
 def stopped_command(workdir):
-    """`python -m vit_jax train` of STOPPED_RUN: 200 steps, a log line each."""
+    """`python -m vit_jax train` of STOPPED_RUN: 100 steps, a log line each."""
     return [sys.executable, "-m", "vit_jax", "train", f"--workdir={workdir}"] + tiny_flags(
         **STOPPED_RUN
     )
