@@ -26,20 +26,20 @@ from vit_jax.steps import teacher_logits
 
 # The teacher: the demo config (digits, gap pooling) at the digits' own 8 px with a ViT
 # larger than the student ViT-mu/4 (width 192 and 4 heads in 2 blocks: a third more
-# parameters and compute per token), 300 steps of 64 without the random crop (a short run
-# learns faster without it). Measured: 96.1% test top-1.
+# parameters and compute per token), 150 steps of 64 without the random crop (a short run
+# learns faster without it). Measured: 94.1% test top-1.
 TEACHER_RUN = {
     "model.width": 192,
     "model.mlp_dim": 768,
     "model.num_heads": 4,
     "data.train.pp": "decode(3)|resize({image_size})|value_range(-1, 1)|onehot({num_classes})",
     "batch_size": 64,
-    "total_steps": 300,
+    "total_steps": 150,
     "schedule.base_lr": 3e-3,
     "schedule.warmup_steps": 10,
-    "log_every_steps": 100,
-    "eval_every_steps": 300,
-    "checkpoint.every_steps": 300,
+    "log_every_steps": 50,
+    "eval_every_steps": 150,
+    "checkpoint.every_steps": 150,
     "checkpoint.async_save": False,
 }
 # The student: ViT-mu/4 itself (the demo's model: width 96, 6 blocks, 3 heads), scanned (one
@@ -227,7 +227,7 @@ def test_a_distilled_student_beats_the_same_student_on_labels_and_matches_its_te
     """The student ViT-mu/4 for 80 steps of 32 from the same seed: with the teacher (weight
     1, temperature 1) it is more accurate on the test split and closer to the teacher on the
     train images than on labels alone (weight 0)."""
-    teacher_top1 = loop.final_evaluation(os.path.join(teacher_run, "metrics.jsonl"), 300)
+    teacher_top1 = loop.final_evaluation(os.path.join(teacher_run, "metrics.jsonl"), 150)
     schedule = {
         "total_steps": STUDENT_STEPS,
         "schedule.warmup_steps": STUDENT_STEPS // 10,
@@ -246,11 +246,11 @@ def test_a_distilled_student_beats_the_same_student_on_labels_and_matches_its_te
     )
     print("teacher", teacher_top1, "labels only", labels_only, "distilled", distilled_)
     assert teacher_top1["test/top1"] > 0.9
-    # Measured: test top-1 0.473 against 0.332, train agreement 0.467 against 0.330, train
-    # KL 1.39 against 1.83 (teacher: 0.961); required: about half of each margin.
-    assert distilled_["test"]["top1"] > labels_only["test"]["top1"] + 0.07
-    assert distilled_["train"]["agree"] > labels_only["train"]["agree"] + 0.07
-    assert distilled_["train"]["kl"] < labels_only["train"]["kl"] - 0.2
+    # Measured: test top-1 0.507 against 0.332, train agreement 0.531 against 0.332, train
+    # KL 1.20 against 1.76 (teacher: 0.941); required: about half of each margin.
+    assert distilled_["test"]["top1"] > labels_only["test"]["top1"] + 0.09
+    assert distilled_["train"]["agree"] > labels_only["train"]["agree"] + 0.1
+    assert distilled_["train"]["kl"] < labels_only["train"]["kl"] - 0.28
 
 
 # --- the step: resized input, meshes, accumulation, weight 0 --------------------------------
@@ -521,7 +521,7 @@ def test_the_dry_run_shows_the_teacher(teacher_run, tmp_path, capsys):
     out, _ = dry_run(flags, tmp_path, capsys)
     line = next(x for x in out.splitlines() if "distillation:" in x)
     assert line == (
-        f"  distillation: teacher {teacher_run} (ViT-mu/4 at 8 px, a run: step 300, its "
+        f"  distillation: teacher {teacher_run} (ViT-mu/4 at 8 px, a run: step 150, its "
         "trained parameters), weight 0.7 (labels 0.3), temperature 2; the teacher sees the "
         "student's augmented batch resized 16 -> 8 px (bilinear)"
     )
