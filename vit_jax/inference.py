@@ -93,7 +93,9 @@ class LoadedModel:
     def _pp_fn(self) -> Callable[[tf.Tensor], tf.Tensor]:
         pp = registry.build_pp(self.pp)
         spec = tf.TensorSpec([], tf.string)
-        return tf.function(lambda raw: tf.cast(pp({"image": raw}, 0)["image"], tf.float32), [spec])
+        return tf.function(
+            lambda raw: tf.cast(pp({"image": raw}, 0)["image"], tf.float32), [spec], autograph=False
+        )
 
     def preprocess(self, encoded: bytes) -> np.ndarray:
         """Encoded image bytes -> the (H, W, 3) float32 array evaluation would feed."""

@@ -48,6 +48,14 @@ def configure() -> ModuleType:
     return _tensorflow
 
 
+def plain(fn: Any) -> Any:
+    """``fn`` for ``Dataset.map``/``flat_map``/``interleave`` traced as written, without
+    AutoGraph: the pipeline's functions are TensorFlow ops with no Python control flow on
+    tensors, so AutoGraph's rewrite of their source (parsing it: a third of a second per
+    pipeline built) would change nothing."""
+    return configure().autograph.experimental.do_not_convert(fn)
+
+
 class _TensorFlow:
     """``tf``: the ``tensorflow`` module, configured by the first attribute read."""
 
@@ -62,4 +70,4 @@ class _TensorFlow:
 
 tf: Any = _TensorFlow()
 
-__all__ = ["configure", "configured", "tf"]
+__all__ = ["configure", "configured", "plain", "tf"]

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from vit_jax.data import registry
-from vit_jax.data._tf import tf
+from vit_jax.data._tf import plain, tf
 from vit_jax.data.sources import DataError, Records, get_source
 
 _EPOCHS = 2**62  # "Forever" for the epoch counter.
@@ -174,7 +174,7 @@ def _preprocess(
         data = records.parse(rec) if records.parse is not None else dict(rec)
         return _finish(pp(data, i * process_count + process_index))
 
-    return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.map(plain(fn), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def _open(cfg, process_index: int, process_count: int) -> Records:
@@ -198,7 +198,7 @@ def _epochs(records: Records, cfg, seed: int, first_epoch: int, to_skip: int) ->
     def epoch(e):
         return base.shuffle(buffer, seed=e + seed_base, reshuffle_each_iteration=False)
 
-    ds = tf.data.Dataset.range(first_epoch, _EPOCHS).flat_map(epoch)
+    ds = tf.data.Dataset.range(first_epoch, _EPOCHS).flat_map(plain(epoch))
     ds = ds.enumerate(start=first_epoch * n if n else 0)
     return ds.skip(to_skip) if to_skip else ds
 

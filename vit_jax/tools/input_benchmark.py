@@ -34,7 +34,7 @@ import ml_collections
 
 from vit_jax import cli
 from vit_jax.data import pipeline, presets
-from vit_jax.data._tf import tf
+from vit_jax.data._tf import plain, tf
 from vit_jax.data.sources import jft
 
 SYNTHETIC_PP = "decode|value_range(-1, 1)|onehot({num_classes}, multi=True)"
@@ -83,7 +83,7 @@ def bare_dataset(paths: Sequence[str], batch_size: int, size: int = 224) -> tf.d
         return image * (2.0 / 255.0) - 1.0
 
     ds = tf.data.Dataset.from_tensor_slices(list(paths)).shuffle(len(paths)).repeat()
-    ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(plain(fn), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from vit_jax import storage
 from vit_jax.data import splits
-from vit_jax.data._tf import tf
+from vit_jax.data._tf import plain, tf
 from vit_jax.data.sources.base import DataError, Records
 
 DEFAULT_HELDOUT = 51_200
@@ -188,11 +188,11 @@ def _reader(index: TarIndex):
         body = tf.data.FixedLengthRecordDataset(
             tar, rec["size"], header_bytes=rec["offset"], footer_bytes=tail
         )
-        return body.map(lambda b: (i, {"image": b, "label": rec["label"]}))
+        return body.map(plain(lambda b: (i, {"image": b, "label": rec["label"]})))
 
     def read(ds: tf.data.Dataset) -> tf.data.Dataset:
         return ds.interleave(
-            one,
+            plain(one),
             cycle_length=16,
             block_length=1,
             num_parallel_calls=tf.data.AUTOTUNE,

@@ -40,7 +40,7 @@ from collections.abc import Callable
 
 from vit_jax import storage
 from vit_jax.data import splits
-from vit_jax.data._tf import tf
+from vit_jax.data._tf import plain, tf
 from vit_jax.data.sources.base import DataError, Records
 
 CYCLE_LENGTH = 4  # Files interleaved per round: the jft preset's default `cycle_length`.
@@ -155,7 +155,7 @@ def ordered_epochs(
             perm = _shuffle(tf.range(tf.shape(records, out_type=tf.int64)[0]), fold(key, w))
             return tf.gather(records, perm)
 
-        ds = ds.batch(window).enumerate(start=first // window).map(permute)
+        ds = ds.batch(window).enumerate(start=first // window).map(plain(permute))
         return ds.unbatch().skip(offset - first)
 
     def fold(key, value):
@@ -175,12 +175,12 @@ def ordered_epochs(
         plan = tf.data.Dataset.from_tensor_slices(
             (tf.gather(groups, idx), tf.gather(offsets, idx), idx)
         )
-        return plan.flat_map(lambda files, off, r: round_records(files, off, fold(key, r)))
+        return plan.flat_map(plain(lambda files, off, r: round_records(files, off, fold(key, r))))
 
     def epochs(seed: int, first_epoch: int, skip: int) -> tf.data.Dataset:
         first = epoch_records(seed, first_epoch, tf.constant(skip, tf.int64))
         rest = tf.data.Dataset.range(first_epoch + 1, 2**62).flat_map(
-            lambda e: epoch_records(seed, e, tf.constant(0, tf.int64))
+            plain(lambda e: epoch_records(seed, e, tf.constant(0, tf.int64)))
         )
         return first.concatenate(rest)
 
