@@ -6,6 +6,7 @@ import os
 import pickle
 import re
 
+import gcsfs
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -425,13 +426,24 @@ def test_abstract_model_needs_every_parameter(source_file):
 def test_save_and_load_through_a_bucket(
     storage_server, bucket, source, images, tmp_path, monkeypatch
 ):
-    """A gs:// URL works like a path: one object written, read back bit-identically, and
-    nothing created locally (the current directory is tmp_path)."""
+    """A gs:// URL works like a path: one object written, read back bit-identically in a
+    few range requests (not a few per array), and nothing created locally (the current
+    directory is tmp_path)."""
     monkeypatch.chdir(tmp_path)
     url = f"gs://{bucket}/weights/vit.npz"
     save_npz(source, url)
     assert storage_server.objects(bucket) == ["weights/vit.npz"]
+    ranges = []  # the range requests a read makes: a few, not some per member
+    call = gcsfs.core.GCSFileSystem._call
+
+    async def counted(self, method, path, *args, **kwargs):
+        if "Range" in (kwargs.get("headers") or {}):
+            ranges.append(kwargs["headers"]["Range"])
+        return await call(self, method, path, *args, **kwargs)
+
+    monkeypatch.setattr(gcsfs.core.GCSFileSystem, "_call", counted)
     assert_same_arrays(read_npz(url), npz_arrays(source))
+    assert 1 <= len(ranges) <= 6 < len(npz_arrays(source)), ranges
     model = shell()
     report = load_npz(model, url)
     assert report.path == url and report.head == "loaded"

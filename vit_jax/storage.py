@@ -167,10 +167,20 @@ def list_entries(path: str) -> tuple[list[str], dict[str, int]]:
     return sorted(folders), dict(sorted(files.items()))
 
 
+# What one request for a range of an object in a bucket reads ahead. A zip archive (an
+# .npz) is read as a few small headers per member: unbuffered, each is its own request
+# (178 for a 40-array ViT-mu .npz, 5 with this buffer).
+REMOTE_READ_BUFFER = 4 << 20
+
+
 def open_file(path: str, mode: str = "rb") -> IO:
     """A file object for streaming reads (seekable; in a bucket, ranges are fetched as
-    read), for reading part of a large file without downloading all of it."""
-    return as_path(path).open(mode)
+    read, a few MiB at a time), for reading part of a large file without downloading all
+    of it."""
+    opened = as_path(path).open(mode)
+    if mode == "rb" and is_remote(path):
+        return io.BufferedReader(opened, buffer_size=REMOTE_READ_BUFFER)
+    return opened
 
 
 def missing(path: str) -> str:
