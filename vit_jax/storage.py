@@ -167,19 +167,20 @@ def list_entries(path: str) -> tuple[list[str], dict[str, int]]:
     return sorted(folders), dict(sorted(files.items()))
 
 
-# What one request for a range of an object in a bucket reads ahead. A zip archive (an
-# .npz) is read as a few small headers per member: unbuffered, each is its own request
-# (178 for a 40-array ViT-mu .npz, 5 with this buffer).
-REMOTE_READ_BUFFER = 4 << 20
+# What one request reads ahead for a reader that reads a whole object in small steps: a zip
+# archive (an .npz) is a few small headers per member. Unbuffered, each is its own range
+# request (113 for a 40-array ViT-mu .npz; 5 buffered).
+READ_AHEAD = 4 << 20
 
 
-def open_file(path: str, mode: str = "rb") -> IO:
+def open_file(path: str, mode: str = "rb", *, read_ahead: bool = False) -> IO:
     """A file object for streaming reads (seekable; in a bucket, ranges are fetched as
-    read, a few MiB at a time), for reading part of a large file without downloading all
-    of it."""
+    read), for reading part of a large file without downloading all of it. `read_ahead`:
+    a bucket's object is fetched READ_AHEAD bytes at a time, for a reader of all of it in
+    small pieces (an .npz); without it, a read of a few bytes fetches a few bytes."""
     opened = as_path(path).open(mode)
-    if mode == "rb" and is_remote(path):
-        return io.BufferedReader(opened, buffer_size=REMOTE_READ_BUFFER)
+    if read_ahead and mode == "rb" and is_remote(path):
+        return io.BufferedReader(opened, buffer_size=READ_AHEAD)
     return opened
 
 

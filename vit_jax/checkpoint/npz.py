@@ -132,7 +132,7 @@ def read_npz(
         raise FileNotFoundError(f"checkpoint file {path!r} does not exist")
     if storage.is_dir(path):
         raise CheckpointError(f"checkpoint path {path!r} is a directory, not an .npz file")
-    with storage.open_file(path) as f:
+    with storage.open_file(path, read_ahead=True) as f:
         return _read_archive(path, f, select)
 
 
