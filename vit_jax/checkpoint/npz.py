@@ -125,7 +125,8 @@ def read_npz(
     refused; clear errors otherwise.
 
     `select`, given the archive's keys, picks the ones to read (default: all). Members are
-    read one at a time from the file (ranges of the object in a bucket), never all at once.
+    read one at a time from the file (in a bucket, a few MiB of the object per request),
+    never all at once.
     """
     path = os.fspath(path)
     if not storage.exists(path):
