@@ -20,7 +20,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from vit_jax import data
-from vit_jax.models import model_defaults
+from vit_jax.models import full_name, model_defaults
 
 # Relative: this file is the `configs.vit` module when imported, and a module of the loader's
 # private package of this folder when vit_jax.config_loader loads it by path.
@@ -159,7 +159,7 @@ def build(
     img_size: int | None = None,
 ) -> ml_collections.ConfigDict:
     """The config for a model, dataset and recipe; `img_size` overrides the recipe's."""
-    model_name = model_name if "-" in model_name else f"ViT-{model_name}"
+    model_name = full_name(model_name)
     config = base_config()
     config.model_name, config.dataset, config.recipe = model_name, dataset, recipe
     config.model = model_config(model_name)

@@ -144,6 +144,13 @@ def test_released_npz_with_labels_file(tmp_path, heldout, capsys):
     names = ["cat", "dog", "bird"]
     assert [t["label"] for t in entry["top"]] == [names[i] for i in np.argsort(-expected)]
     np.testing.assert_allclose([t["prob"] for t in entry["top"]], np.sort(expected)[::-1], 1e-5)
+    # The size alone names the ViT, as in `--config=vit:mu/4` and `transfer --model`.
+    short = [*argv[:2], "--model", "mu/4", *argv[4:]]
+    assert (
+        cli.run("predict", [*short, "--labels", str(tmp_path / "labels.txt"), "--json", paths[0]])
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out) == [entry]
 
 
 def one_line_error(capsys, argv) -> str:

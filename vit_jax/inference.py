@@ -41,6 +41,7 @@ from vit_jax.experiment import (
     pick_patch_size,
     read_class_names,
 )
+from vit_jax.models import full_name
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 _TF_FORMATS = ("JPEG", "PNG", "GIF", "BMP")  # what the eval pipeline's decode op reads
@@ -393,7 +394,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "sizes (default: the model's own)",
     )
     group.add_argument("--checkpoint", help="a public-layout .npz file instead of a run")
-    group.add_argument("--model", help="the .npz's model name, e.g. ViT-B/16")
+    group.add_argument("--model", help="the .npz's model name, e.g. ViT-B/16 or B/16")
     group.add_argument("--labels", help="class names for the .npz, one per line")
     group.add_argument("--img_size", type=int, default=224, help="the .npz model's input size")
     group.add_argument("--num_classes", type=int, help="the .npz's class count (default: its head)")
@@ -413,4 +414,5 @@ def load_from_args(args: argparse.Namespace) -> LoadedModel:
         )
     if not args.model:
         raise UserError("--checkpoint needs --model, e.g. --model ViT-B/16")
-    return load_npz_model(args.checkpoint, args.model, args.num_classes, args.img_size, args.labels)
+    model = full_name(args.model)
+    return load_npz_model(args.checkpoint, model, args.num_classes, args.img_size, args.labels)

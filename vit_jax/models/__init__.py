@@ -3,6 +3,7 @@
 from vit_jax.models.layers import ActivationSharding
 from vit_jax.models.registry import (
     create_model,
+    full_name,
     list_models,
     model_defaults,
     register_model,
@@ -12,6 +13,7 @@ from vit_jax.models.registry import (
 __all__ = [
     "ActivationSharding",
     "create_model",
+    "full_name",
     "list_models",
     "model_defaults",
     "register_model",

@@ -51,6 +51,12 @@ def register_model(name: str, builder: Callable[..., nnx.Module], **defaults: An
     _REGISTRY[name] = (builder, defaults)
 
 
+def full_name(name: str) -> str:
+    """A zoo name as the user may write it: a ViT size alone (`B/16`) is `ViT-B/16`; other
+    names (`R50+ViT-B/16`, `Mixer-B/16`) are whole already."""
+    return name if "-" in name else f"ViT-{name}"
+
+
 def list_models(pattern: str = "") -> list[str]:
     """All registered model names containing `pattern`, sorted."""
     return sorted(name for name in _REGISTRY if pattern in name)

@@ -35,7 +35,7 @@ from flax import nnx
 
 from vit_jax import cli, host_memory
 from vit_jax.errors import UserError
-from vit_jax.models import create_model
+from vit_jax.models import create_model, full_name
 
 
 def time_call(fn, *args, repeats: int = 5) -> float:
@@ -111,7 +111,7 @@ def step_config(args: argparse.Namespace, overrides: Sequence[str] = ()):
     `--config.<field>` overrides."""
     from vit_jax.config_loader import load_config
 
-    name = args.model if "-" in args.model else f"ViT-{args.model}"
+    name = full_name(args.model)
     fields = [
         f"model.img_size={args.img_size}",
         f"batch_size={args.batch}",
