@@ -125,3 +125,25 @@ def test_a_user_error_is_one_line_and_verbose_shows_the_traceback(capsys, tmp_pa
     assert "--init_from" in capsys.readouterr().err
     with pytest.raises(UserError, match="does not exist"):
         cli.run("transfer", [*argv, "--verbose"])
+
+
+def test_a_program_too_large_for_the_device_is_one_line(capsys, monkeypatch, tmp_path):
+    """XLA's RESOURCE_EXHAUSTED (here a real one: 4 TiB asked of the CPU) is the config's
+    size, not a crash: one line that says what to lower; --verbose still shows it raised."""
+    import jax
+    import jax.numpy as jnp
+
+    from vit_jax.commands import train
+
+    def too_large(args, overrides):
+        jax.jit(lambda: jnp.ones((1 << 40,), jnp.float32))().block_until_ready()
+
+    monkeypatch.setattr(train, "run", too_large)
+    assert cli.run("train", ["--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("error: out of device memory (one allocation of 4096.0 GiB)"), err
+    assert "config.batch_size" in err and "vit_jax plan" in err
+    with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED"):
+        cli.run("train", ["--workdir", str(tmp_path), "--verbose"])
+    assert cli.out_of_memory(RuntimeError("Out of memory")) is None  # only XLA's own

@@ -24,6 +24,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterator, Sequence
 
@@ -109,12 +110,32 @@ def _run(name: str, argv: Sequence[str]) -> int:
             command.before_jax(args)
         with _progress_messages():
             status = command.run(args, overrides)
-    except UserError as e:
-        if getattr(args, "verbose", False):
+    except Exception as e:  # noqa: BLE001 - a mistake is one line, anything else raises
+        message = str(e) if isinstance(e, UserError) else out_of_memory(e)
+        if message is None or getattr(args, "verbose", False):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         return USER_ERROR_STATUS
     return int(status or 0)
+
+
+def out_of_memory(error: BaseException) -> str | None:
+    """What to do about a program that needs more memory than a device has (XLA's
+    RESOURCE_EXHAUSTED), in one line; None for any other error. The config asked for it
+    (batch, image size, model), so it is the user's to change, not a crash to debug."""
+    text = str(error)
+    if type(error).__name__ != "JaxRuntimeError" or not (
+        "RESOURCE_EXHAUSTED" in text or "Out of memory" in text
+    ):
+        return None
+    asked = re.search(r"allocating (\d+) bytes", text)
+    need = f" (one allocation of {int(asked[1]) / 2**30:.1f} GiB)" if asked else ""
+    return (
+        f"out of device memory{need}: what this command compiled does not fit this machine; "
+        "lower the batch size (config.batch_size, config.eval_batch_size, --batch_size) or "
+        "config.model.img_size, set config.model.remat=full, or ask `python -m vit_jax plan` "
+        "with the same --config flags what fits"
+    )
 
 
 @contextlib.contextmanager
